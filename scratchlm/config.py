@@ -1,0 +1,221 @@
+"""Typed configuration: one dataclass per pipeline stage, named presets, CLI overrides.
+
+A run's configuration is a `Config` holding one section per stage. Presets are named functions
+that start from the defaults and change a few fields. The CLI applies `--section.key=value`
+overrides on top; an unknown section or key fails with the close matches listed. The resolved
+configuration is written as `config.json` beside every artifact a stage writes, and can be read
+back with `Config.from_dict`.
+
+Later stages add their section here (model, train, ...), each as its own dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scratchlm.errors import UserError
+from scratchlm.io import write_json
+
+# Reserved special tokens every BPE we train carries: document separator plus the chat markers
+# the SFT stage uses, so a pretrained model never needs its embedding resized for chat.
+DEFAULT_SPECIALS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"]
+
+
+@dataclass
+class TokenizerConfig:
+    """How to build a tokenizer (`scratchlm tokenizer train`)."""
+
+    kind: str = "bpe"  # bpe | wordpiece | unigram | byte | char
+    vocab_size: int = 4096  # total, special tokens included
+    pattern: str = "gpt4"  # BPE pre-tokenization regex: gpt2 | gpt4
+    special_tokens: list[str] = field(default_factory=lambda: list(DEFAULT_SPECIALS))
+    jsonl_field: str = "text"  # field read from JSONL inputs
+    max_chars: int = 0  # read at most this many characters of training text; 0 = all
+
+
+@dataclass
+class DataConfig:
+    """How to turn documents into token shards (`scratchlm data prepare`)."""
+
+    jsonl_field: str = "text"  # field read from JSONL inputs
+    val_fraction: float = 0.05  # fraction of documents held out for validation
+    dedup: bool = True  # drop exact duplicate documents
+    min_chars: int = 16  # drop documents shorter than this
+    max_repeated_line_ratio: float = 0.5  # drop documents where more lines than this repeat
+    shard_tokens: int = 16_777_216  # tokens per shard file
+    workers: int = 0  # tokenization processes; 0 = one per core
+    seed: int = 1337  # seeds the train/val split
+
+
+@dataclass
+class Config:
+    """A whole run: a name, where artifacts go, and one section per stage."""
+
+    name: str = "default"
+    out_dir: str = "runs/default"
+    seed: int = 1337
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> Config:
+        cfg = cls()
+        for key, value in d.items():
+            if isinstance(value, dict):
+                for sub, sub_value in value.items():
+                    set_field(cfg, f"{key}.{sub}", sub_value, source=source)
+            else:
+                set_field(cfg, key, value, source=source)
+        return cfg
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_dict())
+
+
+# ----------------------------------------------------------------------------------------------
+# presets
+
+PRESETS: dict[str, Callable[[], Config]] = {}
+
+
+def preset(fn: Callable[[], Config]) -> Callable[[], Config]:
+    PRESETS[fn.__name__.replace("_", "-")] = fn
+    return fn
+
+
+@preset
+def default() -> Config:
+    return Config()
+
+
+@preset
+def tiny() -> Config:
+    """The demo scale: a small BPE on the embedded corpus, trained in seconds on a laptop."""
+    cfg = Config(name="tiny", out_dir="runs/tiny")
+    cfg.tokenizer.vocab_size = 2048
+    return cfg
+
+
+@preset
+def shakespeare_char() -> Config:
+    """nanoGPT's classic character-level benchmark: one document, last 10% for validation."""
+    cfg = Config(name="shakespeare-char", out_dir="runs/shakespeare-char")
+    cfg.tokenizer.kind = "char"
+    cfg.tokenizer.special_tokens = []
+    cfg.data.val_fraction = 0.1
+    cfg.data.dedup = False
+    cfg.data.min_chars = 0
+    cfg.data.max_repeated_line_ratio = 1.0
+    return cfg
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}", fix=_suggest(name, PRESETS, "presets"))
+    return PRESETS[name]()
+
+
+# ----------------------------------------------------------------------------------------------
+# overrides
+
+
+def _suggest(word: str, options: typing.Iterable[str], what: str) -> str:
+    options = sorted(options)
+    close = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
+    if close:
+        return "did you mean " + " or ".join(close) + "?"
+    return f"known {what}: " + ", ".join(options)
+
+
+def _coerce(value: Any, tp: Any, name: str, source: str) -> Any:
+    """Turn a CLI string (or JSON value) into the field's declared type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], name, source)
+    try:
+        if origin is list:
+            (item_tp,) = typing.get_args(tp)
+            if isinstance(value, str):
+                value = json.loads(value) if value.startswith("[") else [v for v in value.split(",") if v]
+            return [_coerce(v, item_tp, name, source) for v in value]
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        tname = getattr(tp, "__name__", str(tp))
+        raise UserError(f"{source}: {name}={value!r} is not a valid {tname}") from None
+    return value
+
+
+def set_field(cfg: Any, dotted: str, value: Any, *, source: str = "override") -> None:
+    """Set `section.key` (or a top-level `key`) on a config, with type checks and suggestions."""
+    obj = cfg
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        if part not in fields:
+            where = ".".join(parts[:i]) or "config"
+            raise UserError(
+                f"{source}: unknown key {dotted!r} in {where}",
+                fix=_suggest(part, fields, "keys"),
+            )
+        f = fields[part]
+        if i == len(parts) - 1:
+            hints = typing.get_type_hints(type(obj))
+            if dataclasses.is_dataclass(hints[part]):
+                raise UserError(f"{source}: {dotted!r} is a section; set one of its keys, e.g. {dotted}.KEY=VALUE")
+            setattr(obj, part, _coerce(value, hints[part], dotted, source))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise UserError(f"{source}: {'.'.join(parts[: i + 1])!r} is not a section")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `--section.key=value` strings in order."""
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise UserError(f"override {item!r} has no value", fix="write it as --section.key=value")
+        key, value = text.split("=", 1)
+        set_field(cfg, key, value, source=f"--{key}")
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a `config.json` written beside an artifact."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such config file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})", fix="delete it and re-run the stage") from None
+    return Config.from_dict(d, source=str(path))

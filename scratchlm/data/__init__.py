@@ -1,0 +1,1 @@
+"""The pretraining data stage: documents in, token shards and batches out."""
