@@ -186,7 +186,6 @@ def set_field(cfg: Any, dotted: str, value: Any, *, source: str = "override") ->
                 f"{source}: unknown key {dotted!r} in {where}",
                 fix=_suggest(part, fields, "keys"),
             )
-        f = fields[part]
         if i == len(parts) - 1:
             hints = typing.get_type_hints(type(obj))
             if dataclasses.is_dataclass(hints[part]):
