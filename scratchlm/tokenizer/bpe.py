@@ -240,6 +240,10 @@ class BPETokenizer(Tokenizer):
         self.ranks = {t: i for i, t in enumerate(vocab)}
         if len(self.ranks) != len(vocab):
             raise ValueError("vocabulary has duplicate byte strings")
+        if any(bytes([b]) not in self.ranks for b in range(256)):
+            raise ValueError("vocabulary lacks some of the 256 single bytes")
+        if any(not (0 <= a < len(vocab) and 0 <= b < len(vocab)) for a, b in merges):
+            raise ValueError("a merge refers to an id outside the vocabulary")
         for s, i in self.special_tokens.items():
             if i < len(vocab):
                 raise ValueError(f"special token {s!r} id {i} collides with a byte-level token")
