@@ -94,11 +94,15 @@ def cmd_tokenizer_export(args: argparse.Namespace, overrides: list[str]) -> None
 
 
 def cmd_tokenizer_compare(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.tokenizer.compare import compare, format_table
+    from scratchlm.tokenizer.compare import compare, format_table, plot
 
     cfg = _config(args, overrides)
-    rows = compare(args.inputs, cfg, kinds=args.kinds.split(","), sentence=args.sentence, progress=not args.quiet)
+    kinds = [k for k in args.kinds.split(",") if k]
+    rows = compare(args.inputs, cfg, kinds=kinds, sentence=args.sentence, progress=not args.quiet)
     print(format_table(rows))
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("inputs", nargs="*", help="corpus (default: embedded corpus)")
     sp.add_argument("--kinds", default="byte,char,bpe,wordpiece,unigram")
     sp.add_argument("--sentence", default="The quick brown fox can't jump 32.5 feet, naïvely!")
+    sp.add_argument("--plot", help="also write a bar chart PNG here")
     sp.set_defaults(fn=cmd_tokenizer_compare)
 
     data = verbs.add_parser("data", help="prepare token shards for pretraining")
