@@ -58,7 +58,11 @@ def cmd_tokenizer_encode(args: argparse.Namespace, overrides: list[str]) -> None
     disallowed = "all" if args.specials == "raise" else ()
     try:
         ids = tok.encode(text, allowed_special=allowed, disallowed_special=disallowed)
-    except (SpecialTokenError, ValueError) as e:
+    except SpecialTokenError as e:
+        token = str(e).split("'")[1]
+        raise UserError(f"the text contains the special token {token!r}",
+                        fix="pass --specials allow to encode it as a special, or --specials text") from None
+    except ValueError as e:
         raise UserError(str(e)) from None
     if args.show:
         print(" | ".join(tok.id_to_piece(i) for i in ids))

@@ -29,6 +29,7 @@ import base64
 import heapq
 import json
 import os
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from functools import lru_cache
@@ -190,6 +191,12 @@ def train_bpe(
             else:
                 del pair_counts[p]
     bar.close()
+    if len(vocab) < target:
+        warnings.warn(
+            f"the training text ran out of pairs to merge at {len(vocab) + len(specials)} tokens, "
+            f"below vocab_size={vocab_size}; train on more text for a larger vocabulary",
+            stacklevel=2,
+        )
     special_ids = {s: len(vocab) + i for i, s in enumerate(specials)}
     return BPETokenizer(vocab, merges, pattern, special_ids)
 

@@ -278,3 +278,9 @@ def test_tiktoken_rank_file_export(trained, tmp_path):
     trained.save_tiktoken(path)
     ranks = tiktoken.load.load_tiktoken_bpe(str(path))
     assert ranks == trained.ranks
+
+
+def test_running_out_of_pairs_warns():
+    with pytest.warns(UserWarning, match="ran out of pairs to merge at 258 tokens"):
+        tok = train_bpe(["abab"], 300, "gpt4", progress=False)
+    assert tok.vocab_size == 258 and tok.encode("abab") == [257]
