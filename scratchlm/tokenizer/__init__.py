@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from scratchlm.config import TokenizerConfig
 from scratchlm.errors import UserError
-from scratchlm.tokenizer import bpe, simple  # noqa: F401  (registers the kinds)
+from scratchlm.tokenizer import bpe, simple, unigram, wordpiece  # noqa: F401  (registers the kinds)
 from scratchlm.tokenizer.base import KINDS, SpecialTokenError, Tokenizer, load_tokenizer
 from scratchlm.tokenizer.bpe import BPETokenizer, train_bpe
 from scratchlm.tokenizer.simple import ByteTokenizer, CharTokenizer
+from scratchlm.tokenizer.unigram import UnigramTokenizer
+from scratchlm.tokenizer.wordpiece import WordPieceTokenizer
 
 __all__ = [
-    "BPETokenizer", "ByteTokenizer", "CharTokenizer", "SpecialTokenError", "Tokenizer", "load_tokenizer",
-    "train_bpe", "train_tokenizer",
+    "BPETokenizer", "ByteTokenizer", "CharTokenizer", "SpecialTokenError", "Tokenizer", "UnigramTokenizer",
+    "WordPieceTokenizer", "load_tokenizer", "train_bpe", "train_tokenizer",
 ]
 
 
