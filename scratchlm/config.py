@@ -56,6 +56,56 @@ class DataConfig:
 
 
 @dataclass
+class ModelConfig:
+    """The network (`scratchlm/model/`). Sizes default to nanoGPT's CPU "baby" model."""
+
+    arch: str = "gpt"  # gpt | bigram | mlp
+    vocab_size: int = 0  # 0 = the tokenizer's vocabulary, padded up to a multiple of pad_vocab_to
+    pad_vocab_to: int = 64  # round the embedding table up for faster matmuls (GPT-2: 50257 -> 50304)
+    block_size: int = 64  # context length in tokens
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True  # biases in linears and LayerNorms, as GPT-2
+    pos_emb: str = "learned"  # learned | sinusoidal
+    attn_impl: str = "sdpa"  # sdpa (fused kernel) | explicit (softmax(QK^T/sqrt(d) + mask) V, for teaching)
+    tie_embeddings: bool = True  # LM head shares the token embedding matrix
+    mlp_context: int = 3  # arch=mlp: previous tokens the MLP sees (makemore-style)
+    mlp_hidden: int = 256  # arch=mlp: hidden units
+
+
+@dataclass
+class TrainConfig:
+    """The hand-written pretraining loop (`scratchlm/train/`)."""
+
+    batch_size: int = 12  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # the schedule decays to this
+    schedule: str = "cosine"  # cosine (warmup + cosine) | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 100
+    decay_frac: float = 0.2  # wsd: fraction of steps spent decaying
+    weight_decay: float = 0.1  # matrices only; never norms, biases or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 on GPU only, with a gradient scaler)
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto | cpu | cuda | mps
+    eval_interval: int = 250  # steps between validation passes
+    eval_iters: int = 20  # batches per validation pass
+    log_interval: int = 10
+    ckpt_interval: int = 500  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 2  # checkpoints kept besides the best
+    on_nan: str = "stop"  # stop | skip: what a NaN/inf loss does
+    profile_steps: int = 0  # > 0: write a torch.profiler trace of this many steps
+    tensorboard: bool = True
+    wandb: bool = False
+
+
+@dataclass
 class Config:
     """A whole run: a name, where artifacts go, and one section per stage."""
 
@@ -64,6 +114,8 @@ class Config:
     seed: int = 1337
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,16 +159,46 @@ def tiny() -> Config:
     return cfg
 
 
-@preset
-def shakespeare_char() -> Config:
-    """nanoGPT's classic character-level benchmark: one document, last 10% for validation."""
-    cfg = Config(name="shakespeare-char", out_dir="runs/shakespeare-char")
+def _shakespeare_char_data(cfg: Config) -> Config:
+    """nanoGPT's shakespeare_char data: characters, one document, the last 10% for validation."""
     cfg.tokenizer.kind = "char"
     cfg.tokenizer.special_tokens = []
     cfg.data.val_fraction = 0.1
     cfg.data.dedup = False
     cfg.data.min_chars = 0
     cfg.data.max_repeated_line_ratio = 1.0
+    return cfg
+
+
+@preset
+def char_tiny() -> Config:
+    """nanoGPT's CPU "baby" shakespeare_char run: 4 layers, 4 heads, 128 dims, block 64, 2,000 steps,
+    batch 12, lr 1e-3 decaying to 1e-4, dropout 0."""
+    cfg = _shakespeare_char_data(Config(name="char-tiny", out_dir="runs/char-tiny"))
+    cfg.train.lr, cfg.train.min_lr, cfg.train.max_steps = 1e-3, 1e-4, 2000
+    return cfg
+
+
+@preset
+def shakespeare_char() -> Config:
+    """nanoGPT's GPU shakespeare_char model: 6 layers, 6 heads, 384 dims, block 256, dropout 0.2."""
+    cfg = _shakespeare_char_data(Config(name="shakespeare-char", out_dir="runs/shakespeare-char"))
+    m = cfg.model
+    m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout = 6, 6, 384, 256, 0.2
+    cfg.train.batch_size, cfg.train.max_steps, cfg.train.warmup_steps = 64, 5000, 100
+    return cfg
+
+
+@preset
+def gpt2_124m() -> Config:
+    """GPT-2 small: 12 layers, 12 heads, 768 dims, block 1024, vocab 50,257 padded to 50,304."""
+    cfg = Config(name="gpt2-124m", out_dir="runs/gpt2-124m")
+    m = cfg.model
+    m.n_layer, m.n_head, m.n_embd, m.block_size = 12, 12, 768, 1024
+    m.vocab_size, m.pad_vocab_to = 50257, 64
+    t = cfg.train
+    t.batch_size, t.grad_accum, t.lr, t.min_lr, t.beta2 = 8, 64, 6e-4, 6e-5, 0.95
+    t.warmup_steps, t.max_steps = 700, 20_000
     return cfg
 
 

@@ -1,0 +1,127 @@
+"""The GPT and the baselines: shapes, causality, explicit attention ≡ SDPA, sinusoidal values,
+GPT-2 init, parameter and FLOP accounting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scratchlm.config import ModelConfig
+from scratchlm.errors import UserError
+from scratchlm.model import build_model, padded_vocab
+from scratchlm.model.gpt import GPT
+from scratchlm.model.layers import explicit_attention, sdpa_attention, sinusoidal_positions
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bigram", "mlp"])
+def test_shapes_and_loss(arch):
+    torch.manual_seed(0)
+    model = build_model(tiny(arch=arch))
+    idx, targets = torch.randint(0, 64, (2, 3, 16))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 16, 64)
+    # At initialisation every model predicts close to uniform: loss ≈ ln V.
+    assert abs(loss.item() - math.log(64)) < 0.3
+    assert model(idx)[1] is None
+
+
+@pytest.mark.parametrize("arch,kw", [("gpt", {}), ("gpt", {"pos_emb": "sinusoidal"}),
+                                     ("gpt", {"attn_impl": "explicit"}), ("mlp", {})])
+def test_changing_a_future_token_never_changes_earlier_logits(arch, kw):
+    torch.manual_seed(0)
+    model = build_model(tiny(arch=arch, **kw)).eval()
+    idx = torch.randint(0, 64, (2, 16))
+    for t in (0, 7, 15):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % 64
+        a, b = model(idx)[0], model(changed)[0]
+        assert torch.equal(a[:, :t], b[:, :t])
+        assert not torch.allclose(a[:, t:], b[:, t:])  # ...and does change the rest
+
+
+def test_explicit_attention_equals_sdpa():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, dtype=torch.float64) for _ in range(3))
+    out, w = explicit_attention(q, k, v)
+    torch.testing.assert_close(out, sdpa_attention(q, k, v))
+    assert torch.allclose(w.sum(-1), torch.ones(2, 3, 10, dtype=torch.float64))
+    assert torch.all(w.triu(1) == 0)  # no weight on the future
+
+
+def test_explicit_model_equals_sdpa_model():
+    torch.manual_seed(0)
+    a = build_model(tiny(attn_impl="sdpa"))
+    b = build_model(tiny(attn_impl="explicit"))
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(a(idx)[0], b(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_by_hand_on_a_tiny_example():
+    # One head, D = 1: q = k = 1 everywhere makes every visible score equal, so position t
+    # averages v over positions 0..t.
+    q = k = torch.ones(1, 1, 3, 1)
+    v = torch.tensor([1.0, 2.0, 6.0]).view(1, 1, 3, 1)
+    out, w = explicit_attention(q, k, v)
+    assert torch.allclose(out.view(3), torch.tensor([1.0, 1.5, 3.0]))
+    assert torch.allclose(w[0, 0, 2], torch.full((3,), 1 / 3))
+
+
+def test_sinusoidal_values():
+    pe = sinusoidal_positions(50, 8)
+    assert pe.shape == (50, 8)
+    p, i = 7, 2  # PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same)
+    angle = p / 10000 ** (2 * i / 8)
+    assert pe[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+    assert pe[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+    assert torch.equal(pe[0], torch.tensor([0.0, 1.0] * 4))
+
+
+def test_gpt2_init_and_tied_head():
+    torch.manual_seed(0)
+    cfg = tiny(n_layer=8, n_embd=128, vocab_size=512)
+    model = GPT(cfg)
+    assert model.lm_head.weight is model.wte.weight
+    proj = torch.cat([b.attn.c_proj.weight.flatten() for b in model.h])
+    assert proj.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert model.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.all(model.h[0].attn.c_attn.bias == 0)
+
+
+def test_param_count_and_flops_match_the_formula():
+    cfg = tiny()
+    model = GPT(cfg)
+    C, L, V, T = 32, 2, 64, 16
+    per_block = (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C) + 4 * C
+    assert model.num_params() == V * C + L * per_block + 2 * C  # wte (tied head) + blocks + ln_f
+    assert model.num_params(non_embedding=False) == model.num_params() + T * C
+    assert model.flops_per_token() == 6 * model.num_params() + 12 * L * C * T
+
+
+def test_gpt2_124m_has_124m_parameters():
+    from scratchlm.config import get_preset
+
+    cfg = get_preset("gpt2-124m").model
+    cfg.vocab_size = padded_vocab(cfg, 50257)
+    assert cfg.vocab_size == 50304
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert model.num_params(non_embedding=False) == pytest.approx(124.5e6, rel=0.01)
+
+
+def test_bad_model_settings():
+    with pytest.raises(UserError, match="not divisible by model.n_head"):
+        GPT(tiny(n_embd=30))
+    with pytest.raises(UserError, match="model.arch"):
+        build_model(tiny(arch="lstm"))
+    with pytest.raises(UserError, match="smaller than the tokenizer"):
+        padded_vocab(tiny(vocab_size=10), 65)
+    assert padded_vocab(tiny(vocab_size=0), 65) == 128
