@@ -1,0 +1,1 @@
+"""The training stage: the hand-written pretraining loop, optimizer set-up, schedules, checkpoints."""
