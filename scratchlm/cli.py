@@ -124,6 +124,38 @@ def cmd_data_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# model: pretrain, sample, look inside
+
+
+def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
+    from scratchlm.train.pretrain import pretrain
+
+    cfg = _config(args, overrides)
+    if args.out:
+        cfg.out_dir = args.out
+    pretrain(cfg, data_dir=Path(args.data) if args.data else None, inputs=args.inputs,
+             resume=args.resume, progress=not args.quiet)
+
+
+def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
+    from scratchlm.infer.sample import sample_cli
+
+    sample_cli(args.ckpt, args.prompt, overrides, device=args.device)
+
+
+def cmd_viz_attention(args: argparse.Namespace, overrides: list[str]) -> None:
+    from scratchlm.viz.attention import attention_cli
+
+    attention_cli(args.ckpt, args.prompt, Path(args.out), layer=args.layer)
+
+
+def cmd_env(args: argparse.Namespace, overrides: list[str]) -> None:
+    from scratchlm.env import env_cli
+
+    env_cli(remeasure=args.remeasure)
+
+
+# ----------------------------------------------------------------------------------------------
 # demo
 
 
@@ -181,6 +213,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tokenizer", required=True, help="a tokenizer file")
     sp.add_argument("--out", required=True, help="output folder for shards + manifest.json")
     sp.set_defaults(fn=cmd_data_prepare)
+
+    sp = with_common(verbs.add_parser("pretrain", help="train a model with the hand-written loop"), "char-tiny")
+    sp.add_argument("inputs", nargs="*", help="text to train on when --data is not given (default: the preset's)")
+    sp.add_argument("--data", help="a folder made by `scratchlm data prepare` (its tokenizer is used)")
+    sp.add_argument("--out", help="run folder (default: the preset's out_dir)")
+    sp.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    sp.set_defaults(fn=cmd_pretrain)
+
+    sp = with_common(verbs.add_parser("sample", help="generate text from a checkpoint"))
+    sp.add_argument("--ckpt", required=True, help="a run folder or a checkpoint folder")
+    sp.add_argument("--prompt", default="", help="text to continue (default: start from the EOS token)")
+    sp.add_argument("--device", default="auto")
+    sp.set_defaults(fn=cmd_sample)
+
+    viz = verbs.add_parser("viz", help="pictures of a model's insides")
+    vv = viz.add_subparsers(dest="action", required=True, metavar="WHAT")
+    sp = with_common(vv.add_parser("attention", help="attention-weight heatmaps, one panel per head"))
+    sp.add_argument("--ckpt", required=True)
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--out", default="attention.png")
+    sp.add_argument("--layer", type=int, default=-1, help="which layer (default: all, one row each)")
+    sp.set_defaults(fn=cmd_viz_attention)
+
+    sp = with_common(verbs.add_parser("env", help="device, torch build, precisions, measured matmul peaks"))
+    sp.add_argument("--remeasure", action="store_true", help="measure the matmul peaks again")
+    sp.set_defaults(fn=cmd_env)
 
     sp = with_common(verbs.add_parser("demo", help="the whole pipeline at tiny scale, ending in a report"), "tiny")
     sp.add_argument("--out", help="output folder (default: the preset's out_dir)")

@@ -106,6 +106,22 @@ class TrainConfig:
 
 
 @dataclass
+class SampleConfig:
+    """Text generation (`scratchlm sample`; later chat, eval and serving use the same settings)."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # nucleus: keep the smallest set with this much probability; 1 = off
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0 = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context (CTRL-style)
+    stop: list[str] = field(default_factory=list)  # stop strings; the EOS token always stops
+    num_samples: int = 1
+    seed: int = 1337
+    stream: bool = True  # print tokens as they come
+
+
+@dataclass
 class Config:
     """A whole run: a name, where artifacts go, and one section per stage."""
 
@@ -116,6 +132,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
