@@ -173,6 +173,12 @@ def tiny() -> Config:
     """The demo scale: a small BPE on the embedded corpus, trained in seconds on a laptop."""
     cfg = Config(name="tiny", out_dir="runs/tiny")
     cfg.tokenizer.vocab_size = 2048
+    m = cfg.model
+    m.n_layer, m.n_head, m.n_embd, m.block_size = 4, 4, 128, 64
+    t = cfg.train
+    t.batch_size, t.max_steps, t.warmup_steps, t.lr, t.min_lr = 16, 600, 50, 2e-3, 2e-4
+    t.eval_interval, t.eval_iters, t.ckpt_interval = 200, 10, 0
+    cfg.sample.max_new_tokens = 40
     return cfg
 
 

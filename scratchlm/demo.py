@@ -1,8 +1,9 @@
 """`scratchlm demo`: the whole pipeline at tiny scale on the embedded corpus, ending in a report.
 
 Stages run so far: the corpus, the tokenizers (a BPE trained here, compared with the other
-kinds), and the pretraining data (filtered, deduplicated token shards, then one batch of
-next-token pairs). Each later stage of the project joins this function. Everything is written
+kinds), the pretraining data (filtered, deduplicated token shards, then one batch of
+next-token pairs), and pretraining a small GPT with samples from it before and after. Each
+later stage of the project joins this function. Everything is written
 under the run folder, with the resolved config beside each artifact, and `report.md` at the end.
 """
 
@@ -15,10 +16,13 @@ from scratchlm.config import Config
 from scratchlm.data.loader import BatchLoader, TokenShards
 from scratchlm.data.prepare import prepare
 from scratchlm.data.sources import read_corpus_text
+from scratchlm.infer.sample import encode_prompt, generate
 from scratchlm.io import write_text
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.tokenizer.base import KINDS
 from scratchlm.tokenizer.compare import compare, format_table, plot
+from scratchlm.train.checkpoint import load_model_for_inference
+from scratchlm.train.pretrain import pretrain
 
 
 def _stage(title: str) -> None:
@@ -73,9 +77,46 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False) -> Path:
         f"- input:  `{tok.decode(x[0].tolist())!r}`\n- target: `{tok.decode(y[0].tolist())!r}`\n"
     )
 
+    _stage("4. pretraining a GPT")
+    if quick:
+        cfg.train.max_steps, cfg.train.eval_interval, cfg.train.warmup_steps = 30, 15, 5
+    prompt = "And God said,"
+    run_dir = out / "pretrain"
+    cfg.out_dir = str(run_dir)
+    before = _sample_untrained(cfg, tok, prompt)
+    result = pretrain(cfg, data_dir, progress=True)
+    model, tok, _ = load_model_for_inference(run_dir)
+    after = _complete(model, tok, cfg, prompt)
+    print(f"sample before training: {before!r}\nsample after training:  {after!r}")
+    report.append(
+        f"## Pretraining\n\nA {cfg.model.n_layer}-layer GPT ({model.num_params() / 1e6:.2f}M parameters) trained "
+        f"{result.steps} steps in {result.seconds:.0f}s ({result.tokens_per_s / 1e3:.1f}k tokens/s): train loss "
+        f"{result.train_loss:.3f}, validation loss {result.val_loss:.3f} ({result.val_bpb:.3f} bits/byte). "
+        f"Loss curve: `pretrain/loss.png`.\n\n"
+        f"- before training: `{prompt}{before}`\n- after training:  `{prompt}{after}`\n"
+    )
+
     total = time.perf_counter() - t_start
     report.append(f"\nTotal time: {total:.1f}s.\n")
     write_text(out / "report.md", "\n".join(report))
     _stage("report")
     print(f"done in {total:.1f}s; report: {out / 'report.md'}")
     return out
+
+
+def _complete(model, tok, cfg: Config, prompt: str) -> str:
+    ids = generate(model, [encode_prompt(tok, prompt)], cfg.sample, valid_vocab=tok.vocab_size, eos_id=tok.eot_id)
+    return tok.decode(ids[0])
+
+
+def _sample_untrained(cfg: Config, tok, prompt: str) -> str:
+    """What the same architecture says before any training: noise over the vocabulary."""
+    from dataclasses import replace
+
+    import torch
+
+    from scratchlm.model import build_model, padded_vocab
+
+    torch.manual_seed(cfg.seed)
+    mcfg = replace(cfg.model, vocab_size=padded_vocab(cfg.model, tok.vocab_size))
+    return _complete(build_model(mcfg).eval(), tok, cfg, prompt)

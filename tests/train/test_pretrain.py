@@ -183,3 +183,12 @@ def test_sigterm_saves_a_checkpoint(tmp_path, data_dir):
     assert "SIGTERM: saved a checkpoint" in out
     ckpt = ckpt_io.find_checkpoint(run)
     assert json.loads((ckpt / "trainer.json").read_text())["step"] > 0
+
+
+def test_out_of_memory_names_the_setting(tmp_path, data_dir, monkeypatch):
+    def oom(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(pretrain_mod, "forward_backward", oom)
+    with pytest.raises(UserError, match=r"micro-batch of 4x16 tokens does not fit.*--train.batch_size"):
+        pretrain(tiny_cfg(tmp_path / "oom"), data_dir, progress=False)
