@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -20,3 +21,13 @@ def shared_file(name: str) -> Path:
 @pytest.fixture
 def shakespeare() -> str:
     return shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One torch thread per test: the test models' matmuls are far too small to split, and when
+    another process holds the second core, two spinning threads make a forward many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,396 @@
+"""Sampling: from next-token logits to text (`scratchlm sample`).
+
+The filters are pure functions on a (B, V) batch of next-token logits, each returning new logits
+with the dropped tokens set to -inf, so they compose and are reused by later inference code:
+
+- `repetition_penalty`: CTRL's (Keskar et al. 2019) penalty on tokens already in the context:
+  a positive logit is divided by the penalty, a negative one multiplied, so both move down;
+- `apply_temperature`: logits / T; T < 1 sharpens the distribution, T > 1 flattens it;
+- `top_k_filter`: keep the k largest logits;
+- `top_p_filter`: nucleus sampling (Holtzman et al. 2020): keep the smallest set of most likely
+  tokens whose probability reaches p;
+- `min_p_filter`: drop tokens less likely than min_p x the most likely token's probability.
+
+`sample_next` chains them in this order: mask the padded ids (>= the tokenizer's vocabulary,
+rows the model has only for matmul speed), repetition penalty (on the raw logits, as CTRL and HF
+do), then greedy argmax if the temperature is 0, else temperature, top-k, top-p, min-p (so the
+truncations see the tempered distribution), softmax, and one draw from a `torch.Generator`.
+
+`generate` is the plain loop: every step runs the full forward on each row's last `block_size`
+tokens and samples one token per row. Rows of different lengths are grouped by window length so
+each group is one (G, T) batch with no padding (the GPT has no padding mask); a batch therefore
+gives the same tokens as generating each prompt alone. A row stops at the EOS token or when its
+decoded continuation contains a stop string.
+
+Left out: a KV cache (each step costs a full forward over up to block_size tokens; the inference
+engine replaces this loop), beam search, speculative decoding, and bit-identical draws across
+devices (a seed reproduces a run on the same device and torch build only).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scratchlm.config import Config, SampleConfig, apply_overrides
+from scratchlm.errors import UserError
+from scratchlm.tokenizer import Tokenizer
+
+# A set whose probability equals p up to float32 rounding counts as reaching p in `top_p_filter`
+# (e.g. 0.5 + 0.3 summed in float32 may land just under 0.8).
+TOP_P_TOLERANCE = 1e-5
+
+Context = torch.Tensor | Sequence[Sequence[int]]
+
+
+# ----------------------------------------------------------------------------------------------
+# filters: (B, V) logits in, (B, V) logits out, dropped tokens at -inf
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T. T must be > 0 (T = 0 means greedy: `sample_next` takes the argmax instead)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 to scale logits, got {temperature}")
+    return logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly the k largest logits of each row (ties at the k-th broken by `torch.topk`);
+    k <= 0 or k >= V keeps everything."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    keep_idx = torch.topk(logits, k, dim=-1).indices  # (B, k)
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, keep_idx, True)  # (B, V)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: keep the smallest set of most likely tokens whose total probability reaches p.
+
+    A token is kept when the tokens more likely than it hold less than p (minus `TOP_P_TOLERANCE`)
+    of the probability, so the most likely token is always kept. p >= 1 keeps everything.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V), most likely first
+    probs = F.softmax(sorted_logits.float(), dim=-1)
+    # Exclusive cumulative sum: the probability of the tokens strictly before each one. Shifting
+    # the inclusive sum (rather than subtracting probs from it) keeps exact zeros and sums.
+    before = torch.cumsum(probs, dim=-1)[..., :-1]
+    before = torch.cat([torch.zeros_like(probs[..., :1]), before], dim=-1)  # (B, V)
+    drop_sorted = before >= p - TOP_P_TOLERANCE
+    drop_sorted[..., 0] = False
+    # Back from sorted order to vocabulary order: drop[b, order[b, j]] = drop_sorted[b, j].
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens with probability < min_p x the top token's; min_p <= 0 keeps everything.
+
+    Worked in log space: p_i / p_max = exp(logit_i - logit_max), so no softmax is needed.
+    """
+    if min_p <= 0.0:
+        return logits
+    top = logits.max(dim=-1, keepdim=True).values  # (B, 1)
+    drop = (logits - top) < math.log(min_p)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def repetition_penalty(logits: torch.Tensor, context_ids: Context, penalty: float) -> torch.Tensor:
+    """CTRL-style: for every token present in a row's context, divide a positive logit by the
+    penalty and multiply a negative one, so a penalty > 1 always makes the token less likely.
+    Each token is penalised once however often it occurs. context_ids: a (B, T) tensor or one
+    list of ids per row (rows may differ in length). penalty == 1 changes nothing."""
+    if penalty == 1.0:
+        return logits
+    B, V = logits.shape
+    present = torch.zeros(B, V, dtype=torch.bool, device=logits.device)  # (B, V): token in row's context
+    if torch.is_tensor(context_ids):
+        present.scatter_(-1, context_ids.to(logits.device).long(), True)
+    else:
+        for b, ids in enumerate(context_ids):
+            if len(ids):
+                present[b, torch.as_tensor(list(ids), dtype=torch.long, device=logits.device)] = True
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(present, penalised, logits)
+
+
+def mask_padding(logits: torch.Tensor, valid_vocab: int | None) -> torch.Tensor:
+    """Set the logits of ids >= valid_vocab (the padded embedding rows) to -inf."""
+    if valid_vocab is None or valid_vocab >= logits.size(-1):
+        return logits
+    if valid_vocab < 1:
+        raise ValueError(f"valid_vocab must be >= 1, got {valid_vocab}")
+    out = logits.clone()
+    out[..., valid_vocab:] = float("-inf")
+    return out
+
+
+def check_sample_config(cfg: SampleConfig) -> None:
+    """Refuse settings that would sample nonsense silently, naming the setting."""
+    problems = [
+        (cfg.max_new_tokens < 0, f"sample.max_new_tokens={cfg.max_new_tokens} must be >= 0"),
+        (not cfg.temperature >= 0 or math.isinf(cfg.temperature),
+         f"sample.temperature={cfg.temperature} must be >= 0 and finite (0 = greedy)"),
+        (cfg.top_k < 0, f"sample.top_k={cfg.top_k} must be >= 0 (0 = off)"),
+        (not 0 < cfg.top_p <= 1, f"sample.top_p={cfg.top_p} must be in (0, 1] (1 = off)"),
+        (not 0 <= cfg.min_p <= 1, f"sample.min_p={cfg.min_p} must be in [0, 1] (0 = off)"),
+        (not cfg.repetition_penalty > 0, f"sample.repetition_penalty={cfg.repetition_penalty} must be > 0 (1 = off)"),
+        (cfg.num_samples < 1, f"sample.num_samples={cfg.num_samples} must be >= 1"),
+        (any(s == "" for s in cfg.stop), "sample.stop contains an empty string, which would stop at once"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UserError(message)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    context_ids: Context,
+    cfg: SampleConfig,
+    generator: torch.Generator | None = None,
+    valid_vocab: int | None = None,
+) -> torch.Tensor:
+    """One next token per row. logits: (B, V) next-token logits; context_ids: each row's tokens
+    so far (for the repetition penalty). Order: padding mask, repetition penalty, then argmax if
+    cfg.temperature == 0, else temperature, top-k, top-p, min-p and a draw. Returns (B,) int64."""
+    check_sample_config(cfg)
+    logits = mask_padding(logits.float(), valid_vocab)  # float32: bf16 logits are too coarse to filter
+    logits = repetition_penalty(logits, context_ids, cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = apply_temperature(logits, cfg.temperature)
+    logits = top_k_filter(logits, cfg.top_k)
+    logits = top_p_filter(logits, cfg.top_p)
+    logits = min_p_filter(logits, cfg.min_p)
+    probs = F.softmax(logits, dim=-1)  # (B, V); filtered tokens get exactly 0
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the generate loop
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int:
+    """The index where the earliest stop string starts in text, or -1."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def _trim_at(ids: list[int], cut: int, decode: Callable[[list[int]], str]) -> list[int]:
+    """The longest token prefix whose text ends at or before character `cut`. A token whose text
+    straddles the cut is dropped whole (ids cannot hold part of a token)."""
+    n = len(ids)
+    while n > 0 and len(decode(ids[:n])) > cut:
+        n -= 1
+    return ids[:n]
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module,
+    prompt_ids: list[list[int]],
+    cfg: SampleConfig,
+    *,
+    valid_vocab: int | None = None,
+    eos_id: int | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    on_token: Callable[[int], None] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Continue each prompt by up to cfg.max_new_tokens tokens; returns the new tokens per row.
+
+    Each row of prompt_ids is one sample (the caller repeats a prompt for cfg.num_samples). A row
+    stops at eos_id (not included in its output) or once `decode` of its continuation contains
+    one of cfg.stop (the output is trimmed to before the stop string; `decode` is required when
+    cfg.stop is set). `on_token(id)` is called for every token row 0 keeps, as it is sampled, for
+    streaming. Without a generator, one seeded with cfg.seed is made on the model's device.
+    A prompt longer than block_size is cropped from the left, with a warning.
+    """
+    check_sample_config(cfg)
+    if cfg.stop and decode is None:
+        raise ValueError("stop strings need a decode function")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token (start from the EOS token for an empty prompt)")
+    device = next(model.parameters()).device
+    block = model.config.block_size
+    long = [len(p) for p in prompt_ids if len(p) > block]
+    if long:
+        warnings.warn(f"a prompt of {max(long)} tokens is longer than block_size={block}; "
+                      f"the model sees only its last {block} tokens", stacklevel=2)
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    seqs = [list(p) for p in prompt_ids]  # prompt + continuation: the repetition-penalty context
+    outs: list[list[int]] = [[] for _ in prompt_ids]
+    active = list(range(len(seqs)))
+    was_training = model.training
+    model.eval()  # no dropout while sampling
+    try:
+        for _ in range(cfg.max_new_tokens):
+            if not active:
+                break
+            # Rows whose windows have the same length share one forward: (G, T) with no padding.
+            groups: dict[int, list[int]] = {}
+            for pos, r in enumerate(active):
+                groups.setdefault(min(len(seqs[r]), block), []).append(pos)
+            last = torch.empty(len(active), model.config.vocab_size, device=device)  # (B_active, V)
+            for T, positions in groups.items():
+                idx = torch.tensor([seqs[active[p]][-T:] for p in positions], dtype=torch.long, device=device)
+                logits, _ = model(idx)  # (G, T, V)
+                last[positions] = logits[:, -1, :].float()  # only the last position predicts the next token
+            next_ids = sample_next(last, [seqs[r] for r in active], cfg, generator, valid_vocab).tolist()
+
+            still = []
+            for r, t in zip(active, next_ids):
+                if t == eos_id:
+                    continue
+                seqs[r].append(t)
+                outs[r].append(t)
+                if r == 0 and on_token is not None:
+                    on_token(t)
+                if cfg.stop:
+                    cut = _first_stop(decode(outs[r]), cfg.stop)
+                    if cut >= 0:
+                        outs[r] = _trim_at(outs[r], cut, decode)
+                        continue
+                still.append(r)
+            active = still
+    finally:
+        model.train(was_training)
+    return outs
+
+
+class TextStream:
+    """Writes one continuation as its tokens arrive, never showing text it may have to take back.
+
+    Text is shown at token boundaries only, holding back a tail that ends in an incomplete UTF-8
+    character (decoded as U+FFFD) or that could be the start of a stop string; `close` writes the
+    rest of the final, trimmed continuation. What was shown is always a prefix of the final text.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], write: Callable[[str], object],
+                 stop: Sequence[str] = ()) -> None:
+        self.decode, self.write, self.stop = decode, write, list(stop)
+        self.ids: list[int] = []
+        self.shown = ""  # decode(self.ids[:k]) for the k tokens already written
+        self.k = 0
+
+    def _safe(self, text: str) -> bool:
+        if text.endswith("\ufffd"):
+            return False
+        # A stop string already complete, or a tail that may still grow into one, stays hidden.
+        return not any(s in text or any(text.endswith(s[:j]) for j in range(1, len(s))) for s in self.stop)
+
+    def push(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        for k in range(len(self.ids), self.k, -1):
+            text = self.decode(self.ids[:k])
+            if self._safe(text):
+                self.write(text[len(self.shown):])
+                self.shown, self.k = text, k
+                return
+
+    def close(self, final_ids: list[int]) -> None:
+        text = self.decode(final_ids)
+        self.write(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text)
+
+
+# ----------------------------------------------------------------------------------------------
+# the CLI verb
+
+
+def resolve_device(device: str) -> str:
+    """auto: cuda if available, else mps if available, else cpu. An explicit device must exist."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device", fix="use auto, cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here", fix="use --device auto or cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: Apple MPS is not available here", fix="use --device auto or cpu")
+    return device
+
+
+def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:
+    """The prompt's ids; special tokens written in it (e.g. <|endoftext|>) count as specials.
+
+    An empty prompt starts from the EOS token when the tokenizer has one (the model has seen it
+    begin every document), else from a newline, else from token 0.
+    """
+    if not prompt:
+        if tok.eot_id is not None:
+            return [tok.eot_id]
+        try:
+            return tok.encode("\n") or [0]
+        except ValueError:
+            return [0]
+    try:
+        return tok.encode(prompt, allowed_special="all")
+    except ValueError as e:
+        bad = None
+        for c in dict.fromkeys(prompt):  # distinct characters, in order
+            try:
+                tok.encode_ordinary(c)
+            except ValueError:
+                bad = c
+                break
+        if bad is None:
+            raise UserError(f"the prompt cannot be encoded ({e})") from None
+        raise UserError(f"the prompt contains {bad!r}, which is not in this checkpoint's {tok.kind} vocabulary",
+                        fix="remove or replace that character in --prompt") from None
+
+
+def sample_cli(ckpt: str | Path, prompt: str, overrides: list[str], device: str = "auto") -> None:
+    """`scratchlm sample`: load a checkpoint, apply --sample.* overrides, print the samples."""
+    from scratchlm.train.checkpoint import load_model_for_inference
+
+    wrong = [o for o in overrides if not o.lstrip("-").startswith("sample.")]
+    if wrong:
+        raise UserError(f"{wrong[0].split('=')[0]}: sample takes only --sample.KEY=VALUE settings",
+                        fix="model and training settings come from the checkpoint")
+    check_sample_config(apply_overrides(Config(), overrides).sample)  # fail before loading weights
+    dev = resolve_device(device)
+    model, tok, cfg = load_model_for_inference(ckpt, dev)
+    sc = apply_overrides(cfg, overrides).sample
+
+    ids = encode_prompt(tok, prompt)
+    block = model.config.block_size
+    if len(ids) > block:
+        print(f"scratchlm: warning: the prompt is {len(ids)} tokens; the model sees only the last {block}",
+              file=sys.stderr)
+        ids = ids[-block:]
+    rows = [ids] * sc.num_samples
+    kwargs = dict(valid_vocab=tok.vocab_size, eos_id=tok.eot_id, decode=tok.decode)
+
+    if sc.stream and sc.num_samples == 1:
+        def write(s: str) -> None:
+            sys.stdout.write(s)
+            sys.stdout.flush()
+
+        stream = TextStream(tok.decode, write, sc.stop)
+        write(prompt)
+        outs = generate(model, rows, sc, on_token=stream.push, **kwargs)
+        stream.close(outs[0])
+        write("\n")
+        return
+    outs = generate(model, rows, sc, **kwargs)
+    for i, out in enumerate(outs):
+        if i:
+            print("-" * 40)
+        print(prompt + tok.decode(out))

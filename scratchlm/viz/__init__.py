@@ -1,0 +1,1 @@
+"""Pictures of a model's insides: `attention.py` draws attention-weight heatmaps."""
