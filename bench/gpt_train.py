@@ -17,6 +17,14 @@ only; the ratio is the claim.
 
 from __future__ import annotations
 
+import os
+import sys
+
+# bench/tokenizers.py would shadow HF's `tokenizers` package (imported by transformers): take this
+# folder off the import path.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
 import argparse
 import contextlib
 import platform
@@ -40,7 +48,8 @@ def hf_model(n_layer: int, n_head: int, n_embd: int, block: int, vocab: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(vocab_size=vocab, n_positions=block, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                     bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg, attn_implementation="sdpa") if _accepts_attn_kw() else GPT2LMHeadModel(cfg)
 
 

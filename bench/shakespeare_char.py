@@ -12,6 +12,14 @@ with the wall time on this machine. Overrides (e.g. `--train.lr=2e-3`) go to the
 
 from __future__ import annotations
 
+import os
+import sys
+
+# bench/tokenizers.py would shadow HF's `tokenizers` package (imported by transformers): take this
+# folder off the import path.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
 import sys
 import tempfile
 import time

@@ -196,9 +196,10 @@ def _shakespeare_char_data(cfg: Config) -> Config:
 @preset
 def char_tiny() -> Config:
     """nanoGPT's CPU "baby" shakespeare_char run: 4 layers, 4 heads, 128 dims, block 64, 2,000 steps,
-    batch 12, lr 1e-3 decaying to 1e-4, dropout 0."""
+    batch 12, dropout 0. nanoGPT uses lr 1e-3 -> 1e-4 and reaches a validation loss of about 1.88;
+    the same model and steps at 2e-3 -> 2e-4 reach 1.82 here (bench/shakespeare_char.py)."""
     cfg = _shakespeare_char_data(Config(name="char-tiny", out_dir="runs/char-tiny"))
-    cfg.train.lr, cfg.train.min_lr, cfg.train.max_steps = 1e-3, 1e-4, 2000
+    cfg.train.lr, cfg.train.min_lr, cfg.train.max_steps = 2e-3, 2e-4, 2000
     return cfg
 
 
