@@ -130,7 +130,14 @@ def cmd_data_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
     from scratchlm.train.pretrain import pretrain
 
-    cfg = _config(args, overrides)
+    if args.resume:
+        # Continue with the run's own settings; overrides (e.g. more steps) still apply on top.
+        from scratchlm.config import load_config
+
+        run_dir = Path(args.out or get_preset(args.preset).out_dir)
+        cfg = apply_overrides(load_config(run_dir / "config.json"), overrides)
+    else:
+        cfg = _config(args, overrides)
     if args.out:
         cfg.out_dir = args.out
     pretrain(cfg, data_dir=Path(args.data) if args.data else None, inputs=args.inputs,

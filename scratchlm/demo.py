@@ -73,7 +73,8 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False) -> Path:
     report.append(
         "## Pretraining data\n\n"
         + ", ".join(f"{s}: {n:,} tokens" for s, n in splits.items())
-        + f"; filters removed {manifest['filtered']}.\n\nOne training pair (block 16):\n\n"
+        + "; filters removed " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in manifest["filtered"].items())
+        + " documents.\n\nOne training pair (block 16):\n\n"
         f"- input:  `{tok.decode(x[0].tolist())!r}`\n- target: `{tok.decode(y[0].tolist())!r}`\n"
     )
 
