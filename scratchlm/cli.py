@@ -156,6 +156,19 @@ def cmd_viz_attention(args: argparse.Namespace, overrides: list[str]) -> None:
     attention_cli(args.ckpt, args.prompt, Path(args.out), layer=args.layer)
 
 
+def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> None:
+    from scratchlm.convert.hf import convert_cli
+
+    convert_cli(args.src, args.dst, src_format=args.from_, dst_format=args.to, tokenizer=args.tokenizer)
+
+
+def cmd_experiment_norms(args: argparse.Namespace, overrides: list[str]) -> None:
+    from scratchlm.experiments.norms import norms_experiment
+
+    cfg = _config(args, overrides)
+    norms_experiment(cfg, Path(args.out), inputs=args.inputs, progress=not args.quiet)
+
+
 def cmd_env(args: argparse.Namespace, overrides: list[str]) -> None:
     from scratchlm.env import env_cli
 
@@ -242,6 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="attention.png")
     sp.add_argument("--layer", type=int, default=-1, help="which layer (default: all, one row each)")
     sp.set_defaults(fn=cmd_viz_attention)
+
+    sp = with_common(verbs.add_parser("convert", help="HF transformers checkpoints <-> scratchlm checkpoints"))
+    sp.add_argument("src", help="an HF model folder (config.json + weights) or a scratchlm run/checkpoint")
+    sp.add_argument("dst", help="the folder to write")
+    sp.add_argument("--from", dest="from_", choices=["hf", "scratchlm"], required=True)
+    sp.add_argument("--to", choices=["hf", "scratchlm"], required=True)
+    sp.add_argument("--tokenizer", help="with --from hf: a scratchlm tokenizer file to bundle (default: byte-level "
+                                        "GPT-2 files in the HF folder, if present)")
+    sp.set_defaults(fn=cmd_convert)
+
+    exp = verbs.add_parser("experiment", help="small controlled experiments that draw a picture")
+    ev = exp.add_subparsers(dest="action", required=True, metavar="WHICH")
+    sp = with_common(ev.add_parser("norms", help="LayerNorm vs RMSNorm: loss and per-layer gradient norms"), "tiny")
+    sp.add_argument("inputs", nargs="*", help="text to train on (default: the embedded corpus)")
+    sp.add_argument("--out", default="runs/norms", help="folder for the PNG and the two runs' metrics")
+    sp.set_defaults(fn=cmd_experiment_norms)
 
     sp = with_common(verbs.add_parser("env", help="device, torch build, precisions, measured matmul peaks"))
     sp.add_argument("--remeasure", action="store_true", help="measure the matmul peaks again")

@@ -59,7 +59,7 @@ class DataConfig:
 class ModelConfig:
     """The network (`scratchlm/model/`). Sizes default to nanoGPT's CPU "baby" model."""
 
-    arch: str = "gpt"  # gpt | bigram | mlp
+    arch: str = "gpt"  # gpt | llama | bigram | mlp
     vocab_size: int = 0  # 0 = the tokenizer's vocabulary, padded up to a multiple of pad_vocab_to
     pad_vocab_to: int = 64  # round the embedding table up for faster matmuls (GPT-2: 50257 -> 50304)
     block_size: int = 64  # context length in tokens
@@ -73,6 +73,16 @@ class ModelConfig:
     tie_embeddings: bool = True  # LM head shares the token embedding matrix
     mlp_context: int = 3  # arch=mlp: previous tokens the MLP sees (makemore-style)
     mlp_hidden: int = 256  # arch=mlp: hidden units
+    # arch=llama (the modern decoder): RMSNorm, RoPE, SwiGLU, grouped-query attention
+    n_kv_head: int = 0  # key/value heads; 0 = n_head (plain multi-head), 1 = multi-query
+    ffn_hidden: int = 0  # SwiGLU hidden size; 0 = 8/3 x n_embd rounded up to a multiple of 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | linear | ntk | yarn: stretch RoPE past the trained context
+    rope_factor: float = 1.0  # context extension factor for rope_scaling
+    rope_original_context: int = 0  # yarn: the context the model was trained with; 0 = block_size
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3, OLMo 2)
+    sliding_window: int = 0  # attend to at most this many previous tokens (Mistral); 0 = full causal
 
 
 @dataclass
@@ -220,6 +230,40 @@ def gpt2_124m() -> Config:
     m = cfg.model
     m.n_layer, m.n_head, m.n_embd, m.block_size = 12, 12, 768, 1024
     m.vocab_size, m.pad_vocab_to = 50257, 64
+    t = cfg.train
+    t.batch_size, t.grad_accum, t.lr, t.min_lr, t.beta2 = 8, 64, 6e-4, 6e-5, 0.95
+    t.warmup_steps, t.max_steps = 700, 20_000
+    return cfg
+
+
+def _llama(cfg: Config, n_layer: int, n_head: int, n_kv_head: int, n_embd: int, block: int) -> Config:
+    m = cfg.model
+    m.arch, m.bias, m.dropout = "llama", False, 0.0
+    m.n_layer, m.n_head, m.n_kv_head, m.n_embd, m.block_size = n_layer, n_head, n_kv_head, n_embd, block
+    return cfg
+
+
+@preset
+def llama_tiny() -> Config:
+    """A Llama-family model at demo scale: 4 layers, 4 query heads sharing 2 key/value heads, 128 dims."""
+    cfg = _llama(tiny(), 4, 4, 2, 128, 64)
+    cfg.name, cfg.out_dir = "llama-tiny", "runs/llama-tiny"
+    return cfg
+
+
+@preset
+def llama_30m() -> Config:
+    """About 30M parameters: 8 layers, 8 heads, 4 key/value heads, 512 dims, context 512."""
+    cfg = _llama(Config(name="llama-30m", out_dir="runs/llama-30m"), 8, 8, 4, 512, 512)
+    cfg.tokenizer.vocab_size = 8192
+    return cfg
+
+
+@preset
+def llama_125m() -> Config:
+    """A Llama-style ~125M model: 12 layers, 12 heads, 4 key/value heads, 768 dims, context 1024."""
+    cfg = _llama(Config(name="llama-125m", out_dir="runs/llama-125m"), 12, 12, 4, 768, 1024)
+    cfg.tokenizer.vocab_size = 32768
     t = cfg.train
     t.batch_size, t.grad_accum, t.lr, t.min_lr, t.beta2 = 8, 64, 6e-4, 6e-5, 0.95
     t.warmup_steps, t.max_steps = 700, 20_000

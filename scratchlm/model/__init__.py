@@ -1,4 +1,4 @@
-"""The model stage: baselines (bigram, MLP) and the GPT, built from a `ModelConfig`."""
+"""The model stage: baselines (bigram, MLP), the GPT and the Llama family, built from a `ModelConfig`."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     """Instantiate `cfg.arch` (its `vocab_size` already resolved by `padded_vocab`)."""
     from scratchlm.model.baselines import MLPLM, BigramLM
     from scratchlm.model.gpt import GPT
+    from scratchlm.model.llama import Llama
 
-    archs = {"gpt": GPT, "bigram": BigramLM, "mlp": MLPLM}
+    archs = {"gpt": GPT, "llama": Llama, "bigram": BigramLM, "mlp": MLPLM}
     if cfg.arch not in archs:
         raise UserError(f"model.arch={cfg.arch!r} is unknown", fix=f"use one of {', '.join(archs)}")
     if cfg.vocab_size <= 0:

@@ -38,19 +38,22 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # mixes the heads back
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.impl = cfg.attn_impl
+        self.window = cfg.sliding_window
         self.record = False  # keep the attention weights of the last forward (explicit path only)
         self.weights: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int = 0, cache=None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         # split heads: (B, T, C) -> (B, H, T, D)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if self.impl == "explicit" or self.record:
-            y, w = explicit_attention(q, k, v, self.dropout, self.training)
+        if cache is not None:  # inference: the cache stores k, v and attends over the past (infer/kv_cache.py)
+            y = cache.attend(layer, q, k, v, None)
+        elif self.impl == "explicit" or self.record:
+            y, w = explicit_attention(q, k, v, self.dropout, self.training, self.window)
             self.weights = w.detach() if self.record else None
         else:
-            y = sdpa_attention(q, k, v, self.dropout, self.training)
+            y = sdpa_attention(q, k, v, self.dropout, self.training, self.window)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # concatenate heads: (B, T, C)
         return self.resid_drop(self.c_proj(y))
 
@@ -75,8 +78,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, layer: int = 0, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layer, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -117,17 +120,28 @@ class GPT(nn.Module):
                 nn.init.ones_(p)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None, last_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) token ids. Returns logits (B, T, V) and, given targets (B, T), the mean
-        cross-entropy of predicting targets[:, t] from idx[:, :t+1] (targets -1 are ignored)."""
+        cross-entropy of predicting targets[:, t] from idx[:, :t+1] (targets -1 are ignored).
+
+        With a `cache` (inference), idx holds only the new tokens; positions come from the cache.
+        `last_only` computes logits for the last position only (all that decoding needs)."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
-        pos = self.wpe.weight[:T] if self.config.pos_emb == "learned" else self.pe[:T]  # (T, C)
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+            pos = self.wpe.weight[:T] if self.config.pos_emb == "learned" else self.pe[:T]  # (T, C)
+        else:
+            positions = cache.positions(T)  # (B, T)
+            pos = self.wpe(positions) if self.config.pos_emb == "learned" else self.pe[positions]  # (B, T, C)
         x = self.drop(self.wte(idx) + pos)  # (B, T, C)
-        for block in self.h:
-            x = block(x)
+        for i, block in enumerate(self.h):
+            x = block(x, i, cache)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if targets is not None:

@@ -1,8 +1,14 @@
-"""Layers shared by the model families: positional encodings and causal attention.
+"""Layers shared by the model families: positional encodings, norms, attention.
 
-`causal_attention` exists twice on purpose: `explicit` spells out softmax(QKᵀ/√d + mask)·V
-(Vaswani et al. 2017) for reading and for attention-weight pictures; `sdpa` calls PyTorch's
-fused `scaled_dot_product_attention`. They are tested equal.
+- Causal attention exists twice on purpose: `explicit_attention` spells out
+  softmax(QKᵀ/√d + mask)·V (Vaswani et al. 2017) for reading and for attention pictures;
+  `sdpa_attention` calls PyTorch's fused kernel. They are tested equal. Both take an optional
+  sliding window (Mistral): position i sees positions i-window+1 .. i.
+- `RMSNorm` (Zhang & Sennrich 2019): scale by the root mean square, no mean subtraction, no bias.
+- `RoPE` (Su et al. 2021): rotate each (x_i, x_{i+D/2}) pair of a query or key by an angle
+  proportional to its position, so q·k depends only on their offset. The "rotate half" layout of
+  HF transformers, so HF Llama weights load unpermuted. Context extension: linear position
+  interpolation (Chen et al. 2023), static NTK-aware base scaling, and YaRN (Peng et al. 2023).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def sinusoidal_positions(n_pos: int, dim: int, base: float = 10000.0) -> torch.Tensor:
@@ -24,21 +31,118 @@ def sinusoidal_positions(n_pos: int, dim: int, base: float = 10000.0) -> torch.T
     return pe
 
 
+def causal_mask(T: int, window: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(T, T) bool, True where query i may attend to key j: j <= i, and i - j < window if window > 0."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    allowed = j <= i
+    if window > 0:
+        allowed &= (i - j) < window
+    return allowed
+
+
 def explicit_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, training: bool = False
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, training: bool = False,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention by hand. q, k, v: (B, H, T, D). Returns the output (B, H, T, D) and the
     attention weights (B, H, T, T), row t a distribution over positions 0..t."""
     T = q.size(-2)
+    k, v = repeat_kv(k, q.size(1) // k.size(1)), repeat_kv(v, q.size(1) // v.size(1))  # GQA: share kv heads
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, H, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)  # True above the diagonal
-    scores = scores.masked_fill(future, float("-inf"))
+    scores = scores.masked_fill(~causal_mask(T, window, q.device), float("-inf"))
     weights = F.softmax(scores, dim=-1)
     dropped = F.dropout(weights, dropout_p, training) if dropout_p > 0 else weights
     return dropped @ v, weights
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-                   training: bool = False) -> torch.Tensor:
-    """The same computation through PyTorch's fused kernel (flash / memory-efficient / math)."""
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p if training else 0.0, is_causal=True)
+                   training: bool = False, window: int = 0) -> torch.Tensor:
+    """The same computation through PyTorch's fused kernel (flash / memory-efficient / math).
+    k, v may have fewer heads than q (grouped-query attention): each serves H / H_kv query heads."""
+    p = dropout_p if training else 0.0
+    gqa = k.size(1) != q.size(1)
+    T = q.size(-2)
+    if window <= 0 or window >= T:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
+    mask = causal_mask(T, window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, H_kv, T, D) -> (B, H_kv * n_rep, T, D): each key/value head serves n_rep query heads."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In fp32, as the reference implementations do: the mean of squares underflows in bf16.
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: str = "none", factor: float = 1.0,
+                     original_context: int = 0) -> tuple[torch.Tensor, float]:
+    """(inv_freq (D/2,), attention scale) for RoPE, with an optional context-extension scheme."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # (D/2,)
+    if scaling == "none" or factor == 1.0:
+        return 1.0 / theta**exponents, 1.0
+    if scaling == "linear":  # positions / factor: every frequency slowed by the same factor
+        return 1.0 / theta**exponents / factor, 1.0
+    if scaling == "ntk":  # raise the base so the lowest frequency stretches by `factor`, the highest barely
+        return 1.0 / (theta * factor ** (head_dim / (head_dim - 2))) ** exponents, 1.0
+    if scaling == "yarn":
+        # High frequencies (many rotations within the original context) are kept, low ones are
+        # interpolated by `factor`, with a linear ramp between; logits get a temperature 0.1 ln s + 1.
+        if original_context <= 0:
+            raise ValueError("yarn needs the original context length")
+
+        def dim_of(rotations: float) -> float:
+            return head_dim * math.log(original_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(dim_of(32.0)), 0)
+        high = min(math.ceil(dim_of(1.0)), head_dim - 1)
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        extrapolate = 1.0 / theta**exponents
+        interpolate = extrapolate / factor
+        inv_freq = interpolate * ramp + extrapolate * (1 - ramp)
+        return inv_freq, 0.1 * math.log(factor) + 1.0
+    raise ValueError(f"unknown rope scaling {scaling!r}")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RoPE(nn.Module):
+    """Rotary position embedding: `rope(x, positions)` rotates x (B, H, T, D) by positions (B, T)."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: str = "none", factor: float = 1.0,
+                 original_context: int = 0) -> None:
+        super().__init__()
+        inv_freq, self.attn_scale = rope_frequencies(head_dim, theta, scaling, factor, original_context)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (B, 1, T, D) for positions (B, T); memoised for the last positions seen,
+        so the layers of one forward share them."""
+        memo = self._memo
+        if memo is not None and memo[0] is positions:
+            return memo[1], memo[2]
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        cos, sin = emb.cos() * self.attn_scale, emb.sin() * self.attn_scale
+        self._memo = (positions, cos, sin)
+        return cos, sin
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.cos_sin(positions)
+        return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
