@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from scratchlm.config import Config
+from scratchlm.config import Config, ModelConfig
 from scratchlm.data.loader import BatchLoader, TokenShards
 from scratchlm.errors import UserError
 from scratchlm.model import build_model, padded_vocab
@@ -101,6 +102,17 @@ def token_bytes(tok: Tokenizer, vocab: int) -> torch.Tensor:
         if i not in specials:
             out[i] = len(tok.decode([i]).encode("utf-8")) if not hasattr(tok, "vocab") else len(tok.vocab[i])
     return out
+
+
+def block_grad_norms(model: nn.Module) -> dict[str, float]:
+    """{"grad_norm/layer_i": norm} over the parameters of each transformer block (`h.i.*` or
+    `layers.i.*`), read before the optimizer zeroes the gradients (after clipping)."""
+    sq: dict[int, float] = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if p.grad is not None and parts[0] in ("h", "layers"):
+            sq[int(parts[1])] = sq.get(int(parts[1]), 0.0) + p.grad.float().pow(2).sum().item()
+    return {f"grad_norm/layer_{i}": v**0.5 for i, v in sorted(sq.items())}
 
 
 def forward_backward(model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -196,10 +208,14 @@ def pretrain(
     resume: bool = False,
     progress: bool = True,
     stop_at_step: int | None = None,
+    build: Callable[[ModelConfig], nn.Module] = build_model,
+    layer_grad_norms: bool = False,
 ) -> RunResult:
     """Train `cfg.model` on token shards; everything lands in `cfg.out_dir`. Returns a summary.
 
     `stop_at_step` ends the run early (with a checkpoint) as an interruption would, for tests.
+    `build` makes the model from its config (experiments pass variants); `layer_grad_norms` logs
+    each block's gradient norm (`grad_norm/layer_i`) at every log step.
     """
     t, run_dir = cfg.train, Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -219,7 +235,7 @@ def pretrain(
     if resume:
         shards.check_tokenizer(ckpt_io.load_config_and_tokenizer(latest)[1])
     cfg.model.vocab_size = padded_vocab(cfg.model, tok.vocab_size)
-    model = build_model(cfg.model).to(device)
+    model = build(cfg.model).to(device)
     n_params = model.num_params()
     precision, why = pick_precision(t.precision, device, n_params)
     amp = autocast_ctx(precision, device)
@@ -318,6 +334,8 @@ def pretrain(
                     scaler.update()
                 else:
                     optimizer.step()
+                logging_now = (step + 1) % t.log_interval == 0 or step + 1 == stop_at
+                layer_norms = block_grad_norms(model) if layer_grad_norms and logging_now else {}
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 window_steps += 1
@@ -327,13 +345,14 @@ def pretrain(
                         _finish_profile(profiler, run_dir)
                         profiler = None
 
-                if step % t.log_interval == 0 or step == stop_at:
+                if logging_now:
                     dt = time.perf_counter() - window_t
                     tps = tokens_per_step * window_steps / dt
                     mfu = flops_per_step * window_steps / dt / peak if peak else None
                     window_t, window_steps = time.perf_counter(), 0
                     log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": norm.item(), "tokens_per_s": tps,
-                         **({"mfu": mfu} if mfu is not None else {})})
+                         **({"mfu": mfu} if mfu is not None else {}),
+                         **layer_norms})
                     bar.set_postfix_str(f"loss {loss_val:.4f} lr {lr:.2e} {tps / 1e3:.1f}k tok/s"
                                         + (f" MFU {mfu:.0%}" if mfu is not None else ""), refresh=False)
                 bar.update(1)

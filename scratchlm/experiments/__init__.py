@@ -1,0 +1,1 @@
+"""Small controlled experiments: one variable changed, everything else fixed, a picture at the end."""

@@ -1,0 +1,129 @@
+"""The Llama-family model: RMSNorm, RoPE's relative-position property, GQA, sliding window,
+QK-norm, causality, and the LayerNorm-vs-RMSNorm swap of the norms experiment."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from scratchlm.config import ModelConfig
+from scratchlm.errors import UserError
+from scratchlm.experiments.norms import with_layernorm
+from scratchlm.model import build_model
+from scratchlm.model.layers import RMSNorm, RoPE, causal_mask, explicit_attention, sdpa_attention
+from scratchlm.model.llama import Llama, ffn_hidden
+
+
+def cfg(**kw) -> ModelConfig:
+    base = dict(arch="llama", vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, bias=False)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_rmsnorm_matches_its_formula():
+    x = torch.randn(3, 5, 8)
+    norm = RMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    torch.testing.assert_close(norm(x), expected)
+
+
+def test_rope_score_depends_only_on_the_offset():
+    torch.manual_seed(0)
+    rope = RoPE(16, theta=10000.0)
+    q, k = torch.randn(2, 1, 1, 1, 16).unbind(0)  # (B, H, T, D) each
+
+    def score(m: int, n: int) -> float:
+        pq = rope(q, torch.tensor([[m]]))
+        pk = rope(k, torch.tensor([[n]]))
+        return (pq * pk).sum().item()
+
+    base = score(7, 3)
+    for shift in (1, 10, 100, 1000):
+        assert score(7 + shift, 3 + shift) == pytest.approx(base, abs=1e-4)
+    assert abs(score(9, 3) - base) > 1e-3  # a different offset gives a different score
+    # Rotation keeps the length of every vector.
+    assert rope(q, torch.tensor([[5]])).norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
+
+
+def test_rope_context_extension_schemes():
+    plain = RoPE(16, 10000.0).inv_freq
+    torch.testing.assert_close(RoPE(16, 10000.0, "linear", 4.0).inv_freq, plain / 4)
+    ntk = RoPE(16, 10000.0, "ntk", 4.0).inv_freq
+    assert ntk[0] == plain[0] and ntk[-1] == pytest.approx(plain[-1].item() / 4, rel=1e-4)  # lowest freq x1/4
+    yarn = RoPE(16, 10000.0, "yarn", 4.0, original_context=64)
+    assert yarn.attn_scale == pytest.approx(0.1 * math.log(4) + 1)
+    assert yarn.inv_freq[0] == plain[0] and yarn.inv_freq[-1] == pytest.approx(plain[-1].item() / 4)
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 1}, {"n_kv_head": 4}, {"qk_norm": True}, {"sliding_window": 5},
+                                {"tie_embeddings": False}])
+def test_causal_and_loss_near_uniform(kw):
+    torch.manual_seed(0)
+    model = build_model(cfg(**kw)).eval()
+    idx, targets = torch.randint(0, 64, (2, 2, 24))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 24, 64) and abs(loss.item() - math.log(64)) < 0.3
+    changed = idx.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 64
+    assert torch.equal(model(idx)[0][:, :10], model(changed)[0][:, :10])
+
+
+def test_gqa_shrinks_keys_and_values():
+    model = Llama(cfg(n_head=8, n_kv_head=2, n_embd=64))
+    att = model.layers[0].attention
+    assert att.wq.weight.shape == (64, 64) and att.wk.weight.shape == (16, 64) and att.wv.weight.shape == (16, 64)
+    assert ffn_hidden(model.config) == 192  # 8/3 x 64 = 170.7 -> next multiple of 64
+
+
+def test_gqa_equals_explicitly_repeated_heads():
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 6, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 2, 6, 8, dtype=torch.float64).unbind(0)
+    repeated = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    torch.testing.assert_close(sdpa_attention(q, k, v), sdpa_attention(q, *repeated))
+    torch.testing.assert_close(explicit_attention(q, k, v)[0], sdpa_attention(q, *repeated))
+
+
+def test_sliding_window_mask_against_a_reference():
+    T, window = 12, 4
+    mask = causal_mask(T, window)
+    for i in range(T):
+        for j in range(T):
+            assert bool(mask[i, j]) == (j <= i and i - j < window)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 2, T, 8, dtype=torch.float64).unbind(0)
+    out, w = explicit_attention(q, k, v, window=window)
+    torch.testing.assert_close(out, sdpa_attention(q, k, v, window=window))
+    assert torch.all(w[..., ~mask] == 0)
+
+
+def test_sliding_window_limits_what_a_token_sees():
+    torch.manual_seed(0)
+    model = build_model(cfg(sliding_window=4, n_layer=1)).eval()
+    idx = torch.randint(0, 64, (1, 20))
+    changed = idx.clone()
+    changed[0, 2] = (changed[0, 2] + 1) % 64
+    a, b = model(idx)[0], model(changed)[0]
+    assert not torch.allclose(a[0, 5], b[0, 5])  # position 5 still sees position 2 (5 - 2 < 4)
+    torch.testing.assert_close(a[0, 6:], b[0, 6:])  # one layer: later positions never see it
+
+
+def test_bad_llama_settings():
+    with pytest.raises(UserError, match="n_kv_head=3 does not divide"):
+        Llama(cfg(n_kv_head=3))
+    with pytest.raises(UserError, match="rope_scaling"):
+        Llama(cfg(rope_scaling="dynamic"))
+    with pytest.raises(UserError, match="odd"):
+        Llama(cfg(n_embd=36, n_head=4, n_kv_head=4))
+
+
+def test_layernorm_swap_replaces_every_norm():
+    model = with_layernorm(Llama(cfg()))
+    assert not any(isinstance(m, RMSNorm) for m in model.modules())
+    assert sum(isinstance(m, nn.LayerNorm) for m in model.modules()) == 2 * 2 + 1
+    assert torch.isfinite(model(torch.randint(0, 64, (1, 8)))[0]).all()
