@@ -59,7 +59,7 @@ class DataConfig:
 class ModelConfig:
     """The network (`scratchlm/model/`). Sizes default to nanoGPT's CPU "baby" model."""
 
-    arch: str = "gpt"  # gpt | llama | bigram | mlp
+    arch: str = "gpt"  # gpt | llama | moe | bigram | mlp
     vocab_size: int = 0  # 0 = the tokenizer's vocabulary, padded up to a multiple of pad_vocab_to
     pad_vocab_to: int = 64  # round the embedding table up for faster matmuls (GPT-2: 50257 -> 50304)
     block_size: int = 64  # context length in tokens
@@ -83,6 +83,20 @@ class ModelConfig:
     rope_original_context: int = 0  # yarn: the context the model was trained with; 0 = block_size
     qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3, OLMo 2)
     sliding_window: int = 0  # attend to at most this many previous tokens (Mistral); 0 = full causal
+    # arch=moe (mixture of experts on top of the llama blocks)
+    n_experts: int = 8  # routed experts per MoE layer
+    n_active_experts: int = 2  # top-k experts each token is sent to
+    n_shared_experts: int = 0  # experts every token passes through (DeepSeek-MoE)
+    expert_hidden: int = 0  # SwiGLU hidden size of one expert; 0 = ffn_hidden / n_active_experts
+    router: str = "softmax"  # softmax (Switch/Mixtral) | sigmoid (DeepSeek-V3, aux-loss-free bias balancing)
+    router_norm_topk: bool = True  # renormalise the top-k weights to sum to 1
+    dropless: bool = True  # every routed token is computed; False = capacity limit with dropping
+    capacity_factor: float = 1.25  # when not dropless: slots per expert = factor x tokens x k / n_experts
+    moe_every: int = 1  # every k-th layer is MoE (hybrid models), counted from moe_first_dense
+    moe_first_dense: int = 0  # the first n layers stay dense
+    aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss weight (0 with the sigmoid router)
+    z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
+    bias_update_rate: float = 0.001  # sigmoid router: per-step nudge of each expert's selection bias
 
 
 @dataclass
@@ -267,6 +281,16 @@ def llama_125m() -> Config:
     t = cfg.train
     t.batch_size, t.grad_accum, t.lr, t.min_lr, t.beta2 = 8, 64, 6e-4, 6e-5, 0.95
     t.warmup_steps, t.max_steps = 700, 20_000
+    return cfg
+
+
+@preset
+def moe_tiny() -> Config:
+    """The demo's MoE: llama-tiny with 8 experts, top-2, each expert half the dense FFN, so the
+    active parameters per token equal the dense model's."""
+    cfg = llama_tiny()
+    cfg.name, cfg.out_dir = "moe-tiny", "runs/moe-tiny"
+    cfg.model.arch = "moe"
     return cfg
 
 

@@ -23,8 +23,9 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     from scratchlm.model.baselines import MLPLM, BigramLM
     from scratchlm.model.gpt import GPT
     from scratchlm.model.llama import Llama
+    from scratchlm.model.moe import MoE
 
-    archs = {"gpt": GPT, "llama": Llama, "bigram": BigramLM, "mlp": MLPLM}
+    archs = {"gpt": GPT, "llama": Llama, "moe": MoE, "bigram": BigramLM, "mlp": MLPLM}
     if cfg.arch not in archs:
         raise UserError(f"model.arch={cfg.arch!r} is unknown", fix=f"use one of {', '.join(archs)}")
     if cfg.vocab_size <= 0:

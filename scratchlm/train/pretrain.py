@@ -334,6 +334,8 @@ def pretrain(
                     scaler.update()
                 else:
                     optimizer.step()
+                if hasattr(model, "after_optimizer_step"):  # e.g. MoE routers' balancing bias
+                    model.after_optimizer_step()
                 logging_now = (step + 1) % t.log_interval == 0 or step + 1 == stop_at
                 layer_norms = block_grad_norms(model) if layer_grad_norms and logging_now else {}
                 optimizer.zero_grad(set_to_none=True)
@@ -352,7 +354,7 @@ def pretrain(
                     window_t, window_steps = time.perf_counter(), 0
                     log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": norm.item(), "tokens_per_s": tps,
                          **({"mfu": mfu} if mfu is not None else {}),
-                         **layer_norms})
+                         **layer_norms, **(model.routing_metrics() if hasattr(model, "routing_metrics") else {})})
                     bar.set_postfix_str(f"loss {loss_val:.4f} lr {lr:.2e} {tps / 1e3:.1f}k tok/s"
                                         + (f" MFU {mfu:.0%}" if mfu is not None else ""), refresh=False)
                 bar.update(1)
