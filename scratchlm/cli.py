@@ -156,6 +156,12 @@ def cmd_viz_attention(args: argparse.Namespace, overrides: list[str]) -> None:
     attention_cli(args.ckpt, args.prompt, Path(args.out), layer=args.layer)
 
 
+def cmd_viz_routing(args: argparse.Namespace, overrides: list[str]) -> None:
+    from scratchlm.viz.routing import routing_cli
+
+    routing_cli(Path(args.run), Path(args.out))
+
+
 def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> None:
     from scratchlm.convert.hf import convert_cli
 
@@ -183,7 +189,7 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> None:
     from scratchlm.demo import run_demo
 
     cfg = _config(args, overrides)
-    run_demo(cfg, Path(args.out) if args.out else None, quick=args.quick)
+    run_demo(cfg, Path(args.out) if args.out else None, quick=args.quick, moe=args.moe)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--layer", type=int, default=-1, help="which layer (default: all, one row each)")
     sp.set_defaults(fn=cmd_viz_attention)
 
+    sp = with_common(vv.add_parser("routing", help="MoE expert load per layer and expert over training"))
+    sp.add_argument("--run", required=True, help="a run folder of an MoE model (its metrics.jsonl)")
+    sp.add_argument("--out", default="routing.png")
+    sp.set_defaults(fn=cmd_viz_routing)
+
     sp = with_common(verbs.add_parser("convert", help="HF transformers checkpoints <-> scratchlm checkpoints"))
     sp.add_argument("src", help="an HF model folder (config.json + weights) or a scratchlm run/checkpoint")
     sp.add_argument("dst", help="the folder to write")
@@ -279,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_common(verbs.add_parser("demo", help="the whole pipeline at tiny scale, ending in a report"), "tiny")
     sp.add_argument("--out", help="output folder (default: the preset's out_dir)")
     sp.add_argument("--quick", action="store_true", help="smallest settings, for tests")
+    sp.add_argument("--moe", action="store_true", help="pretrain the mixture-of-experts variant (moe-tiny sizes)")
     sp.set_defaults(fn=cmd_demo)
     return p
 
