@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from scratchlm.config import Config
+from scratchlm.config import Config, get_preset
 from scratchlm.data.loader import BatchLoader, TokenShards
 from scratchlm.data.prepare import prepare
 from scratchlm.data.sources import read_corpus_text
@@ -29,7 +29,7 @@ def _stage(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 70 - len(title)), flush=True)
 
 
-def run_demo(cfg: Config, out: Path | None = None, quick: bool = False) -> Path:
+def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: bool = False) -> Path:
     out = Path(out or cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.json")
@@ -78,7 +78,9 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False) -> Path:
         f"- input:  `{tok.decode(x[0].tolist())!r}`\n- target: `{tok.decode(y[0].tolist())!r}`\n"
     )
 
-    _stage("4. pretraining a GPT")
+    if moe:  # the mixture-of-experts variant: same active parameters per token as the dense model
+        cfg.model = get_preset("moe-tiny").model
+    _stage(f"4. pretraining {'a mixture-of-experts model' if moe else 'a GPT'}")
     if quick:
         cfg.train.max_steps, cfg.train.eval_interval, cfg.train.warmup_steps = 30, 15, 5
     prompt = "And God said,"
