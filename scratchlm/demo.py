@@ -24,6 +24,8 @@ from scratchlm.tokenizer.compare import compare, format_table, plot
 from scratchlm.train.checkpoint import load_model_for_inference
 from scratchlm.train.pretrain import pretrain
 
+ARCH_NAMES = {"gpt": "GPT", "llama": "Llama-family model", "moe": "mixture-of-experts model (8 experts, top-2)"}
+
 
 def _stage(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 70 - len(title)), flush=True)
@@ -92,7 +94,8 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
     after = _complete(model, tok, cfg, prompt)
     print(f"sample before training: {before!r}\nsample after training:  {after!r}")
     report.append(
-        f"## Pretraining\n\nA {cfg.model.n_layer}-layer GPT ({model.num_params() / 1e6:.2f}M parameters) trained "
+        f"## Pretraining\n\nA {cfg.model.n_layer}-layer {ARCH_NAMES.get(cfg.model.arch, cfg.model.arch)} "
+        f"({model.num_params() / 1e6:.2f}M parameters) trained "
         f"{result.steps} steps in {result.seconds:.0f}s ({result.tokens_per_s / 1e3:.1f}k tokens/s): train loss "
         f"{result.train_loss:.3f}, validation loss {result.val_loss:.3f} ({result.val_bpb:.3f} bits/byte). "
         f"Loss curve: `pretrain/loss.png`.\n\n"
