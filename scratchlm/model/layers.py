@@ -146,3 +146,36 @@ class RoPE(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = self.cos_sin(positions)
         return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+
+
+class DocumentMask:
+    """Attention confined to each document of a packed sequence (for training on packed examples).
+
+    It speaks the models' attention-context protocol (see scratchlm/infer/kv_cache.py:
+    `positions`, `attend`, `advance`), so `model(x, y, cache=DocumentMask(doc_ids))` trains on
+    sequences that hold several examples: a token attends only to earlier tokens of its own
+    document, and positions restart at 0 at each document start, so every example is computed
+    exactly as if it were alone. doc_ids: (B, T) ints, equal within a document.
+    """
+
+    def __init__(self, doc_ids: torch.Tensor) -> None:
+        B, T = doc_ids.shape
+        same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+        self.mask = (same & causal_mask(T, device=doc_ids.device))[:, None]  # (B, 1, T, T)
+        idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+        starts = torch.ones_like(doc_ids, dtype=torch.bool)
+        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        # position = distance to the most recent document start at or before t
+        start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+        self._positions = idx - start_idx  # (B, T)
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self._positions[:, :T]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope) -> torch.Tensor:
+        if rope is not None:
+            q, k = rope(q, self._positions), rope(k, self._positions)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.size(1) != q.size(1))
+
+    def advance(self, T: int) -> None:
+        pass

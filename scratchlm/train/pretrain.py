@@ -1,4 +1,9 @@
-"""The pretraining loop, written by hand: no Trainer, Lightning or accelerate.
+"""The training loop, written by hand (no Trainer, Lightning or accelerate), and pretraining.
+
+`train_model` is the loop every training stage shares: a stage brings its model, its data as
+`Batches` (a resumable train loader, fresh validation loaders) and the config. `pretrain` is the
+first such stage: token shards in, a model trained from scratch out. Packed batches
+(x, y, doc_ids) train with attention kept inside each document (`DocumentMask`).
 
 One step = `grad_accum` micro-batches, each forward + backward with the loss divided by
 `grad_accum` (so the summed gradient is the mean over the whole step), then the global gradient
@@ -40,6 +45,7 @@ from scratchlm.config import Config, ModelConfig
 from scratchlm.data.loader import BatchLoader, TokenShards
 from scratchlm.errors import UserError
 from scratchlm.model import build_model, padded_vocab
+from scratchlm.model.layers import DocumentMask
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt_io
 from scratchlm.train.optim import make_optimizer
@@ -115,13 +121,13 @@ def block_grad_norms(model: nn.Module) -> dict[str, float]:
     return {f"grad_norm/layer_{i}": v**0.5 for i, v in sorted(sq.items())}
 
 
-def forward_backward(model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+def forward_backward(model: nn.Module, micro_batches: list[tuple[torch.Tensor, ...]],
                      amp: contextlib.AbstractContextManager, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
     """Accumulate the gradient of the mean loss over `micro_batches`; return that mean (detached)."""
     total = torch.zeros(())
-    for x, y in micro_batches:
+    for x, y, *doc in micro_batches:
         with amp:
-            _, loss = model(x, y)
+            _, loss = model(x, y, cache=DocumentMask(doc[0]) if doc else None)
         loss = loss / len(micro_batches)
         (scaler.scale(loss) if scaler else loss).backward()
         total += loss.detach().float().cpu()
@@ -134,15 +140,17 @@ def evaluate(model: nn.Module, loader: BatchLoader, iters: int, amp, tbytes: tor
     model.eval()
     nats, n_tokens, n_bytes = 0.0, 0, 0.0
     for _ in range(iters):
-        x, y = loader.next_batch()
+        x, y, *doc = loader.next_batch()
         with amp:
-            logits, _ = model(x)
-        losses = nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            logits, _ = model(x, cache=DocumentMask(doc[0]) if doc else None)
+        losses = nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none",
+                                             ignore_index=-1)  # masked targets (-1) add 0
+        counted = y.flatten() >= 0
         nats += losses.sum().item()
-        n_tokens += y.numel()
-        n_bytes += tbytes[y.flatten().cpu()].sum().item()
+        n_tokens += int(counted.sum())
+        n_bytes += tbytes[y.flatten()[counted].cpu()].sum().item()
     model.train()
-    return nats / n_tokens, nats / math.log(2) / max(n_bytes, 1.0)
+    return nats / max(n_tokens, 1), nats / math.log(2) / max(n_bytes, 1.0)
 
 
 @dataclass
@@ -200,6 +208,16 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
 
 
+@dataclass
+class Batches:
+    """What the loop needs from a stage's data: a resumable training loader and fresh, fixed-order
+    validation loaders. A loader's `next_batch()` returns (x, y) or (x, y, doc_ids) for packed
+    sequences; `state_dict()`/`load_state_dict()` make it resumable."""
+
+    train: Any
+    make_val: Callable[[], Any]
+
+
 def pretrain(
     cfg: Config,
     data_dir: Path | None = None,
@@ -211,7 +229,7 @@ def pretrain(
     build: Callable[[ModelConfig], nn.Module] = build_model,
     layer_grad_norms: bool = False,
 ) -> RunResult:
-    """Train `cfg.model` on token shards; everything lands in `cfg.out_dir`. Returns a summary.
+    """Train `cfg.model` from scratch on token shards; everything lands in `cfg.out_dir`.
 
     `stop_at_step` ends the run early (with a checkpoint) as an interruption would, for tests.
     `build` makes the model from its config (experiments pass variants); `layer_grad_norms` logs
@@ -219,37 +237,61 @@ def pretrain(
     """
     t, run_dir = cfg.train, Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(t.device)
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # denormal floats slow CPU math ~10x; flushing them costs nothing
-
-    latest = None
-    if resume:
-        latest = ckpt_io.find_checkpoint(run_dir)
-        saved, _ = ckpt_io.load_config_and_tokenizer(latest)
-        cfg.model = saved.model  # the architecture must be the checkpoint's
+    latest = ckpt_io.find_checkpoint(run_dir) if resume else None
+    if latest is not None:
+        cfg.model = ckpt_io.load_config_and_tokenizer(latest)[0].model  # the architecture must be the checkpoint's
     data_dir = data_dir or prepare_run_data(cfg, run_dir, inputs, progress)
     shards = TokenShards(data_dir)
     tok = shards.tokenizer()
-    if resume:
+    if latest is not None:
         shards.check_tokenizer(ckpt_io.load_config_and_tokenizer(latest)[1])
     cfg.model.vocab_size = padded_vocab(cfg.model, tok.vocab_size)
-    model = build(cfg.model).to(device)
+    device = pick_device(t.device)
+    val_split = "val" if shards.tokens("val") > cfg.model.block_size else "train"
+    batches = Batches(
+        train=BatchLoader(shards, "train", t.batch_size, cfg.model.block_size, seed=cfg.seed, device=device),
+        make_val=lambda: BatchLoader(shards, val_split, t.batch_size, cfg.model.block_size, seed=cfg.seed + 1,
+                                     device=device),
+    )
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.model)
+    return train_model(cfg, model, tok, batches, resume_from=latest, progress=progress, stop_at_step=stop_at_step,
+                       layer_grad_norms=layer_grad_norms, desc="pretrain")
+
+
+def train_model(
+    cfg: Config,
+    model: nn.Module,
+    tok: Tokenizer,
+    batches: Batches,
+    *,
+    resume_from: Path | None = None,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+    layer_grad_norms: bool = False,
+    desc: str = "train",
+) -> RunResult:
+    """The loop every training stage shares (see the module docstring): the stage brings the model,
+    its data as `Batches`, and the config; checkpoints, logs and plots land in `cfg.out_dir`."""
+    t, run_dir = cfg.train, Path(cfg.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(t.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormal floats slow CPU math ~10x; flushing them costs nothing
+    model = model.to(device)
     n_params = model.num_params()
     precision, why = pick_precision(t.precision, device, n_params)
     amp = autocast_ctx(precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     optimizer = make_optimizer(model, t)
     step_model = torch.compile(model) if t.compile else model
+    train_loader = batches.train
 
-    train_loader = BatchLoader(shards, "train", t.batch_size, cfg.model.block_size, seed=cfg.seed, device=device)
-    val_split = "val" if shards.tokens("val") > cfg.model.block_size else "train"
     trainer: dict[str, Any] = {"best_val_loss": None}
     start = 0
-    if latest is not None:
-        ckpt_io.load_weights(model, latest)
-        trainer = ckpt_io.load_trainer_state(latest, optimizer)
+    if resume_from is not None:
+        ckpt_io.load_weights(model, resume_from)
+        trainer = ckpt_io.load_trainer_state(resume_from, optimizer)
         train_loader.load_state_dict(trainer["loader"])
         start = trainer["step"]
     cfg.save(run_dir / "config.json")
@@ -258,10 +300,12 @@ def pretrain(
     flops_per_step = model.flops_per_token() * tokens_per_step
     peak = _peak_flops(device, precision)
     tbytes = token_bytes(tok, cfg.model.vocab_size)
-    print(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M params, {cfg.model.n_layer} layers, block "
-          f"{cfg.model.block_size}, vocab {cfg.model.vocab_size} | device {device}, precision {precision} ({why}), "
-          f"{torch.get_num_threads()} threads | {tokens_per_step:,} tokens/step, steps {start}->{t.max_steps}"
-          + (" (resumed)" if start else ""), flush=True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M params"
+          + (f" ({trainable / 1e6:.2f}M trainable)" if trainable != n_params else "")
+          + f", {cfg.model.n_layer} layers, block {cfg.model.block_size}, vocab {cfg.model.vocab_size} | device "
+          f"{device}, precision {precision} ({why}), {torch.get_num_threads()} threads | {tokens_per_step:,} "
+          f"tokens/step, steps {start}->{t.max_steps}" + (" (resumed)" if start else ""), flush=True)
 
     metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in finally)
     board = _tensorboard(run_dir) if t.tensorboard else None
@@ -281,8 +325,7 @@ def pretrain(
             wandb_run.log(record, step=record["step"])
 
     def validate(step: int) -> tuple[float, float]:
-        loader = BatchLoader(shards, val_split, t.batch_size, cfg.model.block_size, seed=cfg.seed + 1, device=device)
-        val_loss, bpb = evaluate(step_model, loader, t.eval_iters, amp, tbytes)
+        val_loss, bpb = evaluate(step_model, batches.make_val(), t.eval_iters, amp, tbytes)
         log({"step": step, "val_loss": val_loss, "val_bpb": bpb})
         return val_loss, bpb
 
@@ -297,7 +340,7 @@ def pretrain(
 
     model.train()
     stop_at = min(stop_at_step or t.max_steps, t.max_steps)
-    bar = tqdm(total=stop_at, initial=start, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=stop_at, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     loss_val, val_loss, bpb = float("nan"), float("nan"), float("nan")
     t_loop, window_t, window_steps, step = time.perf_counter(), time.perf_counter(), 0, start
     mfu = None
