@@ -146,6 +146,26 @@ class SampleConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning (`scratchlm sft`): data, packing, curriculum, LoRA / QLoRA."""
+
+    base: str = ""  # the pretrained run or checkpoint to start from
+    data: list[str] = field(default_factory=list)  # JSON/JSONL files; empty = the embedded tasks
+    format: str = "auto"  # auto | alpaca | messages | prompt_completion
+    val_fraction: float = 0.1  # held out for validation and gold evaluation
+    packing: bool = True  # several examples per sequence, attention kept inside each
+    overlong: str = "truncate"  # an example longer than the context: truncate | drop
+    curriculum: str = "none"  # none | length | difficulty: order of the training examples
+    n_tasks: int = 3000  # embedded task examples generated
+    lora_r: int = 0  # 0 = full fine-tuning; > 0 = LoRA rank
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=list)  # module name patterns; empty = attention + MLP
+    quant_bits: int = 0  # 4 or 8: QLoRA, the frozen base stored quantized
+    eval_max_new_tokens: int = 24
+
+
+@dataclass
 class Config:
     """A whole run: a name, where artifacts go, and one section per stage."""
 
@@ -157,6 +177,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

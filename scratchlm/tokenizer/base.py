@@ -166,3 +166,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: corrupt tokenizer file (not JSON: {e})", fix="re-train it") from None
     return tokenizer_from_dict(d, str(path))
+
+
+def with_specials(tok: Tokenizer, names: list[str]) -> Tokenizer:
+    """A copy of `tok` with the special tokens it lacks appended after its vocabulary (ids
+    vocab_size, vocab_size + 1, ...). Kinds that keep specials before the vocabulary (WordPiece,
+    Unigram) cannot grow this way and raise UserError."""
+    missing = [s for s in names if s not in tok.special_tokens]
+    if not missing:
+        return tok
+    d = tok.to_dict()
+    d["special_tokens"] = {**tok.special_tokens, **{s: tok.vocab_size + i for i, s in enumerate(missing)}}
+    try:
+        return tokenizer_from_dict(d)
+    except UserError:
+        raise UserError(f"a {tok.kind} tokenizer cannot gain the special tokens {', '.join(missing)}",
+                        fix="retrain it with --tokenizer.special_tokens including them") from None
