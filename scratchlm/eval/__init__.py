@@ -1,0 +1,1 @@
+"""The evaluation stage: scoring generated answers against gold ones (more evaluators join later)."""
