@@ -144,6 +144,19 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
              resume=args.resume, progress=not args.quiet)
 
 
+def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
+    from scratchlm.sft.train import sft
+
+    cfg = _config(args, overrides)
+    if args.base:
+        cfg.sft.base = args.base
+    if args.inputs:
+        cfg.sft.data = args.inputs
+    if args.out:
+        cfg.out_dir = args.out
+    sft(cfg, progress=not args.quiet, resume=args.resume)
+
+
 def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
     from scratchlm.infer.sample import sample_cli
 
@@ -246,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="run folder (default: the preset's out_dir)")
     sp.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     sp.set_defaults(fn=cmd_pretrain)
+
+    sp = with_common(verbs.add_parser("sft", help="supervised fine-tuning (full, LoRA or QLoRA) + gold evaluation"),
+                     "sft-tiny")
+    sp.add_argument("inputs", nargs="*", help="instruction data: alpaca JSON/JSONL, messages JSONL, prompt/completion "
+                                              "JSONL (default: the embedded verifiable tasks)")
+    sp.add_argument("--base", help="the pretrained run or checkpoint folder to start from")
+    sp.add_argument("--out", help="run folder (default: the preset's out_dir)")
+    sp.add_argument("--resume", action="store_true")
+    sp.set_defaults(fn=cmd_sft)
 
     sp = with_common(verbs.add_parser("sample", help="generate text from a checkpoint"))
     sp.add_argument("--ckpt", required=True, help="a run folder or a checkpoint folder")

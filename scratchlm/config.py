@@ -315,6 +315,17 @@ def moe_tiny() -> Config:
     return cfg
 
 
+@preset
+def sft_tiny() -> Config:
+    """Fine-tuning the demo's model on the embedded tasks: a few hundred steps at a lower learning rate."""
+    cfg = tiny()
+    cfg.name, cfg.out_dir = "sft-tiny", "runs/sft-tiny"
+    t = cfg.train
+    t.max_steps, t.lr, t.min_lr, t.warmup_steps, t.eval_interval, t.eval_iters = 300, 1e-3, 1e-4, 20, 100, 5
+    t.weight_decay = 0.0
+    return cfg
+
+
 def get_preset(name: str) -> Config:
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}", fix=_suggest(name, PRESETS, "presets"))

@@ -21,7 +21,7 @@ from scratchlm.config import ModelConfig
 def _loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
     if targets is None:
         return None
-    return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
 
 class BigramLM(nn.Module):

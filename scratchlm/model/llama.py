@@ -160,7 +160,7 @@ class Llama(nn.Module):
         logits = self.output(self.norm(x))  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def num_params(self, non_embedding: bool = True) -> int:

@@ -182,5 +182,9 @@ def load_model_for_inference(path: str | Path, device: str = "cpu") -> tuple[nn.
         raise UserError(f"{ckpt}: model vocab {cfg.model.vocab_size} is smaller than its tokenizer's "
                         f"{tok.vocab_size}", fix="the checkpoint's tokenizer.json was replaced; restore it")
     model = build_model(cfg.model)
+    if cfg.sft.lora_r > 0:  # a LoRA fine-tune: rebuild the adapter (and quantized base) structure it was saved with
+        from scratchlm.sft.train import adapt_model
+
+        adapt_model(model, cfg)
     load_weights(model, ckpt)
     return model.to(device).eval(), tok, cfg

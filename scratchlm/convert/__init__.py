@@ -1,0 +1,12 @@
+"""The convert stage: HF transformers model folders <-> scratchlm checkpoints.
+
+`import_hf` reads GPT-2, Llama, Mistral, Qwen2 and Qwen3 folders into our GPT / Llama;
+`export_hf` writes our checkpoints as folders `AutoModelForCausalLM` loads; `convert_cli` is
+`scratchlm convert`. See `hf.py` for the flow and the family modules for the field mappings.
+"""
+
+from __future__ import annotations
+
+from scratchlm.convert.hf import convert_cli, export_hf, import_hf
+
+__all__ = ["convert_cli", "export_hf", "import_hf"]
