@@ -2,8 +2,9 @@
 
 Stages run so far: the corpus, the tokenizers (a BPE trained here, compared with the other
 kinds), the pretraining data (filtered, deduplicated token shards, then one batch of
-next-token pairs), and pretraining a small GPT with samples from it before and after. Each
-later stage of the project joins this function. Everything is written
+next-token pairs), pretraining a small GPT with samples from it before and after, and
+supervised fine-tuning on generated, checkable tasks with the base and fine-tuned models scored
+side by side. Each later stage of the project joins this function. Everything is written
 under the run folder, with the resolved config beside each artifact, and `report.md` at the end.
 """
 
@@ -21,6 +22,7 @@ from scratchlm.io import write_text
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.tokenizer.base import KINDS
 from scratchlm.tokenizer.compare import compare, format_table, plot
+from scratchlm.sft.train import sft
 from scratchlm.train.checkpoint import load_model_for_inference
 from scratchlm.train.pretrain import pretrain
 
@@ -100,6 +102,19 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
         f"{result.train_loss:.3f}, validation loss {result.val_loss:.3f} ({result.val_bpb:.3f} bits/byte). "
         f"Loss curve: `pretrain/loss.png`.\n\n"
         f"- before training: `{prompt}{before}`\n- after training:  `{prompt}{after}`\n"
+    )
+
+    _stage("5. supervised fine-tuning")
+    scfg = get_preset("sft-tiny")
+    scfg.seed, scfg.out_dir, scfg.sft.base = cfg.seed, str(out / "sft"), str(run_dir)
+    if quick:
+        scfg.train.max_steps, scfg.train.eval_interval, scfg.sft.n_tasks = 20, 10, 200
+    sft_result = sft(scfg, progress=True)
+    report.append(
+        "## Supervised fine-tuning\n\nThe pretrained model, fine-tuned on the embedded verifiable tasks "
+        f"({scfg.sft.n_tasks} generated, {scfg.sft.val_fraction:.0%} held out), {sft_result.run.steps} steps. "
+        "Held-out answers, base model vs fine-tuned (greedy; `checked` is each family's own checker; answers in "
+        f"`sft/eval/`):\n\n{sft_result.table}\n"
     )
 
     total = time.perf_counter() - t_start
