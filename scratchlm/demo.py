@@ -19,10 +19,10 @@ from scratchlm.data.prepare import prepare
 from scratchlm.data.sources import read_corpus_text
 from scratchlm.infer.sample import encode_prompt, generate
 from scratchlm.io import write_text
+from scratchlm.sft.train import sft
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.tokenizer.base import KINDS
 from scratchlm.tokenizer.compare import compare, format_table, plot
-from scratchlm.sft.train import sft
 from scratchlm.train.checkpoint import load_model_for_inference
 from scratchlm.train.pretrain import pretrain
 
