@@ -157,6 +157,19 @@ def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
     sft(cfg, progress=not args.quiet, resume=args.resume)
 
 
+def cmd_classify(args: argparse.Namespace, overrides: list[str]) -> None:
+    from scratchlm.sft.classify import classify_cli
+
+    classify_cli(args.action, args.data, base=args.base, ckpt=args.ckpt, out=args.out, text=args.text,
+                 preset=args.preset, overrides=overrides, progress=not args.quiet)
+
+
+def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> None:
+    from scratchlm.infer.chat import chat_cli
+
+    chat_cli(args.ckpt, overrides, device=args.device, system=args.system)
+
+
 def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
     from scratchlm.infer.sample import sample_cli
 
@@ -268,6 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="run folder (default: the preset's out_dir)")
     sp.add_argument("--resume", action="store_true")
     sp.set_defaults(fn=cmd_sft)
+
+    sp = with_common(verbs.add_parser("classify", help="classification fine-tuning: a class head on a pretrained LM"),
+                     "sft-tiny")
+    sp.add_argument("action", choices=["train", "predict"])
+    sp.add_argument("data", nargs="?", help="train: labelled JSONL or CSV (text, label)")
+    sp.add_argument("--base", help="train: the pretrained run or checkpoint")
+    sp.add_argument("--ckpt", help="predict: a classifier run folder")
+    sp.add_argument("--out", help="train: run folder")
+    sp.add_argument("--text", help="predict: the text to classify")
+    sp.set_defaults(fn=cmd_classify)
+
+    sp = with_common(verbs.add_parser("chat", help="interactive chat with a fine-tuned checkpoint"))
+    sp.add_argument("--ckpt", required=True, help="a run folder or a checkpoint folder (an SFT model)")
+    sp.add_argument("--system", default="", help="a system prompt")
+    sp.add_argument("--device", default="auto")
+    sp.set_defaults(fn=cmd_chat)
 
     sp = with_common(verbs.add_parser("sample", help="generate text from a checkpoint"))
     sp.add_argument("--ckpt", required=True, help="a run folder or a checkpoint folder")
