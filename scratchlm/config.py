@@ -143,6 +143,9 @@ class SampleConfig:
     num_samples: int = 1
     seed: int = 1337
     stream: bool = True  # print tokens as they come
+    cache: str = "kv"  # kv (KV cache; slides past the context) | sink (attention sinks + rolling window) | none
+    sink_tokens: int = 4  # cache=sink: the first tokens, kept for good (StreamingLLM's attention sinks)
+    window: int = 0  # cache=sink: most recent tokens kept, the new one included; 0 = block_size - sink_tokens
 
 
 @dataclass

@@ -7,7 +7,9 @@ token runs alone ("decode"), reading the stored keys and values of every layer.
 The model does not know how keys are stored: it hands each layer's un-rotated q, k, v and its
 RoPE to `cache.attend(layer, q, k, v, rope)`, and asks `cache.positions(T)` for the position ids of
 the T new tokens (for embeddings and RoPE). That is the whole protocol, so a different cache
-(e.g. the rolling buffer with attention sinks) is a different class, not a flag in the model.
+(e.g. the rolling buffer with attention sinks, `sink_cache.py`) is a different class, not a flag
+in the model. The engine (`engine.py`) also asks a cache for its `room()` (how many tokens the
+next forward may add) and, when rows of a batch finish, to `select_rows` the ones still running.
 
 `KVCache` preallocates (B, H_kv, max_len, D) per layer. Batched prompts of different lengths are
 left-padded: row b's first `pad[b]` slots are padding, never attended to, and its positions start
@@ -65,6 +67,18 @@ class KVCache:
         """Cache memory one token costs: 2 (K and V) x layers x kv heads x head dim x element size."""
         L, B, H, S, D = self.k.shape
         return 2 * L * H * D * self.k.element_size()
+
+    def room(self) -> int:
+        """How many new tokens the next forward may add before the cache is full."""
+        return self.max_len - self.len
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (B',), e.g. once the others have finished generating."""
+        rows = rows.to(self.k.device)
+        self.k, self.v = self.k[:, rows], self.v[:, rows]  # (L, B', H_kv, max_len, D), copies
+        if self.pad is not None:
+            self.pad = self.pad[rows]
+        self._step = None
 
     def _prepare(self, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Positions (B, T) and the attention mask (B, 1, T, S+T) of this forward, shared by its layers."""

@@ -16,22 +16,20 @@ rows the model has only for matmul speed), repetition penalty (on the raw logits
 do), then greedy argmax if the temperature is 0, else temperature, top-k, top-p, min-p (so the
 truncations see the tempered distribution), softmax, and one draw from a `torch.Generator`.
 
-`generate` is the plain loop: every step runs the full forward on each row's last `block_size`
-tokens and samples one token per row. Rows of different lengths are grouped by window length so
-each group is one (G, T) batch with no padding (the GPT has no padding mask); a batch therefore
-gives the same tokens as generating each prompt alone. A row stops at the EOS token or when its
-decoded continuation contains a stop string.
+`generate` keeps its signature for existing callers but runs on the inference engine
+(`engine.py`): one prefill of the (left-padded) prompts into a KV cache, then one token per row
+per step; a batch gives the same tokens as generating each prompt alone. A row stops at the EOS
+token or when its decoded continuation contains a stop string. `sample_cli` uses the engine
+directly, streaming row 0's text through `TextStream`.
 
-Left out: a KV cache (each step costs a full forward over up to block_size tokens; the inference
-engine replaces this loop), beam search, speculative decoding, and bit-identical draws across
-devices (a seed reproduces a run on the same device and torch build only).
+Left out: beam search, speculative decoding, and bit-identical draws across devices (a seed
+reproduces a run on the same device and torch build only).
 """
 
 from __future__ import annotations
 
 import math
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -147,6 +145,13 @@ def check_sample_config(cfg: SampleConfig) -> None:
         (cfg.num_samples < 1, f"sample.num_samples={cfg.num_samples} must be >= 1"),
         (any(s == "" for s in cfg.stop), "sample.stop contains an empty string, which would stop at once"),
     ]
+    # The engine's cache settings (read with defaults: older configs do not have them).
+    cache, sinks, window = getattr(cfg, "cache", "kv"), getattr(cfg, "sink_tokens", 4), getattr(cfg, "window", 0)
+    problems += [
+        (cache not in ("kv", "sink", "none"), f"sample.cache={cache!r} is unknown (use kv, sink or none)"),
+        (sinks < 0, f"sample.sink_tokens={sinks} must be >= 0"),
+        (window < 0, f"sample.window={window} must be >= 1 (0 = the rest of the context)"),
+    ]
     for bad, message in problems:
         if bad:
             raise UserError(message)
@@ -176,22 +181,7 @@ def sample_next(
 
 
 # ----------------------------------------------------------------------------------------------
-# the generate loop
-
-
-def _first_stop(text: str, stop: Sequence[str]) -> int:
-    """The index where the earliest stop string starts in text, or -1."""
-    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return min(hits) if hits else -1
-
-
-def _trim_at(ids: list[int], cut: int, decode: Callable[[list[int]], str]) -> list[int]:
-    """The longest token prefix whose text ends at or before character `cut`. A token whose text
-    straddles the cut is dropped whole (ids cannot hold part of a token)."""
-    n = len(ids)
-    while n > 0 and len(decode(ids[:n])) > cut:
-        n -= 1
-    return ids[:n]
+# generate: the earlier entry point, now a thin wrapper over the engine
 
 
 @torch.inference_mode()
@@ -205,6 +195,9 @@ def generate(
     decode: Callable[[list[int]], str] | None = None,
     on_token: Callable[[int], None] | None = None,
     generator: torch.Generator | None = None,
+    cache: str = "kv",
+    sink_tokens: int = 4,
+    window: int = 0,
 ) -> list[list[int]]:
     """Continue each prompt by up to cfg.max_new_tokens tokens; returns the new tokens per row.
 
@@ -213,60 +206,16 @@ def generate(
     one of cfg.stop (the output is trimmed to before the stop string; `decode` is required when
     cfg.stop is set). `on_token(id)` is called for every token row 0 keeps, as it is sampled, for
     streaming. Without a generator, one seeded with cfg.seed is made on the model's device.
-    A prompt longer than block_size is cropped from the left, with a warning.
+    A prompt longer than block_size is cropped from the left, with a warning. cache, sink_tokens
+    and window choose the engine's cache (`Engine.generate`).
     """
-    check_sample_config(cfg)
-    if cfg.stop and decode is None:
-        raise ValueError("stop strings need a decode function")
-    if any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("every prompt needs at least one token (start from the EOS token for an empty prompt)")
-    device = next(model.parameters()).device
-    block = model.config.block_size
-    long = [len(p) for p in prompt_ids if len(p) > block]
-    if long:
-        warnings.warn(f"a prompt of {max(long)} tokens is longer than block_size={block}; "
-                      f"the model sees only its last {block} tokens", stacklevel=2)
-    if generator is None:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    # Imported here: the engine imports this module's filters.
+    from scratchlm.infer.engine import Engine
 
-    seqs = [list(p) for p in prompt_ids]  # prompt + continuation: the repetition-penalty context
-    outs: list[list[int]] = [[] for _ in prompt_ids]
-    active = list(range(len(seqs)))
-    was_training = model.training
-    model.eval()  # no dropout while sampling
-    try:
-        for _ in range(cfg.max_new_tokens):
-            if not active:
-                break
-            # Rows whose windows have the same length share one forward: (G, T) with no padding.
-            groups: dict[int, list[int]] = {}
-            for pos, r in enumerate(active):
-                groups.setdefault(min(len(seqs[r]), block), []).append(pos)
-            last = torch.empty(len(active), model.config.vocab_size, device=device)  # (B_active, V)
-            for T, positions in groups.items():
-                idx = torch.tensor([seqs[active[p]][-T:] for p in positions], dtype=torch.long, device=device)
-                logits, _ = model(idx)  # (G, T, V)
-                last[positions] = logits[:, -1, :].float()  # only the last position predicts the next token
-            next_ids = sample_next(last, [seqs[r] for r in active], cfg, generator, valid_vocab).tolist()
-
-            still = []
-            for r, t in zip(active, next_ids):
-                if t == eos_id:
-                    continue
-                seqs[r].append(t)
-                outs[r].append(t)
-                if r == 0 and on_token is not None:
-                    on_token(t)
-                if cfg.stop:
-                    cut = _first_stop(decode(outs[r]), cfg.stop)
-                    if cut >= 0:
-                        outs[r] = _trim_at(outs[r], cut, decode)
-                        continue
-                still.append(r)
-            active = still
-    finally:
-        model.train(was_training)
-    return outs
+    row0 = None if on_token is None else (lambda row, t: on_token(t) if row == 0 else None)
+    return Engine(model).generate(prompt_ids, cfg, eos_id=eos_id, valid_vocab=valid_vocab, decode=decode,
+                                  on_token=row0, generator=generator, cache=cache, sink_tokens=sink_tokens,
+                                  window=window)
 
 
 class TextStream:
@@ -358,6 +307,7 @@ def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:
 
 def sample_cli(ckpt: str | Path, prompt: str, overrides: list[str], device: str = "auto") -> None:
     """`scratchlm sample`: load a checkpoint, apply --sample.* overrides, print the samples."""
+    from scratchlm.infer.engine import Engine
     from scratchlm.train.checkpoint import load_model_for_inference
 
     wrong = [o for o in overrides if not o.lstrip("-").startswith("sample.")]
@@ -376,7 +326,10 @@ def sample_cli(ckpt: str | Path, prompt: str, overrides: list[str], device: str 
               file=sys.stderr)
         ids = ids[-block:]
     rows = [ids] * sc.num_samples
-    kwargs = dict(valid_vocab=tok.vocab_size, eos_id=tok.eot_id, decode=tok.decode)
+    engine = Engine(model, tok)
+    # The cache settings are read with defaults until SampleConfig carries them.
+    kwargs = dict(cache=getattr(sc, "cache", "kv"), sink_tokens=getattr(sc, "sink_tokens", 4),
+                  window=getattr(sc, "window", 0))
 
     if sc.stream and sc.num_samples == 1:
         def write(s: str) -> None:
@@ -385,11 +338,11 @@ def sample_cli(ckpt: str | Path, prompt: str, overrides: list[str], device: str 
 
         stream = TextStream(tok.decode, write, sc.stop)
         write(prompt)
-        outs = generate(model, rows, sc, on_token=stream.push, **kwargs)
+        outs = engine.generate(rows, sc, on_token=lambda row, t: stream.push(t), **kwargs)
         stream.close(outs[0])
         write("\n")
         return
-    outs = generate(model, rows, sc, **kwargs)
+    outs = engine.generate(rows, sc, **kwargs)
     for i, out in enumerate(outs):
         if i:
             print("-" * 40)

@@ -1,0 +1,211 @@
+"""The inference engine: cached generation ≡ uncached generation (tokens identical, fp32 logits within
+1e-5 at every step) for the GPT and Llama variants (GQA, multi-query + QK-norm, sliding window),
+alone and in batches of different lengths; the KV cache's mask against an explicit loop; sliding
+past the context; finished rows leaving the batch; and the errors a user can meet."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from scratchlm.config import SampleConfig
+from scratchlm.errors import UserError
+from scratchlm.infer.engine import SLIDE_KEEP, Engine
+from scratchlm.infer.kv_cache import KVCache
+from tests.infer.helpers import char_tokenizer, tiny_model
+
+TOL = 1e-5  # fp32 logits of about +-5: two summation orders differ by ~1e-6
+
+VARIANTS = {
+    "gpt": dict(std=0.2),
+    "llama-gqa": dict(arch="llama", bias=False, n_head=4, n_kv_head=2, std=0.2),
+    "llama-mqa-qknorm": dict(arch="llama", bias=False, n_head=4, n_kv_head=1, qk_norm=True, std=0.2),
+    "llama-window": dict(arch="llama", bias=False, n_head=4, n_kv_head=2, sliding_window=5, std=0.2),
+}
+
+
+def greedy(n: int, **kw) -> SampleConfig:
+    return SampleConfig(temperature=0.0, max_new_tokens=n, **kw)
+
+
+def uncached_greedy(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """The reference: every step recomputes the logits of the whole sequence with a plain forward
+    (the model's own causal / sliding-window mask). Returns the n tokens and their logits (n, V)."""
+    seq, steps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(torch.tensor([seq]))  # (1, T, V)
+            steps.append(logits[0, -1])
+            seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt):], torch.stack(steps)
+
+
+def engine_greedy(model, prompts: list[list[int]], n: int, **kw) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy generation through the engine, with each row's logits at every step (n_steps, V)."""
+    seen: dict[int, list[torch.Tensor]] = {r: [] for r in range(len(prompts))}
+
+    def record(rows: list[int], logits: torch.Tensor) -> None:
+        for pos, r in enumerate(rows):
+            seen[r].append(logits[pos].clone())
+
+    outs = Engine(model).generate(prompts, greedy(n), on_logits=record, **kw)
+    return outs, [torch.stack(seen[r]) for r in range(len(prompts))]
+
+
+def prompts_of(lengths, vocab: int = 64, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cached_equals_uncached_alone_and_batched(variant):
+    model = tiny_model(block_size=32, **VARIANTS[variant])
+    prompts = prompts_of((1, 7, 13, 4))
+    n = 16  # longest prompt + n = 29 <= block_size: within the context, no slide
+    batched, batched_logits = engine_greedy(model, prompts, n)
+    for r, prompt in enumerate(prompts):
+        ref_tokens, ref_logits = uncached_greedy(model, prompt, n)
+        alone, alone_logits = engine_greedy(model, [prompt], n)
+        assert alone[0] == ref_tokens and batched[r] == ref_tokens
+        assert (alone_logits[0] - ref_logits).abs().max().item() < TOL
+        assert (batched_logits[r] - ref_logits).abs().max().item() < TOL
+
+
+def test_sliding_window_model_past_its_window():
+    model = tiny_model(block_size=32, **VARIANTS["llama-window"])
+    prompt = prompts_of((9,))[0]
+    assert len(prompt) + 20 > 2 * model.config.sliding_window  # many tokens leave the window
+    tokens, logits = engine_greedy(model, [prompt], 20)
+    ref_tokens, ref_logits = uncached_greedy(model, prompt, 20)
+    assert tokens[0] == ref_tokens and (logits[0] - ref_logits).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_kv_cache_mask_with_padding_matches_explicit_loops(window):
+    pad = torch.tensor([0, 3, 5])
+    cache = KVCache(1, 3, 1, 2, 12, window=window, pad=pad)
+    for T in (7, 1, 1, 3):  # a prefill, two decode steps, a chunk
+        start = cache.len
+        positions, mask = cache._prepare(T)
+        for b in range(3):
+            for t in range(T):
+                i = start + t - pad[b].item()  # the query's position in its row's text
+                assert positions[b, t].item() == max(i, 0)
+                for s in range(start + T):
+                    j = s - pad[b].item()  # the key's position (negative: a padding slot)
+                    allowed = j >= 0 and i >= 0 and j <= i and (window == 0 or i - j < window)
+                    # A padding query sees nothing (its output is never used); the cache passes no
+                    # mask at all when every query sees every slot.
+                    got = True if mask is None else mask[b, 0, t, s].item()
+                    assert got == allowed or i < 0, (b, t, s)
+        cache.advance(T)
+
+
+def test_prefill_and_decode_match_the_full_forward():
+    model = tiny_model(block_size=32, **VARIANTS["llama-gqa"])
+    engine = Engine(model)
+    prompts = prompts_of((3, 9, 6))
+    logits, cache = engine.prefill(prompts)
+    assert isinstance(cache, KVCache) and cache.len == 9 and logits.shape == (3, 64)
+    nxt = [5, 6, 7]
+    logits2 = engine.decode(nxt, cache)
+    with torch.no_grad():
+        for r, p in enumerate(prompts):
+            full, _ = model(torch.tensor([p + [nxt[r]]]))
+            assert (logits[r] - full[0, -2]).abs().max().item() < TOL
+            assert (logits2[r] - full[0, -1]).abs().max().item() < TOL
+
+
+def test_past_the_context_the_engine_slides_by_half_a_block():
+    model = tiny_model(block_size=16, **VARIANTS["llama-gqa"])
+    ctx = model.config.block_size
+    keep = int(ctx * SLIDE_KEEP)
+    prompt = prompts_of((12,))[0]
+    n = 40
+    tokens, logits = engine_greedy(model, [prompt], n)
+    # The documented rule, uncached: when the text would overflow the context, keep its last half block.
+    view, ref_tokens, ref_logits = list(prompt), [], []
+    with torch.no_grad():
+        for _ in range(n):
+            out, _ = model(torch.tensor([view]))
+            ref_logits.append(out[0, -1])
+            ref_tokens.append(int(out[0, -1].argmax()))
+            view.append(ref_tokens[-1])
+            if len(view) > ctx:
+                view = view[-keep:]
+    assert tokens[0] == ref_tokens and len(ref_tokens) == n
+    assert (logits[0] - torch.stack(ref_logits)).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("variant", ["gpt", "llama-window"])
+def test_batch_past_the_context_equals_one_at_a_time(variant):
+    model = tiny_model(**VARIANTS[variant])  # block_size 16
+    prompts = prompts_of((1, 5, 16, 20, 9))
+    with pytest.warns(UserWarning, match="block_size=16"):
+        batched = Engine(model).generate(prompts, greedy(30))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the 20-token prompt warns again
+        for prompt, out in zip(prompts, batched):
+            assert Engine(model).generate([prompt], greedy(30)) == [out]
+
+
+def test_finished_rows_leave_the_batch_and_the_rest_go_on():
+    model = tiny_model(block_size=32, **VARIANTS["llama-gqa"])
+    prompts = prompts_of((4, 9, 2))
+    free = Engine(model).generate(prompts, greedy(12))
+    eos = free[1][3]  # row 1 stops after 3 tokens; the others stop wherever they meet it, or not at all
+    engine = Engine(model)
+    sizes = []
+    outs = engine.generate(prompts, greedy(12), eos_id=eos, on_logits=lambda rows, lg: sizes.append(len(rows)))
+    for prompt, out in zip(prompts, outs):
+        assert [out] == Engine(model).generate([prompt], greedy(12), eos_id=eos)
+    assert outs[1] == free[1][:3]
+    assert min(sizes) < 3 and engine.cache.k.size(1) == sizes[-1]  # the cache shrank with the batch
+
+
+def test_tokenizer_supplies_decode_eos_and_vocabulary():
+    tok = char_tokenizer()
+    model = tiny_model(block_size=32)
+    engine = Engine(model, tok)
+    out = engine.generate([tok.encode("abc")], SampleConfig(temperature=2.0, max_new_tokens=30, stop=["zz"]))[0]
+    assert max(out) < tok.vocab_size  # the padded ids of the embedding are never sampled
+    assert tok.eot_id not in out
+
+
+def test_streaming_callback_gets_row_and_token():
+    model = tiny_model(block_size=32)
+    seen: list[tuple[int, int]] = []
+    outs = Engine(model).generate([[1, 2], [3]], SampleConfig(max_new_tokens=6),
+                                  on_token=lambda r, t: seen.append((r, t)))
+    for r in (0, 1):
+        assert [t for row, t in seen if row == r] == outs[r]
+
+
+def test_models_without_a_cache_still_generate():
+    model = tiny_model(arch="bigram")
+    out = Engine(model).generate([[1, 2, 3]], greedy(5))[0]
+    seq = [1, 2, 3]
+    for _ in range(5):
+        seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
+    assert out == seq[3:]
+
+
+def test_uncached_mode_equals_cached():
+    model = tiny_model(block_size=32, **VARIANTS["llama-gqa"])
+    prompts = prompts_of((3, 8))
+    assert Engine(model).generate(prompts, greedy(10), cache="none") == Engine(model).generate(prompts, greedy(10))
+
+
+def test_user_errors():
+    gpt = tiny_model()
+    with pytest.raises(UserError, match="max_len"):
+        Engine(gpt).generate([[1]], greedy(3), max_len=64)
+    with pytest.raises(UserError, match="sample.cache"):
+        Engine(gpt).generate([[1]], greedy(3), cache="paged")
+    with pytest.raises(UserError, match="RoPE"):
+        Engine(gpt).generate([[1]], greedy(3), cache="sink")
+    with pytest.raises(ValueError, match="at least one token"):
+        Engine(gpt).generate([[1], []], greedy(3))
+    assert Engine(gpt).generate([[1], [2]], greedy(0)) == [[], []]
