@@ -146,7 +146,7 @@ def check_sample_config(cfg: SampleConfig) -> None:
         (any(s == "" for s in cfg.stop), "sample.stop contains an empty string, which would stop at once"),
     ]
     # The engine's cache settings (read with defaults: older configs do not have them).
-    cache, sinks, window = getattr(cfg, "cache", "kv"), getattr(cfg, "sink_tokens", 4), getattr(cfg, "window", 0)
+    cache, sinks, window = cfg.cache, cfg.sink_tokens, cfg.window
     problems += [
         (cache not in ("kv", "sink", "none"), f"sample.cache={cache!r} is unknown (use kv, sink or none)"),
         (sinks < 0, f"sample.sink_tokens={sinks} must be >= 0"),
@@ -327,9 +327,7 @@ def sample_cli(ckpt: str | Path, prompt: str, overrides: list[str], device: str 
         ids = ids[-block:]
     rows = [ids] * sc.num_samples
     engine = Engine(model, tok)
-    # The cache settings are read with defaults until SampleConfig carries them.
-    kwargs = dict(cache=getattr(sc, "cache", "kv"), sink_tokens=getattr(sc, "sink_tokens", 4),
-                  window=getattr(sc, "window", 0))
+    kwargs = dict(cache=sc.cache, sink_tokens=sc.sink_tokens, window=sc.window)
 
     if sc.stream and sc.num_samples == 1:
         def write(s: str) -> None:

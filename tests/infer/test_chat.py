@@ -1,0 +1,52 @@
+"""The chat session: template, streaming, history within the context, commands."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scratchlm.config import ModelConfig, SampleConfig
+from scratchlm.errors import UserError
+from scratchlm.infer.chat import ChatSession, run_chat
+from scratchlm.infer.engine import Engine
+from scratchlm.model import build_model
+from scratchlm.sft.data import ensure_chat_specials
+from scratchlm.tokenizer import ByteTokenizer
+
+
+@pytest.fixture
+def session():
+    torch.manual_seed(0)
+    tok = ensure_chat_specials(ByteTokenizer({"<|endoftext|>": 256}))[0]
+    model = build_model(ModelConfig(arch="llama", vocab_size=320, block_size=48, n_layer=1, n_head=2, n_embd=16,
+                                    bias=False)).eval()
+    return ChatSession(Engine(model, tok), tok, SampleConfig(max_new_tokens=4, temperature=0.0, stream=False))
+
+
+def test_reply_streams_exactly_what_it_returns(session):
+    shown = []
+    text = session.reply("hi", shown.append)
+    assert "".join(shown) == text
+    assert session.history == [("user", "hi"), ("assistant", text)]
+
+
+def test_history_is_trimmed_to_fit_the_context(session):
+    for i in range(4):
+        session.reply(f"message number {i}")
+    ids = session.prompt_ids()
+    assert len(ids) <= 48 - 4 and session.dropped > 0
+    assert session.history[0] == ("user", "message number 3") or len(session.history) < 8
+
+
+def test_commands(session):
+    out = []
+    run_chat(session, ["hello\n", "/system be kind\n", "/reset\n", "/quit\n", "never read\n"], out.append)
+    text = "".join(out)
+    assert "(system prompt set; history cleared)" in text and "(history cleared)" in text
+    assert session.system == "be kind" and session.history == []
+
+
+def test_needs_chat_tokens():
+    model = build_model(ModelConfig(vocab_size=256, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(UserError, match="no chat tokens"):
+        ChatSession(Engine(model), ByteTokenizer(), SampleConfig())
