@@ -23,11 +23,8 @@ def shakespeare() -> str:
     return shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One torch thread per test: the test models' matmuls are far too small to split, and when
-    another process holds the second core, two spinning threads make a forward many times slower."""
-    before = torch.get_num_threads()
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread for the whole run (module fixtures included): the test models' matmuls are
+    far too small to split, and when another process holds the second core, two spinning threads
+    make a forward many times slower."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -1,6 +1,7 @@
 """The convert stage: HF transformers model folders <-> scratchlm checkpoints.
 
-`import_hf` reads GPT-2, Llama, Mistral, Qwen2 and Qwen3 folders into our GPT / Llama;
+`import_hf` reads GPT-2, Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE and Qwen3-MoE folders into
+our GPT / Llama / MoE;
 `export_hf` writes our checkpoints as folders `AutoModelForCausalLM` loads; `convert_cli` is
 `scratchlm convert`. See `hf.py` for the flow and the family modules for the field mappings.
 """

@@ -4,18 +4,23 @@ Import (`--from hf --to scratchlm`) reads a local HF folder: `config.json`, the 
 (`model.safetensors`, a sharded `model.safetensors.index.json`, or `pytorch_model.bin[.index.json]`
 read with `torch.load(weights_only=True)`, which cannot run code), and the tokenizer
 (`hf_tokenizer.py`, or `--tokenizer FILE`). The config is mapped field by field onto our
-`ModelConfig` by the family module (`hf_gpt2.py`, `hf_llama.py`); whatever our models cannot
-compute is refused by name rather than approximated. The vocabulary is kept at HF's size
-(`pad_vocab_to=1`) so the logits are the same tensor. Our model is then built on the meta device
-(no memory) only to list the tensors and shapes it expects; each is looked up under its HF name,
-checked, cast to fp32 (what our training writes) and saved. The output is a checkpoint folder
-that `load_model_for_inference` and `scratchlm sample --ckpt DST` load: the model, config and
-tokenizer, plus a step-0 training state with an empty optimizer (there was no training here).
+`ModelConfig` by the family module (`hf_gpt2.py`, `hf_llama.py`, `hf_moe.py` for Mixtral and
+Qwen2/3-MoE); whatever our models cannot compute is refused by name rather than approximated.
+The vocabulary is kept at HF's size (`pad_vocab_to=1`) so the logits are the same tensor. Our
+model is then built on the meta device (no memory) only to list the tensors and shapes it
+expects; each is looked up under its HF name, checked (a "transposed" tensor has its last two
+dims swapped: a matrix, or a stack of expert matrices), cast to fp32 (what our training writes)
+and saved, with any persistent buffers the family supplies (`extra_tensors`: the MoE selection
+biases). The output is a checkpoint folder that `load_model_for_inference` and
+`scratchlm sample --ckpt DST` load: the model, config and tokenizer, plus a step-0 training state
+with an empty optimizer (there was no training here).
 
 Export (`--from scratchlm --to hf`) goes the other way and writes a folder that
 `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load without custom
-code. The exported vocab_size is our padded embedding size (e.g. 50,304 for GPT-2's 50,257
-tokens); the extra rows are never produced by the tokenizer. Non-BPE tokenizers are not exported.
+code (a family's `finish_hf` rewrites the tensors into HF's file layout: the MoE experts one
+matrix each). The exported vocab_size is our padded embedding size (e.g. 50,304 for GPT-2's
+50,257 tokens); the extra rows are never produced by the tokenizer. Non-BPE tokenizers are not
+exported.
 
 Either way the destination is built under a temporary name and renamed into place, and only an
 empty folder or an earlier output of this converter is replaced.
@@ -34,7 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from scratchlm.config import Config, TokenizerConfig
-from scratchlm.convert import hf_gpt2, hf_llama
+from scratchlm.convert import hf_gpt2, hf_llama, hf_moe
 from scratchlm.convert.hf_common import HFConfig
 from scratchlm.convert.hf_tokenizer import from_tokenizer_json, load_hf_tokenizer
 from scratchlm.errors import UserError
@@ -45,8 +50,10 @@ FORMATS = ("hf", "scratchlm")
 FAMILIES: dict[str, ModuleType] = {
     **{arch: hf_gpt2 for arch in hf_gpt2.ARCHITECTURES},
     **{arch: hf_llama for arch in hf_llama.ARCHITECTURES},
+    **{arch: hf_moe for arch in hf_moe.ARCHITECTURES},
 }
-MODEL_TYPE_ARCH = {"gpt2": "GPT2LMHeadModel", **{t: a for a, t in hf_llama.MODEL_TYPES.items()}}
+MODEL_TYPE_ARCH = {"gpt2": "GPT2LMHeadModel", **{t: a for a, t in hf_llama.MODEL_TYPES.items()},
+                   **{t: a for a, t in hf_moe.MODEL_TYPES.items()}}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 MARK = "scratchlm_converted_from"  # in our outputs' trainer.json / config.json: safe to replace
@@ -173,11 +180,11 @@ def map_weights(hf: dict[str, torch.Tensor], model: torch.nn.Module, family: Mod
         if t is None:
             missing.append(hf_name)
             continue
-        want = tuple(p.shape[::-1]) if transposed else tuple(p.shape)  # in HF's layout
+        want = (*p.shape[:-2], p.shape[-1], p.shape[-2]) if transposed else tuple(p.shape)  # in HF's layout
         if tuple(t.shape) != want:
             raise UserError(f"{where}: tensor {hf_name} has shape {tuple(t.shape)}, config.json implies {want}",
                             fix="the weights do not belong to this config.json")
-        ours[name] = (t.t() if transposed else t).to(torch.float32).contiguous()
+        ours[name] = (t.transpose(-2, -1) if transposed else t).to(torch.float32).contiguous()
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"{where}: missing tensors {', '.join(missing[:3])}{more}",
@@ -207,6 +214,7 @@ def import_hf(src: str | Path, dst: str | Path, *, tokenizer: str | Path | None 
     with torch.device("meta"):  # shapes and names only: no memory, no init cost
         expected = build_model(m)
     tensors = map_weights(hf, expected, family, where)
+    buffers = family.extra_tensors(m) if hasattr(family, "extra_tensors") else {}
 
     cfg = Config(name=src.name, out_dir=str(dst))
     cfg.model = m
@@ -215,7 +223,7 @@ def import_hf(src: str | Path, dst: str | Path, *, tokenizer: str | Path | None 
                                     pattern=getattr(tok, "pattern_name", TokenizerConfig.pattern))
     rng_tensors, rng_meta = rng_state()
     with atomic_dir(dst) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file({**tensors, **buffers}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         save_file({}, str(tmp / "optimizer.safetensors"))  # no training happened: no moments
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         write_json(tmp / "trainer.json", {"step": 0, "best_val_loss": None, MARK: f"{arch} at {src}",
@@ -238,10 +246,10 @@ def export_hf(src: str | Path, dst: str | Path) -> Path:
     ckpt = find_checkpoint(src)
     model, tok, cfg = load_model_for_inference(ckpt)
     m = cfg.model
-    families = {"gpt": hf_gpt2, "llama": hf_llama}
+    families = {"gpt": hf_gpt2, "llama": hf_llama, "moe": hf_moe}
     if m.arch not in families:
         raise UserError(f"{ckpt}: model.arch={m.arch!r} has no HF transformers counterpart",
-                        fix="export a gpt or llama model")
+                        fix="export a gpt, llama or moe model")
     family = families[m.arch]
     hf_cfg = {**family.config_to_hf(m, tok.eot_id), MARK: str(ckpt)}
     _check_destination(src, dst)
@@ -249,8 +257,10 @@ def export_hf(src: str | Path, dst: str | Path) -> Path:
     for name, p in model.named_parameters():  # a tied head appears once, as the embedding; HF re-ties it
         hf_name, transposed = family.hf_name(name, m)
         t = p.detach().float()
-        tensors[hf_name] = (t.t() if transposed else t).contiguous()
+        tensors[hf_name] = (t.transpose(-2, -1) if transposed else t).contiguous()
     tensors.update(family.extra_hf_tensors(m))
+    if hasattr(family, "finish_hf"):
+        family.finish_hf(tensors, m)
     with atomic_dir(dst) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", hf_cfg)

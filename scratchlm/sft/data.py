@@ -51,7 +51,7 @@ class Conversation:
 # -- reading --------------------------------------------------------------------------------------
 
 
-def _records(path: Path) -> list[tuple[int, Any]]:
+def read_records(path: Path) -> list[tuple[int, Any]]:
     """(line, record) pairs from a JSON list or JSONL file."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -130,7 +130,7 @@ def read_conversations(paths: list[str], fmt: str = "auto") -> list[Conversation
     convs: list[Conversation] = []
     for p in paths:
         path = Path(p)
-        records = _records(path)
+        records = read_records(path)
         file_fmt = fmt if fmt != "auto" else detect_format(records[0][1])
         for lineno, rec in records:
             convs.append(to_conversation(rec, file_fmt, f"{path}:{lineno}"))

@@ -155,7 +155,7 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
         raise UserError(f"{file}: does not fit this model ({first})",
                         fix="the checkpoint's config.json must match the model settings") from None
     if missing or unexpected:
-        names = ", ".join((missing or unexpected)[:3])
+        names = ", ".join(sorted(missing or unexpected)[:3])
         raise UserError(f"{file}: {'missing' if missing else 'unexpected'} tensors {names}",
                         fix="the checkpoint was made by a different model configuration")
 

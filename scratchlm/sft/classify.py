@@ -1,0 +1,560 @@
+"""`scratchlm classify`: classification fine-tuning, a class head on a pretrained LM.
+
+    text -> [EOT] ids [EOT] -> pretrained transformer body -> hidden state of the LAST real token
+         -> Linear(C -> K) -> class logits
+
+Choices:
+- pooling = the last real token (GPT-1/2-style classifiers, HF's *ForSequenceClassification on
+  decoders): with causal attention position t only sees tokens <= t, so the last position is the
+  only one whose hidden state has read the whole text. Mean pooling would mix in states that
+  never saw the end, and the first token sees nothing but itself.
+- framing: when the tokenizer has `<|endoftext|>`, a text is `EOT text EOT`: the leading one is
+  how every pretraining document began (the separator goes before each document), the trailing
+  one is a fixed "read it all" position to pool at (GPT-1's extract token), whatever the text's
+  last word.
+- padding: batches are right-padded with -1, never a real id. `ClassifierLM.forward` finds each
+  row's length from it (the last index with id >= 0) and feeds the pads as id 0; causal attention
+  keeps pads (after the text) from changing any real position, so padding cannot change a row's
+  logits. The loop's `model(x, y)` carries no lengths, so they travel inside x; no pad token is
+  needed, and -1 is already the repository's "ignore" value.
+- the shared loop runs unchanged: forward returns logits (B, 1, K) and y is (B, 1), so
+  `train_model`'s `evaluate` (cross-entropy over logits.flatten(0, 1) vs y.flatten()) computes
+  the mean per-example loss. Its "bits/byte" column indexes the token byte table with class ids
+  and means nothing here (K must stay below the vocabulary, checked); accuracy and the confusion
+  matrix on the validation split are written to RUN/eval/ after training. Its tokens/s and MFU
+  count block_size tokens per row, while batches are padded only to their longest text.
+- the base LM head is dropped (replaced by an identity, so the body's own forward returns the
+  final normed hidden states (B, T, C) for every architecture); with tied embeddings the token
+  table stays as the input embedding.
+- data: JSONL (or a JSON list) of {"text": str, "label": str | int}, or CSV with a header naming
+  `text` and `label` columns; labels are sorted strings mapped to ids 0..K-1 and saved as
+  RUN/labels.json (beside the checkpoints; predict finds it from a run or checkpoint folder).
+  The validation split (`--sft.val_fraction`) is stratified and seeded; texts longer than the
+  context follow `--sft.overlong` (truncate keeps the start, drop skips them).
+- full fine-tuning by default; `--sft.lora_r=8` trains LoRA adapters on the body plus the head.
+
+Left out: multi-label targets, class weighting for imbalanced data, pair inputs (premise /
+hypothesis) beyond what a single text holds, and resuming an interrupted classify run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scratchlm.config import Config, apply_overrides, get_preset
+from scratchlm.errors import UserError
+from scratchlm.io import atomic_open, write_json, write_text
+from scratchlm.model import build_model
+from scratchlm.sft.data import read_records
+from scratchlm.tokenizer import Tokenizer
+from scratchlm.train import checkpoint as ckpt_io
+from scratchlm.train.pretrain import Batches, RunResult, pick_device, train_model
+
+PAD = -1  # the padding value in x: never a real id, so lengths are recoverable from x alone
+LABELS_FILE = "labels.json"
+LABELS_FORMAT = "scratchlm.classifier"
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+
+class ClassifierLM(nn.Module):
+    """A pretrained GPT / Llama / MoE body with its LM head dropped and a K-way linear head on the
+    last real token. forward(idx (B, T) right-padded with -1, targets (B,) or (B, 1) class ids)
+    -> (logits (B, 1, K), mean cross-entropy or None)."""
+
+    def __init__(self, body: nn.Module, n_classes: int) -> None:
+        super().__init__()
+        from scratchlm.model.gpt import GPT
+        from scratchlm.model.llama import Llama
+
+        if not isinstance(body, GPT | Llama):
+            raise UserError(f"model.arch={body.config.arch!r} has no transformer body to classify with",
+                            fix="start from a gpt, llama or moe checkpoint")
+        if n_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
+        # The LM head becomes the identity: body(idx) then returns ln_f / norm of the last layer,
+        # (B, T, C), through each architecture's own forward (positions, RoPE, MoE routing).
+        setattr(body, "lm_head" if isinstance(body, GPT) else "output", nn.Identity())
+        self.body = body
+        self.config = body.config
+        self.n_classes = n_classes
+        self.drop = nn.Dropout(body.config.dropout)
+        self.head = nn.Linear(body.config.n_embd, n_classes)
+        nn.init.normal_(self.head.weight, 0.0, 0.02)  # the body's init scale: starts near uniform, loss ~ ln K
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if cache is not None:
+            raise ValueError("a classifier reads whole texts: no KV cache or document mask")
+        B, T = idx.shape
+        real = idx != PAD  # (B, T)
+        if bool((real[:, 1:] & ~real[:, :-1]).any()):
+            raise ValueError("ids must be right-padded: a real token follows padding")
+        lengths = real.sum(1)  # (B,)
+        if bool((lengths == 0).any()):
+            raise ValueError("a row is all padding")
+        h, _ = self.body(idx.masked_fill(~real, 0))  # (B, T, C); pads read id 0, seen by no real token
+        last = h[torch.arange(B, device=idx.device), lengths - 1]  # (B, C): the last real position
+        logits = self.head(self.drop(last))[:, None]  # (B, 1, K): a one-"token" sequence for the loop
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits[:, 0].float(), targets.reshape(-1), ignore_index=-1)
+            loss = loss + self._moe_aux()
+        return logits, loss
+
+    def _moe_aux(self) -> torch.Tensor | float:
+        """An MoE body's load-balancing and z losses, as its own forward adds them to the LM loss."""
+        if not hasattr(self.body, "moe_layers"):
+            return 0.0
+        c = self.config
+        return sum(c.aux_loss_coef * layer.aux["balance"] + c.z_loss_coef * layer.aux["z"]
+                   for _, layer in self.body.moe_layers())
+
+    # -- what the shared loop reads -------------------------------------------------------------
+    def num_params(self, non_embedding: bool = True) -> int:
+        return self.body.num_params(non_embedding) + sum(p.numel() for p in self.head.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """The body's 6N + attention, less 6x the token table (a lookup here: no LM-head matmul reads
+        it), plus the head's 6·C·K (charged per token, though it runs once per text: an upper bound)."""
+        emb = getattr(self.body, "wte", None) or self.body.tok_embeddings
+        head = sum(p.numel() for p in self.head.parameters())
+        return self.body.flops_per_token(seq_len) - 6 * emb.weight.numel() + 6 * head
+
+    def after_optimizer_step(self) -> None:
+        if hasattr(self.body, "after_optimizer_step"):  # MoE: the sigmoid router's balancing bias
+            self.body.after_optimizer_step()
+
+    def routing_metrics(self) -> dict[str, float]:
+        return self.body.routing_metrics() if hasattr(self.body, "routing_metrics") else {}
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Labelled:
+    text: str
+    label: str
+    where: str  # file:line, for error messages and predictions.jsonl
+
+
+def _field(rec: dict[str, Any], key: str, where: str) -> str:
+    if key not in rec or rec[key] is None:
+        raise UserError(f"{where}: missing field {key!r} (has: {', '.join(sorted(k for k in rec if k)) or 'nothing'})")
+    value = rec[key]
+    if key == "label" and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # integer class ids are labels too; they sort as strings
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field {key!r} is {type(value).__name__}, not a string")
+    if not value.strip():
+        raise UserError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def _csv_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's byte-order mark is not part of "text"
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    if not text.strip():
+        raise UserError(f"{path}: file is empty", fix="pass a file with labelled examples")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = reader.fieldnames or []
+    for key in ("text", "label"):
+        if key not in header:
+            raise UserError(f"{path}:1: the CSV header has no {key!r} column (has: {', '.join(header)})",
+                            fix="the first line must name the columns, e.g. text,label")
+    try:
+        return [(reader.line_num, row) for row in reader]  # line_num: the record's last line
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: bad CSV ({e})") from None
+
+
+def read_labelled(path: str | Path) -> list[Labelled]:
+    """Labelled examples from JSONL / a JSON list (fields text, label) or CSV (header text,label)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file", fix="pass a labelled JSONL or CSV file")
+    suffix = path.suffix.lower()
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        head = f.read(4096).lstrip()  # enough to tell JSON ({ or [) from CSV when the suffix does not say
+    if suffix == ".csv" or (suffix not in (".json", ".jsonl") and head and head[0] not in "[{"):
+        rows = _csv_rows(path)
+    else:
+        rows = read_records(path)
+    out = []
+    for lineno, rec in rows:
+        where = f"{path}:{lineno}"
+        if not isinstance(rec, dict):
+            raise UserError(f"{where}: a record must be a JSON object with text and label, got {type(rec).__name__}")
+        out.append(Labelled(_field(rec, "text", where), _field(rec, "label", where), where))
+    if not out:
+        raise UserError(f"{path}: no examples (only a header?)", fix="add rows of text,label")
+    return out
+
+
+def label_names(examples: list[Labelled], source: str) -> list[str]:
+    """The sorted distinct labels (id = position); at least two."""
+    names = sorted({e.label for e in examples})
+    if len(names) < 2:
+        raise UserError(f"{source}: every one of the {len(examples)} examples has the label {names[0]!r}",
+                        fix="a classifier needs examples of at least two labels")
+    return names
+
+
+def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) indices: each class contributes round(fraction x its count) to validation, at
+    least one example of each class stays in training; seeded, both lists sorted."""
+    if not 0 < fraction < 1:
+        raise UserError(f"sft.val_fraction={fraction} must be between 0 and 1")
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    val: list[int] = []
+    for y in sorted(by_class):
+        members = by_class[y]
+        rng.shuffle(members)
+        val += members[: min(round(fraction * len(members)), len(members) - 1)]
+    if not val:
+        raise UserError(f"only {len(labels)} examples: too few to hold out sft.val_fraction={fraction} for validation",
+                        fix="add examples or raise --sft.val_fraction")
+    held = set(val)
+    return [i for i in range(len(labels)) if i not in held], sorted(val)
+
+
+def encode_text(tok: Tokenizer, text: str, block_size: int, overlong: str = "truncate"
+                ) -> tuple[list[int] | None, bool]:
+    """(ids, whether the text was cut): `EOT text EOT` (just the text without an EOT token) in at
+    most block_size ids; an overlong text keeps its start (truncate) or gives None (drop). The
+    trailing EOT always survives: it is where the classifier reads."""
+    body = tok.encode(text, disallowed_special=())  # a special typed in the text stays text
+    eot = tok.eot_id
+    room = block_size - (2 if eot is not None else 0)
+    cut = len(body) > room
+    if cut:
+        if overlong == "drop":
+            return None, True
+        body = body[:room]
+    return ([eot, *body, eot] if eot is not None else body), cut
+
+
+class ClassifyLoader:
+    """Batches of (x (B, L) ids right-padded with -1 to the batch's longest, y (B, 1) class ids).
+
+    Training (`fill=True`) keeps every batch full, running into the next epoch's order (reshuffled
+    by (seed, epoch)); validation (`fill=False`, unshuffled) ends an epoch with a short batch, so
+    ceil(n / B) batches see each example exactly once. Resumable through state_dict()."""
+
+    def __init__(self, ids: list[list[int]], labels: list[int], batch_size: int, *, shuffle: bool = True,
+                 fill: bool = True, seed: int = 0, device: str | torch.device = "cpu") -> None:
+        if not ids:
+            raise UserError("no examples to batch")
+        self.ids, self.labels = ids, labels
+        self.batch_size, self.shuffle, self.fill, self.seed, self.device = batch_size, shuffle, fill, seed, device
+        self.epoch, self.pos = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        order = list(range(len(self.ids)))
+        if self.shuffle:
+            random.Random(self.seed * 1000 + self.epoch).shuffle(order)
+        return order
+
+    def _next_epoch(self) -> None:
+        self.epoch, self.pos = self.epoch + 1, 0
+        self._order = self._make_order()
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pos >= len(self._order):
+            self._next_epoch()
+        picks: list[int] = []
+        while len(picks) < self.batch_size:
+            if self.pos >= len(self._order):
+                if not self.fill:
+                    break
+                self._next_epoch()
+            picks.append(self._order[self.pos])
+            self.pos += 1
+        return collate([self.ids[i] for i in picks], [self.labels[i] for i in picks], self.device)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "rows": len(self.ids)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("rows") != len(self.ids):
+            raise UserError("cannot resume: the classification data changed since the checkpoint",
+                            fix="use the same data")
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._make_order()
+
+
+def collate(rows: list[list[int]], labels: list[int] | None = None, device: str | torch.device = "cpu"
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad with -1 to the longest row: x (B, L); y (B, 1) class ids (-1 when not given)."""
+    L = max(len(r) for r in rows)
+    x = torch.tensor([r + [PAD] * (L - len(r)) for r in rows], dtype=torch.long)
+    y = torch.tensor(labels if labels is not None else [-1] * len(rows), dtype=torch.long)[:, None]
+    return x.to(device), y.to(device)
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def class_probs(model: ClassifierLM, rows: list[list[int]], batch: int = 64) -> torch.Tensor:
+    """(N, K) class probabilities for encoded texts, in eval mode, on the model's device."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(rows), batch):
+        x, _ = collate(rows[i : i + batch], device=device)
+        logits, _ = model(x)
+        out.append(logits[:, 0].float().softmax(-1).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def confusion_matrix(gold: list[int], pred: list[int], n_classes: int) -> torch.Tensor:
+    """(K, K) counts: row = true class, column = predicted class."""
+    cm = torch.zeros(n_classes, n_classes, dtype=torch.long)
+    for g, p in zip(gold, pred):
+        cm[g, p] += 1
+    return cm
+
+
+def class_scores(cm: torch.Tensor) -> dict[str, Any]:
+    """Accuracy, the majority-class baseline, and per-class precision / recall / F1 from a confusion matrix."""
+    n = int(cm.sum())
+    tp = cm.diag().double()
+    precision = (tp / cm.sum(0).clamp_min(1)).tolist()  # of what was predicted as c, the share that is c
+    recall = (tp / cm.sum(1).clamp_min(1)).tolist()  # of what is c, the share found
+    f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall)]
+    return {"n": n, "accuracy": float(tp.sum()) / max(n, 1), "majority_baseline": int(cm.sum(1).max()) / max(n, 1),
+            "macro_f1": sum(f1) / len(f1), "precision": precision, "recall": recall, "f1": f1}
+
+
+def format_confusion(cm: torch.Tensor, labels: list[str], scores: dict[str, Any]) -> str:
+    """A markdown table: rows true labels, columns predicted, then recall per row."""
+    head = f"accuracy {scores['accuracy']:.3f} on {scores['n']} validation examples " \
+           f"(majority class {scores['majority_baseline']:.3f}, macro F1 {scores['macro_f1']:.3f})\n\n"
+    lines = ["| true \\ predicted | " + " | ".join(labels) + " | recall |",
+             "|---|" + "---:|" * (len(labels) + 1)]
+    for i, name in enumerate(labels):
+        lines.append(f"| {name} | " + " | ".join(str(int(v)) for v in cm[i]) + f" | {scores['recall'][i]:.2f} |")
+    return head + "\n".join(lines)
+
+
+def plot_confusion(cm: torch.Tensor, labels: list[str], accuracy: float, out: Path) -> None:
+    """The confusion matrix as a heatmap PNG (counts written in the cells up to 20 classes), atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    K = len(labels)
+    size = min(3 + 0.45 * K, 16)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(cm.numpy(), cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_xticks(range(K), labels, rotation=45 if K > 4 else 0, ha="right" if K > 4 else "center")
+    ax.set_yticks(range(K), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"validation accuracy {accuracy:.3f} (n={int(cm.sum())})")
+    if K <= 20:
+        top = max(int(cm.max()), 1)
+        for i in range(K):
+            for j in range(K):
+                v = int(cm[i, j])
+                ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+    fig.tight_layout()
+    with atomic_open(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+# -- labels.json and loading ----------------------------------------------------------------------
+
+
+def find_labels(path: str | Path, ckpt: Path) -> Path:
+    """labels.json in the checkpoint folder, or the run folder above it (RUN/ckpt/step_N -> RUN)."""
+    for folder in (Path(path), ckpt, ckpt.parent, ckpt.parent.parent):
+        if (folder / LABELS_FILE).is_file():
+            return folder / LABELS_FILE
+    raise UserError(f"{path}: no {LABELS_FILE} beside the checkpoint: not a classifier run",
+                    fix="pass the folder `scratchlm classify train --out` wrote")
+
+
+def read_labels(file: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: not valid JSON ({e})") from None
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if meta.get("format") != LABELS_FORMAT or not isinstance(labels, list) or len(labels) < 2 or \
+            not all(isinstance(x, str) for x in labels):
+        raise UserError(f"{file}: not a classifier's labels file (needs format {LABELS_FORMAT!r} and 2+ labels)")
+    return meta
+
+
+def load_classifier(path: str | Path, device: str = "cpu") -> tuple[ClassifierLM, Tokenizer, Config, list[str]]:
+    """A trained classifier from a run or checkpoint folder: the base architecture from config.json,
+    the head's size from labels.json, then the weights. Returns (model in eval mode, tok, cfg, labels)."""
+    ckpt = ckpt_io.find_checkpoint(path)
+    labels = read_labels(find_labels(path, ckpt))["labels"]
+    cfg, tok = ckpt_io.load_config_and_tokenizer(ckpt)
+    model = ClassifierLM(build_model(cfg.model), len(labels))
+    _adapt(model, cfg)
+    ckpt_io.load_weights(model, ckpt)
+    return model.to(device).eval(), tok, cfg, labels
+
+
+def _adapt(model: ClassifierLM, cfg: Config) -> list[str]:
+    """LoRA (QLoRA) on the body when sft.lora_r > 0; the head, outside the body, stays trainable."""
+    from scratchlm.sft.train import adapt_model
+
+    return adapt_model(model.body, cfg)
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClassifyResult:
+    run: RunResult
+    labels: list[str]
+    confusion: torch.Tensor  # (K, K), row = true, column = predicted
+    scores: dict[str, Any]
+    table: str
+
+
+def train_classifier(cfg: Config, data: str | Path, *, progress: bool = True) -> ClassifyResult:
+    """Fine-tune `cfg.sft.base` with a class head on a labelled file; everything lands in cfg.out_dir."""
+    run_dir = Path(cfg.out_dir)
+    if not cfg.sft.base:
+        raise UserError("no base model", fix="pass --base RUN, a pretrained run or checkpoint folder")
+    base = ckpt_io.find_checkpoint(cfg.sft.base)
+    base_cfg, tok = ckpt_io.load_config_and_tokenizer(base)
+    cfg.model = replace(base_cfg.model)
+    if cfg.sft.overlong not in ("truncate", "drop"):
+        raise UserError(f"sft.overlong={cfg.sft.overlong!r} is unknown", fix="use truncate or drop")
+
+    examples = read_labelled(data)
+    labels = label_names(examples, str(data))
+    if len(labels) > cfg.model.vocab_size:  # the loop's bits-per-byte meter indexes its (V,) byte table by target
+        raise UserError(f"{data}: {len(labels)} labels, more than the base model's vocabulary "
+                        f"({cfg.model.vocab_size})")
+    index = {name: i for i, name in enumerate(labels)}
+    block = cfg.model.block_size
+    encoded, truncated, dropped = [], 0, 0  # (ids, class id, example)
+    for e in examples:
+        ids, cut = encode_text(tok, e.text, block, cfg.sft.overlong)
+        truncated, dropped = truncated + (cut and ids is not None), dropped + (ids is None)
+        if ids is not None:
+            encoded.append((ids, index[e.label], e))
+    if not encoded:
+        raise UserError(f"{data}: every text is longer than the context ({block} tokens)",
+                        fix="use --sft.overlong=truncate")
+    if truncated or dropped:
+        print(f"texts longer than the context ({block} tokens): {truncated} truncated, {dropped} dropped "
+              "(--sft.overlong)")
+    train_idx, val_idx = stratified_split([y for _, y, _ in encoded], cfg.sft.val_fraction, cfg.seed)
+    train_rows, val_rows = [encoded[i] for i in train_idx], [encoded[i] for i in val_idx]
+    counts = {name: sum(y == i for _, y, _ in encoded) for i, name in enumerate(labels)}
+    print(f"{len(encoded)} examples, {len(labels)} labels ({', '.join(f'{k}: {v}' for k, v in counts.items())}); "
+          f"{len(train_rows)} train, {len(val_rows)} validation")
+
+    torch.manual_seed(cfg.seed)
+    body = build_model(replace(base_cfg.model))
+    ckpt_io.load_weights(body, base)
+    model = ClassifierLM(body, len(labels))
+    wrapped = _adapt(model, cfg)
+    if wrapped:
+        print(f"LoRA r={cfg.sft.lora_r} on {len(wrapped)} layers (+ the class head)")
+    write_json(run_dir / LABELS_FILE, {"format": LABELS_FORMAT, "version": 1, "labels": labels,
+                                       "pooling": "last_token", "eot_framing": tok.eot_id is not None,
+                                       "base": str(base), "data": str(data)})
+
+    t = cfg.train
+    # Validation sees each held-out text once: no more batches than it takes to cover them.
+    t.eval_iters = max(1, min(t.eval_iters, math.ceil(len(val_rows) / t.batch_size)))
+    device = pick_device(t.device)  # where train_model will put the model
+    batches = Batches(
+        train=ClassifyLoader([r[0] for r in train_rows], [r[1] for r in train_rows], t.batch_size, shuffle=True,
+                             seed=cfg.seed, device=device),
+        make_val=lambda: ClassifyLoader([r[0] for r in val_rows], [r[1] for r in val_rows], t.batch_size,
+                                        shuffle=False, fill=False, device=device),
+    )
+    result = train_model(cfg, model.train(), tok, batches, progress=progress, desc="classify")
+
+    probs = class_probs(model, [r[0] for r in val_rows])  # (N_val, K)
+    pred = probs.argmax(-1).tolist()
+    gold = [r[1] for r in val_rows]
+    cm = confusion_matrix(gold, pred, len(labels))
+    scores = class_scores(cm)
+    table = format_confusion(cm, labels, scores)
+    eval_dir = run_dir / "eval"
+    write_text(eval_dir / "confusion.md", table + "\n")
+    write_json(eval_dir / "metrics.json", {**scores, "labels": labels, "confusion": cm.tolist(), "step": result.steps})
+    write_text(eval_dir / "predictions.jsonl", "".join(
+        json.dumps({"source": e.where, "text": e.text, "gold": e.label, "predicted": labels[p],
+                    "prob": round(float(probs[i, p]), 6)}) + "\n"
+        for i, ((_, _, e), p) in enumerate(zip(val_rows, pred))))
+    plot_confusion(cm, labels, scores["accuracy"], eval_dir / "confusion.png")
+    print(table)
+    print(f"-> {eval_dir}")
+    return ClassifyResult(result, labels, cm, scores, table)
+
+
+def predict(path: str | Path, texts: list[str], device: str = "cpu") -> tuple[list[str], torch.Tensor]:
+    """(labels, (N, K) probabilities) for texts, from a classifier run or checkpoint folder."""
+    model, tok, cfg, labels = load_classifier(path, device)
+    rows = [encode_text(tok, t, cfg.model.block_size, "truncate")[0] or [] for t in texts]  # truncate: never None
+    return labels, class_probs(model, rows)
+
+
+def classify_cli(action: str, data: str | None, *, base: str | None = None, ckpt: str | None = None,
+                 out: str | None = None, text: str | None = None, preset: str = "sft-tiny",
+                 overrides: list[str] | None = None, progress: bool = True) -> ClassifyResult | dict[str, float]:
+    """`scratchlm classify train DATA --base RUN --out DIR` or `scratchlm classify predict --ckpt DIR --text T`.
+    train returns the ClassifyResult; predict prints the label and each class's probability and
+    returns {label: probability}."""
+    if action == "train":
+        cfg = apply_overrides(get_preset(preset), overrides or [])
+        if not data:
+            raise UserError("classify train needs a labelled data file",
+                            fix="scratchlm classify train DATA.jsonl --base RUN --out DIR")
+        cfg.out_dir = out or str(Path(cfg.out_dir).parent / "classify")  # never the preset's sft run folder
+        cfg.sft.base = base or cfg.sft.base
+        cfg.sft.data = [str(data)]
+        return train_classifier(cfg, data, progress=progress)
+    if action == "predict":
+        if not ckpt:
+            raise UserError("classify predict needs --ckpt", fix="pass the folder `classify train --out` wrote")
+        if text is None or not text.strip():
+            raise UserError("nothing to classify", fix='pass --text "..."')
+        labels, probs = predict(ckpt, [text])
+        p = probs[0]
+        order = p.argsort(descending=True).tolist()
+        width = max(len(x) for x in labels)
+        print(f"label: {labels[order[0]]}")
+        for i in order:
+            print(f"  {labels[i]:<{width}}  {float(p[i]):.4f}")
+        return {labels[i]: float(p[i]) for i in order}
+    raise UserError(f"unknown classify action {action!r}", fix="use train or predict")
