@@ -100,7 +100,8 @@ def count_pretokens(texts: list[str], pattern: str) -> Counter:
     return counts
 
 
-def _merge_word(word: list[int], a: int, b: int, new_id: int) -> list[int]:
+def merge_pair(word: list[int], a: int, b: int, new_id: int) -> list[int]:
+    """`word` with every non-overlapping (a, b), left to right, replaced by new_id."""
     out, i, n = [], 0, len(word)
     while i < n:
         if i < n - 1 and word[i] == a and word[i + 1] == b:
@@ -171,7 +172,7 @@ def train_bpe(
         delta: dict[tuple[int, int], int] = defaultdict(int)
         for wi in where.pop((a, b)):
             w, f = words[wi], freqs[wi]
-            nw = _merge_word(w, a, b, new_id)
+            nw = merge_pair(w, a, b, new_id)
             if len(nw) == len(w):
                 continue  # the index is loose: this word no longer holds the pair
             for p in zip(w, w[1:]):

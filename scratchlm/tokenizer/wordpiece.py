@@ -62,6 +62,7 @@ from tqdm import tqdm
 from scratchlm.config import TokenizerConfig
 from scratchlm.errors import UserError
 from scratchlm.tokenizer.base import Tokenizer, register
+from scratchlm.tokenizer.bpe import merge_pair
 
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PREFIX = "##"
@@ -155,18 +156,6 @@ def pre_tokenize(normalized: str) -> list[str]:
     return words
 
 
-def _merge_word(word: list[int], a: int, b: int, new_id: int) -> list[int]:
-    out, i, n = [], 0, len(word)
-    while i < n:
-        if i < n - 1 and word[i] == a and word[i + 1] == b:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return out
-
-
 def _special_ids(extra: list[str]) -> dict[str, int]:
     specials = list(dict.fromkeys([*BERT_SPECIALS, *extra]))
     return {s: i for i, s in enumerate(specials)}
@@ -248,7 +237,7 @@ def train_wordpiece(
         delta: dict[tuple[int, int], int] = defaultdict(int)
         for wi in where.pop((a, b)):
             w, f = words[wi], freqs[wi]
-            nw = _merge_word(w, a, b, new_id)
+            nw = merge_pair(w, a, b, new_id)
             k = len(w) - len(nw)
             if k == 0:
                 continue  # the index is loose: this word no longer holds the pair

@@ -10,7 +10,6 @@ when `protobuf` happens to be installed, a test checks that the bytes parse as i
 from __future__ import annotations
 
 import math
-import random
 import struct
 
 import numpy as np
@@ -19,7 +18,6 @@ import sentencepiece as spm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchlm.cli import main
 from scratchlm.config import TokenizerConfig
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import UnigramTokenizer, load_tokenizer, train_tokenizer
@@ -240,36 +238,3 @@ def test_vocab_too_small_is_a_user_error():
     assert "minimum 10" in msg  # <unk> + <s> + ▁ h e l o w r d
     tok = train_tokenizer(["hello world"], TokenizerConfig(kind="unigram", vocab_size=10, special_tokens=["<s>"]))
     assert tok.decode(tok.encode("hello world")) == "hello world"
-
-
-def synthetic_text(words: int = 3000) -> str:
-    """Made-up words from a few syllables: enough distinct substrings to fill a small vocabulary."""
-    rng = random.Random(0)
-    syllables = ["ka", "lo", "mi", "ren", "tu", "sha", "ve", "dor", "qui", "zen", "pa", "the"]
-    return " ".join("".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(words)) + ".\n"
-
-
-# -- entry points --------------------------------------------------------------------------------
-
-
-def test_train_tokenizer_and_cli(tmp_path, capsys):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(synthetic_text(), encoding="utf-8")
-    cfg = TokenizerConfig(kind="unigram", vocab_size=80)
-    tok = train_tokenizer([corpus.read_text(encoding="utf-8")], cfg, progress=False)
-    assert isinstance(tok, UnigramTokenizer) and tok.vocab_size == 80
-
-    out = tmp_path / "ug.json"
-    rc = main(["tokenizer", "train", "--quiet", "--tokenizer.kind=unigram", "--tokenizer.vocab_size=80",
-               str(corpus), "--out", str(out)])
-    assert rc == 0
-    assert load_tokenizer(out).to_dict() == tok.to_dict()
-    capsys.readouterr()
-    assert main(["tokenizer", "encode", "--tokenizer", str(out), "kalo mi renzen"]) == 0
-    ids = [int(x) for x in capsys.readouterr().out.split()]
-    assert ids == tok.encode_ordinary("kalo mi renzen")
-
-    rc = main(["tokenizer", "train", "--quiet", "--tokenizer.kind=unigram", "--tokenizer.vocab_size=20",
-               str(corpus), "--out", str(tmp_path / "small.json")])
-    assert rc == 2
-    assert "tokenizer.vocab_size=20" in capsys.readouterr().err

@@ -4,7 +4,6 @@ the vocab-size error, and the `train_tokenizer` / CLI entry points."""
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 
 import pytest
@@ -13,7 +12,6 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers
 
-from scratchlm.cli import main
 from scratchlm.config import TokenizerConfig
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import WordPieceTokenizer, load_tokenizer, train_tokenizer
@@ -262,36 +260,3 @@ def test_vocab_too_small_is_a_user_error():
     # 5 specials + h e l o w r d, each plain and ##
     assert "minimum 19" in msg
     train_tokenizer(["hello world"], TokenizerConfig(kind="wordpiece", vocab_size=19, special_tokens=[]))
-
-
-def synthetic_text(words: int = 3000) -> str:
-    """Made-up words from a few syllables: enough distinct substrings to fill a small vocabulary."""
-    rng = random.Random(0)
-    syllables = ["ka", "lo", "mi", "ren", "tu", "sha", "ve", "dor", "qui", "zen", "pa", "the"]
-    return " ".join("".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(words)) + ".\n"
-
-
-# -- entry points -------------------------------------------------------------------------------
-
-
-def test_train_tokenizer_and_cli(tmp_path, capsys):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(synthetic_text(), encoding="utf-8")
-    cfg = TokenizerConfig(kind="wordpiece", vocab_size=80)
-    tok = train_tokenizer([corpus.read_text(encoding="utf-8")], cfg, progress=False)
-    assert isinstance(tok, WordPieceTokenizer) and tok.vocab_size == 80
-
-    out = tmp_path / "wp.json"
-    rc = main(["tokenizer", "train", "--quiet", "--tokenizer.kind=wordpiece", "--tokenizer.vocab_size=80",
-               str(corpus), "--out", str(out)])
-    assert rc == 0
-    assert load_tokenizer(out).to_dict() == tok.to_dict()
-    capsys.readouterr()
-    assert main(["tokenizer", "encode", "--tokenizer", str(out), "kalo mi renzen"]) == 0
-    ids = [int(x) for x in capsys.readouterr().out.split()]
-    assert ids == tok.encode_ordinary("kalo mi renzen")
-
-    rc = main(["tokenizer", "train", "--quiet", "--tokenizer.kind=wordpiece", "--tokenizer.vocab_size=20",
-               str(corpus), "--out", str(tmp_path / "small.json")])
-    assert rc == 2
-    assert "tokenizer.vocab_size=20" in capsys.readouterr().err
