@@ -29,7 +29,22 @@ from torch import nn
 Rope = Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
 
-class KVCache:
+class CacheMemory:
+    """Memory accounting shared by the caches: both hold `k` and `v` of shape (L, B, H_kv, S, D)."""
+
+    k: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nelement() * self.k.element_size() * 2
+
+    def bytes_per_token(self) -> int:
+        """Cache memory one token (slot) costs: 2 (K and V) x layers x kv heads x head dim x element size."""
+        L, B, H, S, D = self.k.shape
+        return 2 * L * H * D * self.k.element_size()
+
+
+class KVCache(CacheMemory):
     def __init__(
         self,
         n_layer: int,
@@ -58,15 +73,6 @@ class KVCache:
         return cls(c.n_layer, batch, getattr(c, "n_kv_head", 0) or c.n_head, c.n_embd // c.n_head,
                    max_len or c.block_size, window=getattr(c, "sliding_window", 0), pad=pad, device=p.device,
                    dtype=dtype or p.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nelement() * self.k.element_size() * 2
-
-    def bytes_per_token(self) -> int:
-        """Cache memory one token costs: 2 (K and V) x layers x kv heads x head dim x element size."""
-        L, B, H, S, D = self.k.shape
-        return 2 * L * H * D * self.k.element_size()
 
     def room(self) -> int:
         """How many new tokens the next forward may add before the cache is full."""

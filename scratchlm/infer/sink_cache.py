@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.errors import UserError
-from scratchlm.infer.kv_cache import Rope
+from scratchlm.infer.kv_cache import CacheMemory, Rope
 from scratchlm.model.layers import RoPE, rotate_half
 
 
@@ -95,7 +95,7 @@ def check_sink_settings(model: nn.Module, sink_tokens: int, window: int) -> int:
     return window
 
 
-class SinkCache:
+class SinkCache(CacheMemory):
     def __init__(
         self,
         n_layer: int,
@@ -127,15 +127,6 @@ class SinkCache:
         p = next(model.parameters())
         return cls(c.n_layer, batch, c.n_kv_head or c.n_head, c.n_embd // c.n_head, sink_tokens=sink_tokens,
                    window=window, device=p.device, dtype=dtype or p.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nelement() * self.k.element_size() * 2
-
-    def bytes_per_token(self) -> int:
-        """Memory of one slot: 2 (K and V) x layers x kv heads x head dim x element size."""
-        L, B, H, S, D = self.k.shape
-        return 2 * L * H * D * self.k.element_size()
 
     def room(self) -> int:
         """Tokens the next forward may add: the empty slots while filling, then one at a time
