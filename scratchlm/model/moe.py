@@ -43,7 +43,10 @@ _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
 class _GroupedMM(torch.autograd.Function):
-    """y[rows of group g] = x[rows of group g] @ w[g], groups given by cumulative row offsets."""
+    """y[rows of group g] = x[rows of group g] @ w[g], groups given by cumulative row offsets.
+
+    A hand-written backward because the built-in one fails on CPU for some gradient layouts (a
+    stride-0 gradient, e.g. from `y.sum()`); it is also no slower."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -146,9 +149,9 @@ class MoELayer(nn.Module):
             order = order[rank < cap]
             counts = counts.clamp(max=cap)
         token = order // k  # (M,) source token of each kept assignment
-        xs_MC = x_NC[token]
+        xs_MC = x_NC.index_select(0, token)  # (index_select's backward is index_add_, cheaper than indexing's)
         h_MH = F.silu(grouped_mm(xs_MC, self.w1_ECH, counts)) * grouped_mm(xs_MC, self.w3_ECH, counts)
-        ys_MC = grouped_mm(h_MH, self.w2_EHC, counts) * weights_Nk.flatten()[order, None].to(x.dtype)
+        ys_MC = grouped_mm(h_MH, self.w2_EHC, counts) * weights_Nk.flatten().index_select(0, order)[:, None].to(x.dtype)
         out_NC = torch.zeros_like(x_NC).index_add_(0, token, ys_MC)
         if self.shared is not None:
             out_NC = out_NC + self.shared(x_NC)

@@ -14,7 +14,7 @@ from scratchlm.train.pretrain import pretrain
 from scratchlm.viz.routing import balance, load_history, routing_cli, shares
 from tests.data.conftest import make_docs, write_corpus
 
-BATCH, BLOCK, K, EXPERTS = 16, 16, 2, 4
+BATCH, BLOCK, K, EXPERTS = 8, 16, 2, 4
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +70,11 @@ def test_resumed_steps_keep_the_later_record(tmp_path):
     assert (tmp_path / "r.png").stat().st_size > 0
 
 
-def test_bad_inputs(tmp_path):
+def test_bad_inputs(tmp_path, capsys):
     with pytest.raises(UserError, match=r"metrics\.jsonl: no such file"):
         routing_cli(tmp_path / "nowhere", tmp_path / "r.png")
+    assert main(["viz", "routing", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.png")]) == 2
+    assert "nowhere/metrics.jsonl: no such file" in capsys.readouterr().err  # one line, no traceback
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 3.0}) + "\n")
     with pytest.raises(UserError, match=r"not an MoE run \(no routing metrics in .*metrics\.jsonl\)"):
         routing_cli(tmp_path, tmp_path / "r.png")
