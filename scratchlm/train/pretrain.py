@@ -301,8 +301,9 @@ def train_model(
     peak = _peak_flops(device, precision)
     tbytes = token_bytes(tok, cfg.model.vocab_size)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters()) - trainable
     print(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M params"
-          + (f" ({trainable / 1e6:.2f}M trainable)" if trainable != n_params else "")
+          + (f" ({trainable / 1e6:.2f}M trainable)" if frozen else "")
           + f", {cfg.model.n_layer} layers, block {cfg.model.block_size}, vocab {cfg.model.vocab_size} | device "
           f"{device}, precision {precision} ({why}), {torch.get_num_threads()} threads | {tokens_per_step:,} "
           f"tokens/step, steps {start}->{t.max_steps}" + (" (resumed)" if start else ""), flush=True)
