@@ -113,6 +113,30 @@ def merge_pair(word: list[int], a: int, b: int, new_id: int) -> list[int]:
     return out
 
 
+def merge_everywhere(
+    words: list[list[int]], freqs: list[int], where: dict[tuple[int, int], set[int]], a: int, b: int, new_id: int
+) -> tuple[dict[tuple[int, int], int], int]:
+    """Merge (a, b) into new_id in every word the pair index lists, updating words and the index.
+
+    Returns the change of each adjacent pair's frequency-weighted count, and how many merges were
+    made (weighted by word frequency). Shared by BPE and WordPiece training."""
+    delta: dict[tuple[int, int], int] = defaultdict(int)
+    merged = 0
+    for wi in where.pop((a, b)):
+        w, f = words[wi], freqs[wi]
+        nw = merge_pair(w, a, b, new_id)
+        if len(nw) == len(w):
+            continue  # the index is loose: this word no longer holds the pair
+        merged += (len(w) - len(nw)) * f
+        for p in zip(w, w[1:]):
+            delta[p] -= f
+        for p in zip(nw, nw[1:]):
+            delta[p] += f
+            where[p].add(wi)
+        words[wi] = nw
+    return delta, merged
+
+
 def train_bpe(
     texts: list[str],
     vocab_size: int,
@@ -169,18 +193,7 @@ def train_bpe(
             bar.update(1)
         merges.append((a, b))
 
-        delta: dict[tuple[int, int], int] = defaultdict(int)
-        for wi in where.pop((a, b)):
-            w, f = words[wi], freqs[wi]
-            nw = merge_pair(w, a, b, new_id)
-            if len(nw) == len(w):
-                continue  # the index is loose: this word no longer holds the pair
-            for p in zip(w, w[1:]):
-                delta[p] -= f
-            for p in zip(nw, nw[1:]):
-                delta[p] += f
-                where[p].add(wi)
-            words[wi] = nw
+        delta, _ = merge_everywhere(words, freqs, where, a, b, new_id)
         for p, d in delta.items():
             if d == 0:
                 continue

@@ -62,7 +62,7 @@ from tqdm import tqdm
 from scratchlm.config import TokenizerConfig
 from scratchlm.errors import UserError
 from scratchlm.tokenizer.base import Tokenizer, register
-from scratchlm.tokenizer.bpe import merge_pair
+from scratchlm.tokenizer.bpe import merge_everywhere
 
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PREFIX = "##"
@@ -234,22 +234,10 @@ def train_wordpiece(
             token_count.append(0)
             bar.update(1)
 
-        delta: dict[tuple[int, int], int] = defaultdict(int)
-        for wi in where.pop((a, b)):
-            w, f = words[wi], freqs[wi]
-            nw = merge_pair(w, a, b, new_id)
-            k = len(w) - len(nw)
-            if k == 0:
-                continue  # the index is loose: this word no longer holds the pair
-            token_count[a] -= k * f
-            token_count[b] -= k * f
-            token_count[new_id] += k * f
-            for p in zip(w, w[1:]):
-                delta[p] -= f
-            for p in zip(nw, nw[1:]):
-                delta[p] += f
-                where[p].add(wi)
-            words[wi] = nw
+        delta, merged_count = merge_everywhere(words, freqs, where, a, b, new_id)
+        token_count[a] -= merged_count
+        token_count[b] -= merged_count
+        token_count[new_id] += merged_count
         for p, d in delta.items():
             if d == 0:
                 continue
