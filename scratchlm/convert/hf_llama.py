@@ -75,13 +75,19 @@ def defaults(arch: str) -> dict[str, Any]:
 
 
 # -- import ------------------------------------------------------------------------------------
-def config_from_hf(c: HFConfig, arch: str) -> ModelConfig:
-    model_type = MODEL_TYPES[arch]
+def attention_shape(c: HFConfig) -> tuple[int, int, int]:
+    """(hidden size, heads, layers), refusing a head_dim our Llama cannot express."""
     n_embd, n_head, n_layer = c.int("hidden_size"), c.int("num_attention_heads"), c.int("num_hidden_layers")
     head_dim = c.get("head_dim") or n_embd // n_head
     if head_dim * n_head != n_embd:
         raise c.refuse("head_dim", head_dim, f"our Llama's head dim is hidden_size / num_attention_heads = "
                        f"{n_embd / n_head:g} (model/llama.py has no separate head_dim)")
+    return n_embd, n_head, n_layer
+
+
+def config_from_hf(c: HFConfig, arch: str) -> ModelConfig:
+    model_type = MODEL_TYPES[arch]
+    n_embd, n_head, n_layer = attention_shape(c)
     c.require("hidden_act", ("silu",), "our feed-forward is SwiGLU with SiLU")
     if model_type == "llama":
         c.require("mlp_bias", (False,), "our feed-forward has no biases")

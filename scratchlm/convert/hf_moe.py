@@ -147,11 +147,7 @@ def window(c: HFConfig, model_type: str, n_layer: int) -> int:
 
 def config_from_hf(c: HFConfig, arch: str) -> ModelConfig:
     model_type = MODEL_TYPES[arch]
-    n_embd, n_head, n_layer = c.int("hidden_size"), c.int("num_attention_heads"), c.int("num_hidden_layers")
-    head_dim = c.get("head_dim") or n_embd // n_head
-    if head_dim * n_head != n_embd:
-        raise c.refuse("head_dim", head_dim, f"our Llama's head dim is hidden_size / num_attention_heads = "
-                       f"{n_embd / n_head:g} (model/llama.py has no separate head_dim)")
+    n_embd, n_head, n_layer = hf_llama.attention_shape(c)
     c.require("hidden_act", ("silu",), "our experts are SwiGLU with SiLU")
     E, k = c.int(n_experts_key(c)), c.int("num_experts_per_tok")
     if k > E:
