@@ -1,7 +1,8 @@
 """Loss math shared across stages, as pure functions tested against hand computations.
 
-So far: the mixture-of-experts router losses. Later stages add theirs here (masked
-cross-entropy, Bradley-Terry, DPO, PPO clip, GAE, GRPO advantages, KL estimators).
+So far: the language-model loss fused with the output head (`linear_cross_entropy`) and the
+mixture-of-experts router losses. Later stages add theirs here (Bradley-Terry, DPO, PPO clip,
+GAE, GRPO advantages, KL estimators).
 """
 
 from __future__ import annotations
@@ -33,3 +34,94 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Mean entropy (nats) of the router's distribution per token; ln E = undecided, 0 = certain."""
     return -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk of the fused loss: 512, fewer only when a chunk's logits would pass 256 MB.
+    Measured on CPU: with fewer rows the chunk's weight-gradient matmul (K = rows) gets slow."""
+    return max(64, min(512, (64 << 20) // max(vocab, 1)))
+
+
+def fusable_head(head) -> bool:
+    """Whether an output head can go through `linear_cross_entropy`: a plain bias-free nn.Linear
+    (a LoRA-wrapped or quantized head runs the ordinary way)."""
+    return type(head) is torch.nn.Linear and head.bias is None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (x @ weight.T) against targets, without ever holding the (N, V) logits.
+
+    The gradient of mean CE with respect to the logits is known in closed form,
+    (softmax(logits) - onehot(target)) / n_valid, so each chunk of rows computes its logits, its
+    loss and that gradient, then turns it straight into its share of grad_x (chunk @ weight) and
+    grad_weight (chunkᵀ @ x), and drops the logits. Backward only scales those by the incoming
+    gradient. Memory falls from N x V logits (plus their softmax and its gradient) to one chunk,
+    and the vocab-sized buffers that cost page faults and memory bandwidth are gone.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                chunk: int) -> torch.Tensor:
+        # x (N, C), weight (V, C), targets (N,) -> scalar loss (fp32)
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # e.g. a frozen head: want_w False
+        kind = x.device.type
+        # The matmuls run in autocast's dtype when it is on (as F.linear would), the softmax in fp32.
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        w = weight.to(dtype)  # (V, C)
+        valid = targets != ignore_index  # (N,)
+        n_valid = valid.sum()
+        scale = 1.0 / n_valid.clamp(min=1).float()
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if want_x else None  # (N, C)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None  # (V, C)
+        # One logits buffer for every chunk, and no other (rows, V) temporaries: fresh vocab-sized
+        # allocations cost page faults on CPU, which showed as much as the matmuls themselves.
+        buf = torch.empty(min(chunk, x.size(0)), w.size(0), dtype=dtype, device=x.device)  # (rows, V)
+        with torch.autocast(kind, enabled=False):
+            for s in range(0, x.size(0), chunk):
+                xc, tc, vc = x[s : s + chunk].to(dtype), targets[s : s + chunk], valid[s : s + chunk]
+                n = xc.size(0)
+                logits = torch.mm(xc, w.t(), out=buf[:n]).float()  # (n, V); a copy only when not fp32
+                safe = tc.clamp(min=0)[:, None]  # ignored rows point at class 0; masked below
+                picked = logits.gather(1, safe)[:, 0]  # (n,) logit of the target
+                peak = logits.amax(-1)  # (n,)
+                e = logits.sub_(peak[:, None]).exp_()  # exp(logit - max), written over the logits
+                sum_e = e.sum(-1)  # (n,)
+                vf = vc.float()
+                total += ((peak + sum_e.log() - picked) * vf).sum()  # logsumexp - target logit
+                if want_x or want_w:
+                    # d(mean CE)/d logits = (softmax - onehot) / n_valid on valid rows, 0 on ignored ones
+                    row = vf * scale  # (n,)
+                    g = e.mul_((row / sum_e)[:, None])
+                    g.scatter_add_(1, safe, -row[:, None])
+                    g = g.to(dtype)  # (n, V)
+                if want_x:
+                    gx = grad_x[s : s + n]
+                    if gx.dtype == dtype:
+                        torch.mm(g, w, out=gx)
+                    else:
+                        gx.copy_(g @ w)
+                if want_w:
+                    if dtype == torch.float32:
+                        grad_w.addmm_(g.t(), xc)
+                    else:
+                        grad_w += (g.t() @ xc).float()
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if want_w else None)
+        return torch.where(n_valid > 0, total * scale, torch.full_like(total, float("nan")))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x, grad_w = ctx.saved_tensors
+        gx = grad_x * grad_out.to(grad_x.dtype) if grad_x is not None else None
+        gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
+        return gx, gw, None, None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
+                         chunk: int | None = None) -> torch.Tensor:
+    """F.cross_entropy(x @ weight.T, targets, ignore_index=ignore_index) (mean over the targets not
+    ignored; nan if all are), computed chunk by chunk without the (N, V) logits. x: (..., C),
+    weight: (V, C), targets: same leading shape as x. See `_LinearCrossEntropy`."""
+    x2 = x.reshape(-1, x.size(-1))
+    return _LinearCrossEntropy.apply(x2, weight, targets.reshape(-1), ignore_index, chunk or chunk_rows(weight.size(0)))

@@ -27,6 +27,7 @@ from torch import nn
 
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
+from scratchlm.losses import fusable_head, linear_cross_entropy
 from scratchlm.model.layers import explicit_attention, sdpa_attention, sinusoidal_positions
 
 
@@ -124,6 +125,8 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) token ids. Returns logits (B, T, V) and, given targets (B, T), the mean
         cross-entropy of predicting targets[:, t] from idx[:, :t+1] (targets -1 are ignored).
+        Given targets, the loss comes from `linear_cross_entropy`, chunk by chunk, and the logits
+        are never built: (None, loss). A call that wants both asks for the logits without targets.
 
         With a `cache` (inference), idx holds only the new tokens; positions come from the cache.
         `last_only` computes logits for the last position only (all that decoding needs)."""
@@ -142,7 +145,10 @@ class GPT(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        x = self.ln_f(x)
+        if targets is not None and fusable_head(self.lm_head):  # the loss without the (B, T, V) logits
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets)
+        logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)

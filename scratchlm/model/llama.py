@@ -29,6 +29,7 @@ from torch import nn
 
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
+from scratchlm.losses import fusable_head, linear_cross_entropy
 from scratchlm.model.layers import RMSNorm, RoPE, explicit_attention, sdpa_attention
 
 
@@ -143,7 +144,7 @@ class Llama(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None, last_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As `GPT.forward`: idx (B, T) -> logits (B, T, V) and the loss given targets."""
+        """As `GPT.forward`: idx (B, T) -> logits (B, T, V); given targets, (None, loss) (fused loss)."""
         B, T = idx.shape
         positions = None
         if cache is None:
@@ -157,7 +158,10 @@ class Llama(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        logits = self.output(self.norm(x))  # (B, T, V)
+        x = self.norm(x)
+        if targets is not None and fusable_head(self.output):  # the loss without the (B, T, V) logits
+            return None, linear_cross_entropy(x, self.output.weight, targets)
+        logits = self.output(x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
