@@ -22,10 +22,10 @@ Expert tensors come in two layouts, both read: what `save_pretrained` writes (in
 and 5) and the hub holds, one (out, in) matrix per expert (`...block_sparse_moe.experts.{e}.w1/w3/w2`
 for Mixtral, `...mlp.experts.{e}.gate_proj/up_proj/down_proj` for Qwen), and transformers 5's
 in-memory fused form (`mlp.experts.gate_up_proj` (E, 2H, C), `mlp.experts.down_proj` (E, C, H)).
-`prepare_hf` turns either into per-projection stacks `mlp.experts.gate_proj|up_proj` (E, H, C) and
-`mlp.experts.down_proj` (E, C, H): HF's per-expert (out, in) matrices stacked, which are our
-(in, out) `w1_ECH`, `w3_ECH`, `w2_EHC` with the last two dims swapped (`hf_name` says "transposed").
-Export writes the per-expert layout, which transformers 4 and 5 both load.
+`prepare_hf` turns either into transformers 5's form: the per-expert (out, in) matrices stacked,
+gate and up concatenated (gate rows first), which are our (in, out) `w13_EC2H` and `w2_EHC` with
+the last two dims swapped (`hf_name` says "transposed"). Export writes the per-expert layout,
+which transformers 4 and 5 both load.
 
 Qwen2-MoE scales its shared expert by a per-token gate sigmoid(x · g); ours has no gate. The
 gate is a constant 1/2 when g = 0, so such files import exactly (the 1/2 folded into the shared
@@ -83,8 +83,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # our name inside an MoE layer -> (HF's name after `prepare_hf`, stored with the last two dims swapped)
 MOE_NAMES = {
     "feed_forward.gate.weight": ("mlp.gate.weight", False),
-    "feed_forward.w1_ECH": ("mlp.experts.gate_proj", True),  # ours (E, C, H), HF's stack (E, H, C)
-    "feed_forward.w3_ECH": ("mlp.experts.up_proj", True),
+    "feed_forward.w13_EC2H": ("mlp.experts.gate_up_proj", True),  # ours (E, C, 2H), HF's (E, 2H, C)
     "feed_forward.w2_EHC": ("mlp.experts.down_proj", True),  # ours (E, H, C), HF's stack (E, C, H)
     "feed_forward.shared.w1.weight": ("mlp.shared_expert.gate_proj.weight", False),
     "feed_forward.shared.w3.weight": ("mlp.shared_expert.up_proj.weight", False),
@@ -201,16 +200,19 @@ def _stack_experts(sd: dict[str, torch.Tensor], prefix: str, E: int, where: str)
                                 fix="the weights do not belong to this config.json") from None
 
 
-def _split_fused(sd: dict[str, torch.Tensor], prefix: str, E: int, H: int, where: str) -> None:
-    """transformers 5's fused `gate_up_proj` (E, 2H, C), gate rows first -> gate_proj, up_proj (E, H, C)."""
-    key = f"{prefix}experts.gate_up_proj"
-    if key not in sd or f"{prefix}experts.gate_proj" in sd:
-        return  # absent (then reported missing), or both layouts (then reported unexpected)
-    t = sd.pop(key)
-    if t.dim() != 3 or t.shape[:2] != (E, 2 * H):
-        raise UserError(f"{where}: tensor {key} has shape {tuple(t.shape)}, config.json implies ({E}, {2 * H}, C)",
-                        fix="the weights do not belong to this config.json")
-    sd[f"{prefix}experts.gate_proj"], sd[f"{prefix}experts.up_proj"] = t[:, :H], t[:, H:]
+def _fuse_gate_up(sd: dict[str, torch.Tensor], prefix: str, E: int, H: int, where: str) -> None:
+    """gate_proj and up_proj stacks (E, H, C) -> transformers 5's `gate_up_proj` (E, 2H, C), gate rows
+    first; a fused tensor already there has its shape checked."""
+    key, gate, up = (f"{prefix}experts.{name}" for name in ("gate_up_proj", "gate_proj", "up_proj"))
+    if key in sd:
+        t = sd[key]
+        if gate not in sd and (t.dim() != 3 or t.shape[:2] != (E, 2 * H)):
+            raise UserError(f"{where}: tensor {key} has shape {tuple(t.shape)}, config.json implies "
+                            f"({E}, {2 * H}, C)", fix="the weights do not belong to this config.json")
+        return  # both layouts at once: the extra ones are reported unexpected
+    if gate in sd and up in sd:
+        sd[key] = torch.cat([sd.pop(gate), sd.pop(up)], dim=1)
+    # otherwise gate_up_proj is reported missing
 
 
 def _fold_shared_gate(sd: dict[str, torch.Tensor], prefix: str, n_shared: int, where: str) -> None:
@@ -245,7 +247,7 @@ def prepare_hf(sd: dict[str, torch.Tensor], m: ModelConfig, where: str) -> None:
         if is_moe_layer(m, i):
             prefix = f"model.layers.{i}.mlp."
             _stack_experts(sd, prefix, m.n_experts, where)
-            _split_fused(sd, prefix, m.n_experts, expert_hidden(m), where)
+            _fuse_gate_up(sd, prefix, m.n_experts, expert_hidden(m), where)
             _fold_shared_gate(sd, prefix, m.n_shared_experts, where)
 
 
@@ -341,6 +343,9 @@ def finish_hf(tensors: dict[str, torch.Tensor], m: ModelConfig) -> None:
         if not is_moe_layer(m, i):
             continue
         prefix = f"model.layers.{i}.mlp."
+        gate_up = tensors.pop(f"{prefix}experts.gate_up_proj")  # (E, 2H, C), gate rows first
+        H = gate_up.size(1) // 2
+        tensors[f"{prefix}experts.gate_proj"], tensors[f"{prefix}experts.up_proj"] = gate_up[:, :H], gate_up[:, H:]
         for proj, alias in PROJECTIONS:
             stack = tensors.pop(f"{prefix}experts.{proj}")  # (E, out, in)
             name = alias if model_type == "mixtral" else proj

@@ -200,7 +200,7 @@ def test_dense_weights_under_an_moe_config_name_the_missing_tensors(tmp_path):
     fields.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4)
     (src / "config.json").write_text(json.dumps(fields))
     msg = refused(import_hf, src, tmp_path / "out")
-    assert "missing tensors model.layers.0.mlp.experts.gate_proj, model.layers.0.mlp.experts.up_proj" in msg
+    assert "missing tensors model.layers.0.mlp.experts.gate_up_proj, model.layers.0.mlp.experts.down_proj" in msg
 
 
 @pytest.mark.parametrize("saved,loaded", [("llama", "moe"), ("moe", "llama")])

@@ -14,7 +14,7 @@ from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.losses import load_balancing_loss, router_z_loss, routing_entropy
 from scratchlm.model import build_model
-from scratchlm.model.moe import MoE, MoELayer, grouped_mm
+from scratchlm.model.moe import MoE, MoELayer, grouped_mm, swiglu
 
 
 def cfg(**kw) -> ModelConfig:
@@ -66,7 +66,8 @@ def reference_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(x_NC)
     for n in range(x_NC.size(0)):
         for w, e in zip(weights[n], experts[n]):
-            h = F.silu(x_NC[n] @ layer.w1_ECH[e]) * (x_NC[n] @ layer.w3_ECH[e])
+            gate, up = (x_NC[n] @ layer.w13_EC2H[e]).chunk(2)
+            h = F.silu(gate) * up
             out[n] += w * (h @ layer.w2_EHC[e])
     if layer.shared is not None:
         out += layer.shared(x_NC)
@@ -113,7 +114,7 @@ def test_training_step_and_balancing_bias():
     _, loss = model(idx, targets)
     loss.backward()
     layer = model.layers[0].feed_forward
-    assert layer.w1_ECH.grad is not None and layer.gate.weight.grad is not None
+    assert layer.w13_EC2H.grad is not None and layer.gate.weight.grad is not None
     load = layer.stats["load"]
     model.after_optimizer_step()
     bias = layer.select_bias
@@ -132,3 +133,11 @@ def test_training_step_and_balancing_bias():
 def test_bad_moe_settings(kw, message):
     with pytest.raises(UserError, match=message):
         MoE(cfg(**kw))
+
+
+def test_swiglu_and_its_hand_written_backward_match_autograd():
+    torch.manual_seed(0)
+    h = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (h,))
+    gate, up = h.chunk(2, dim=-1)
+    torch.testing.assert_close(swiglu(h), F.silu(gate) * up)

@@ -184,7 +184,7 @@ def test_quantize_model_skips_an_untied_output_by_name_and_moe_experts_stay_full
     n = quantize_model(moe, bits=4, group_size=32)
     assert n == 4 * 2  # wq, wk, wv, wo; the router gate is skipped, experts are 3-D parameters
     layer = moe.layers[0].feed_forward
-    assert type(layer.gate) is nn.Linear and layer.w1_ECH.dtype == torch.float32
+    assert type(layer.gate) is nn.Linear and layer.w13_EC2H.dtype == torch.float32
     with torch.no_grad():
         moe(torch.randint(0, 64, (2, 16)))
 
