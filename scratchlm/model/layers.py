@@ -81,6 +81,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)  # the same sum, one fused op
         # In fp32, as the reference implementations do: the mean of squares underflows in bf16.
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -145,7 +147,8 @@ class RoPE(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = self.cos_sin(positions)
-        return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+        xf = x.float()  # the rotation in fp32, as HF does; no copy when x is fp32
+        return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
 class DocumentMask:
