@@ -3,8 +3,9 @@
     python bench/gpt_train.py [--quick] [--sizes char-tiny,30m] [--precision fp32,bf16]
 
 Both models get the same configuration (layers, heads, width, context, vocabulary, dropout 0,
-tied head), the same batch, the same loss (cross-entropy over every position, computed outside
-HF's model so the work is identical), and the same optimizer: fused `torch.optim.AdamW` with
+tied head), the same batch, the same loss (cross-entropy over every position: HF's from its
+logits, outside its model; ours inside, fused with the output head so the (B, T, V) logits are
+never built, `scratchlm.losses.linear_cross_entropy`), and the same optimizer: fused `torch.optim.AdamW` with
 weight decay on matrices only. HF runs with `attn_implementation="sdpa"`, its fastest CPU
 attention. A step is forward + backward + AdamW. The two models alternate in rounds (warm-up
 first) so drifts in machine speed hit both alike; the best round per model counts.
