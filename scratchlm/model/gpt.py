@@ -122,7 +122,7 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None, last_only: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx: (B, T) token ids. Returns logits (B, T, V) and, given targets (B, T), the mean
         cross-entropy of predicting targets[:, t] from idx[:, :t+1] (targets -1 are ignored).
         Given targets, the loss comes from `linear_cross_entropy`, chunk by chunk, and the logits

@@ -143,7 +143,7 @@ class Llama(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None, last_only: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """As `GPT.forward`: idx (B, T) -> logits (B, T, V); given targets, (None, loss) (fused loss)."""
         B, T = idx.shape
         positions = None
