@@ -160,6 +160,11 @@ def window_from_hf(c: HFConfig, model_type: str, n_layer: int) -> int:
     max_window_layers = c.get("max_window_layers") or 0
     kinds = c.get("layer_types") or ["sliding_attention" if i >= max_window_layers else "full_attention"
                                      for i in range(n_layer)]
+    return single_window(c, kinds)
+
+
+def single_window(c: HFConfig, kinds: list[str]) -> int:
+    """Our one sliding window (0 = off) from HF's per-layer attention kinds: all full or all sliding."""
     if all(k == "full_attention" for k in kinds):
         return 0
     if all(k == "sliding_attention" for k in kinds):

@@ -136,12 +136,7 @@ def window(c: HFConfig, model_type: str, n_layer: int) -> int:
     # Qwen2-MoE's default: the odd-numbered layers (i + 1 odd) below max_window_layers
     kinds = c.get("layer_types") or ["sliding_attention" if (i + 1) % 2 and i < c.get("max_window_layers")
                                      else "full_attention" for i in range(n_layer)]
-    if all(k == "full_attention" for k in kinds):
-        return 0
-    if all(k == "sliding_attention" for k in kinds):
-        return int(c.get("sliding_window"))
-    field = "layer_types" if c.get("layer_types") else "max_window_layers"
-    raise c.refuse(field, c.get(field), "our Llama applies model.sliding_window to every layer or to none")
+    return hf_llama.single_window(c, kinds)
 
 
 def config_from_hf(c: HFConfig, arch: str) -> ModelConfig:
