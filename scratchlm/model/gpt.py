@@ -28,7 +28,7 @@ from torch import nn
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.losses import fusable_head, linear_cross_entropy
-from scratchlm.model.layers import explicit_attention, sdpa_attention, sinusoidal_positions
+from scratchlm.model.layers import DocumentMask, explicit_attention, sdpa_attention, sinusoidal_positions
 
 
 class CausalSelfAttention(nn.Module):
@@ -48,7 +48,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         # split heads: (B, T, C) -> (B, H, T, D)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:  # inference: the cache stores k, v and attends over the past (infer/kv_cache.py)
+        if isinstance(cache, DocumentMask):  # packed training: documents apart, this layer's window and dropout
+            y = cache.attend(layer, q, k, v, None, window=self.window,
+                             dropout_p=self.dropout if self.training else 0.0)
+        elif cache is not None:  # inference: the cache stores k, v and attends over the past (infer/kv_cache.py)
             y = cache.attend(layer, q, k, v, None)
         elif self.impl == "explicit" or self.record:
             y, w = explicit_attention(q, k, v, self.dropout, self.training, self.window)
@@ -169,4 +172,5 @@ class GPT(nn.Module):
         so 12·L·C·T (T the full context: causal masking is not credited, as in PaLM's MFU)."""
         c = self.config
         T = seq_len or c.block_size
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
+        lookup = 0 if c.tie_embeddings else self.wte.weight.numel()  # untied, the token table does no matmul
+        return 6 * (self.num_params() - lookup) + 12 * c.n_layer * c.n_embd * T

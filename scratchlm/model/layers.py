@@ -159,12 +159,17 @@ class DocumentMask:
     sequences that hold several examples: a token attends only to earlier tokens of its own
     document, and positions restart at 0 at each document start, so every example is computed
     exactly as if it were alone. doc_ids: (B, T) ints, equal within a document.
+
+    The rest of the attention is the layer's own, passed to `attend` by the model: its sliding
+    window (the same convention as `causal_mask`; within a document, slot distance is position
+    distance, so a windowed model sees the same keys packed as alone) and its attention dropout
+    (GPT, in training). Without them a windowed model would be fine-tuned with full attention.
     """
 
     def __init__(self, doc_ids: torch.Tensor) -> None:
         B, T = doc_ids.shape
-        same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-        self.mask = (same & causal_mask(T, device=doc_ids.device))[:, None]  # (B, 1, T, T)
+        self._same = (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]  # (B, 1, T, T)
+        self._masks: dict[int, torch.Tensor] = {}  # window -> mask, shared by the layers of a forward
         idx = torch.arange(T, device=doc_ids.device).expand(B, T)
         starts = torch.ones_like(doc_ids, dtype=torch.bool)
         starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
@@ -172,13 +177,23 @@ class DocumentMask:
         start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
         self._positions = idx - start_idx  # (B, T)
 
+    def mask(self, window: int = 0) -> torch.Tensor:
+        """(B, 1, T, T) bool: same document, causal, and within `window` when > 0."""
+        if window not in self._masks:
+            T = self._same.size(-1)
+            self._masks[window] = self._same & causal_mask(T, window, self._same.device)
+        return self._masks[window]
+
     def positions(self, T: int) -> torch.Tensor:
         return self._positions[:, :T]
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope, *, window: int = 0,
+               dropout_p: float = 0.0) -> torch.Tensor:
+        """As the caches' `attend`, plus the layer's window and dropout probability (0 outside training)."""
         if rope is not None:
             q, k = rope(q, self._positions), rope(k, self._positions)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.size(1) != q.size(1))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(window), dropout_p=dropout_p,
+                                              enable_gqa=k.size(1) != q.size(1))
 
     def advance(self, T: int) -> None:
         pass

@@ -30,7 +30,7 @@ from torch import nn
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.losses import fusable_head, linear_cross_entropy
-from scratchlm.model.layers import RMSNorm, RoPE, explicit_attention, sdpa_attention
+from scratchlm.model.layers import DocumentMask, RMSNorm, RoPE, explicit_attention, sdpa_attention
 
 
 def ffn_hidden(cfg: ModelConfig) -> int:
@@ -75,7 +75,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if cache is not None:  # the cache rotates, stores and attends (infer/kv_cache.py)
+        if isinstance(cache, DocumentMask):  # packed training: documents apart, this layer's window
+            y = cache.attend(layer, q, k, v, rope, window=self.window)
+        elif cache is not None:  # the cache rotates, stores and attends (infer/kv_cache.py)
             y = cache.attend(layer, q, k, v, rope)
         else:
             q, k = rope(q, positions), rope(k, positions)
@@ -172,7 +174,9 @@ class Llama(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """6N + attention's 12·L·H·D·T (as GPT.flops_per_token; the window, if any, not credited)."""
+        """6N + attention's 12·L·H·D·T (as GPT.flops_per_token; the window, if any, not credited).
+        N counts the weights that multiply: untied, the token table is a lookup and is left out."""
         c = self.config
         T = seq_len or c.block_size
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
+        lookup = 0 if c.tie_embeddings else self.tok_embeddings.weight.numel()
+        return 6 * (self.num_params() - lookup) + 12 * c.n_layer * c.n_embd * T

@@ -16,12 +16,16 @@ follow the *active* parameters:
 
 Routers: "softmax" (softmax over experts, top-k, optionally renormalised: Mixtral) and "sigmoid"
 (per-expert sigmoid scores; selection adds a per-expert bias that is nudged after each optimizer
-step toward balance, with no gradient and no auxiliary loss: DeepSeek-V3). Capacity: dropless
+step toward balance, with no gradient and no auxiliary loss: DeepSeek-V3). The bias moves by the
+load of every training micro-batch since the last optimizer step, so gradient accumulation does not
+change it (1x4 and 4x1 micro-batches of the same tokens move it alike). Capacity: dropless
 by default; otherwise each expert takes at most capacity_factor * N * k / E assignments per
 batch and the overflow is dropped (the token keeps its residual), with the dropped fraction
 logged. Losses: the Switch load-balancing loss and the ST-MoE router z-loss (scratchlm/losses.py)
-are added to the cross-entropy with their coefficients. Hybrid stacks: `moe_first_dense` dense
-layers first, then every `moe_every`-th layer is MoE.
+are added to the cross-entropy with their coefficients (`aux_loss`); the balance loss weighs 0.01 by
+default with the softmax router and 0 with the aux-loss-free sigmoid one (`balance_loss_coef`; an
+explicit `aux_loss_coef` is honoured with either, e.g. DeepSeek-V3's tiny complementary one).
+Hybrid stacks: `moe_first_dense` dense layers first, then every `moe_every`-th layer is MoE.
 
 Shapes: N = B*T tokens, C model width, E experts, k active, H expert hidden, M kept assignments.
 Tensor names carry their shape letters where it helps (w2_EHC: (E, H, C)).
@@ -122,6 +126,14 @@ def check_moe_config(cfg: ModelConfig) -> None:
                         f"MoE layer among {cfg.n_layer}", fix="moe_every >= 1 and moe_first_dense < n_layer")
 
 
+def balance_loss_coef(cfg: ModelConfig) -> float:
+    """The load-balancing loss weight: `aux_loss_coef` when set, else 0.01 for the softmax router and
+    0 for the sigmoid router, which balances by its selection bias instead (aux-loss-free)."""
+    if cfg.aux_loss_coef is not None:
+        return cfg.aux_loss_coef
+    return 0.0 if cfg.router == "sigmoid" else 0.01
+
+
 def expert_hidden(cfg: ModelConfig) -> int:
     return cfg.expert_hidden or max(ffn_hidden(cfg) // cfg.n_active_experts, 1)
 
@@ -144,13 +156,16 @@ class MoELayer(nn.Module):
         self.shared = FeedForward(_with_hidden(cfg, shared * H)) if shared else None
         # sigmoid router: selection bias per expert, moved by `update_bias`, never by gradients
         self.register_buffer("select_bias", torch.zeros(E), persistent=True)
+        # assignments per expert summed over the training forwards since the last bias update (E,)
+        self.register_buffer("step_load", torch.zeros(E), persistent=False)
         self.bias_rate = cfg.bias_update_rate
         self.stats: dict[str, torch.Tensor] = {}
         self.aux: dict[str, torch.Tensor] = {}
 
     def route(self, x_NC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> weights (N, k), experts (N, k), router logits (N, E), routing probabilities (N, E)."""
-        logits_NE = self.gate(x_NC).float()
+        logits_NE = self.gate(x_NC)
+        logits_NE = logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32))  # fp32, float64 kept
         if self.router_kind == "softmax":
             probs_NE = logits_NE.softmax(-1)
             weights, experts = probs_NE.topk(self.k, dim=-1)
@@ -187,18 +202,24 @@ class MoELayer(nn.Module):
             out_NC = out_NC + self.shared(x_NC)
 
         self.aux = {"balance": load_balancing_loss(probs_NE, experts_Nk, E), "z": router_z_loss(logits_NE)}
+        training = self.training and torch.is_grad_enabled()  # a training micro-batch, not validation
         with torch.no_grad():
-            self.stats = {"load": torch.bincount(flat, minlength=E).float(), "kept": counts.float(),
+            load = torch.bincount(flat, minlength=E)
+            self.stats = {"load": load.float(), "kept": counts.float(),
                           "entropy": routing_entropy(probs_NE), "dropped": 1.0 - order.numel() / (N * k)}
+            if training:
+                self.step_load += load
         return out_NC.view(B, T, C)
 
     @torch.no_grad()
     def update_bias(self) -> None:
         """DeepSeek-V3's aux-loss-free balancing: raise the selection bias of under-loaded experts,
-        lower it for over-loaded ones, by a fixed step, after each optimizer step."""
-        if self.router_kind == "sigmoid" and "load" in self.stats:
-            load = self.stats["load"]
+        lower it for over-loaded ones, by a fixed step, after each optimizer step. The load is the
+        whole step's (every micro-batch of a gradient-accumulation step), then starts again."""
+        load = self.step_load
+        if self.router_kind == "sigmoid" and load.sum() > 0:
             self.select_bias += self.bias_rate * torch.sign(load.mean() - load)
+        load.zero_()
 
 
 def _with_hidden(cfg: ModelConfig, hidden: int) -> ModelConfig:
@@ -233,10 +254,16 @@ class MoE(Llama):
     def forward(self, idx, targets=None, *, cache=None, last_only: bool = False):
         logits, loss = super().forward(idx, targets, cache=cache, last_only=last_only)
         if loss is not None:
-            c = self.config
-            for _, layer in self.moe_layers():
-                loss = loss + c.aux_loss_coef * layer.aux["balance"] + c.z_loss_coef * layer.aux["z"]
+            loss = loss + self.aux_loss()
         return logits, loss
+
+    def aux_loss(self) -> torch.Tensor:
+        """The router losses of the last forward: balance and z-loss of every MoE layer, weighted.
+        The training loop reads it to average these per micro-batch while it weights the
+        cross-entropy by each micro-batch's token count."""
+        c = self.config
+        coef = balance_loss_coef(c)
+        return sum(coef * layer.aux["balance"] + c.z_loss_coef * layer.aux["z"] for _, layer in self.moe_layers())
 
     def after_optimizer_step(self) -> None:
         for _, layer in self.moe_layers():
@@ -269,4 +296,5 @@ class MoE(Llama):
     def flops_per_token(self, seq_len: int | None = None) -> float:
         c = self.config
         T = seq_len or c.block_size
-        return 6 * self.active_params() + 12 * c.n_layer * c.n_embd * T
+        lookup = 0 if c.tie_embeddings else self.tok_embeddings.weight.numel()  # a lookup, not a matmul
+        return 6 * (self.active_params() - lookup) + 12 * c.n_layer * c.n_embd * T

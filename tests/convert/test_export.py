@@ -9,6 +9,7 @@ import torch
 from scratchlm.convert import convert_cli, export_hf, import_hf
 from scratchlm.train.checkpoint import load_model_for_inference
 from tests.convert.helpers import TEXT, ids, our_checkpoint
+from tests.infer.helpers import assert_logits_close
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,7 +46,7 @@ def test_exported_model_loads_in_transformers_with_equal_logits(case, tmp_path):
     assert hf.config.vocab_size == V > tok.vocab_size  # the padded size (287 tokens -> 320 rows)
     x = ids(vocab=V)
     ours = logits(model.eval(), x, hf=False)
-    torch.testing.assert_close(logits(hf, x, hf=True), ours, atol=1e-5, rtol=0)
+    assert_logits_close(logits(hf, x, hf=True), ours)
 
     # and back: the HF folder imports to the same model
     back, _, cfg = load_model_for_inference(import_hf(out, tmp_path / "back"))

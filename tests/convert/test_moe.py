@@ -16,6 +16,7 @@ from scratchlm.convert import export_hf, import_hf
 from scratchlm.errors import UserError
 from scratchlm.train.checkpoint import find_checkpoint, load_model_for_inference
 from tests.convert.helpers import VOCAB, hf_folder, ids, our_checkpoint, randomize
+from tests.infer.helpers import assert_logits_close
 
 transformers = pytest.importorskip("transformers")
 # HF builds the zero-width shared expert a Qwen2-MoE export has when our model has none
@@ -93,7 +94,7 @@ def test_imported_logits_equal_hf(case, tmp_path):
     for field, value in IMPORTS[case][1].items():
         assert getattr(cfg.model, field) == value, field
     x = ids()
-    torch.testing.assert_close(our_logits(model, x), hf_logits(hf, x), atol=1e-5, rtol=0)
+    assert_logits_close(our_logits(model, x), hf_logits(hf, x))
 
 
 def test_fused_expert_layout_imports_too(tmp_path):
@@ -104,7 +105,7 @@ def test_fused_expert_layout_imports_too(tmp_path):
     assert "model.layers.1.mlp.experts.gate_up_proj" in load_file(str(src / "model.safetensors"))
     model, _, _ = load_model_for_inference(import_hf(src, tmp_path / "ours"))
     x = ids()
-    torch.testing.assert_close(our_logits(model, x), hf_logits(hf, x), atol=1e-5, rtol=0)
+    assert_logits_close(our_logits(model, x), hf_logits(hf, x))
 
 
 # name -> (our ModelConfig fields, the HF class the export must pick)
@@ -129,7 +130,7 @@ def test_exported_model_loads_in_transformers_with_equal_logits(case, tmp_path):
     assert type(hf).__name__ == hf_class
     x = ids(vocab=model.config.vocab_size)
     ours = our_logits(model.eval(), x)
-    torch.testing.assert_close(hf_logits(hf, x), ours, atol=1e-5, rtol=0)
+    assert_logits_close(hf_logits(hf, x), ours)
 
     back, _, cfg = load_model_for_inference(import_hf(out, tmp_path / "back"))
     for field in ("n_experts", "n_active_experts", "n_shared_experts", "router_norm_topk", "moe_every",

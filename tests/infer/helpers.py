@@ -14,6 +14,18 @@ from scratchlm.train.checkpoint import save_checkpoint
 
 CHARS = sorted(set("abcdefgh ijklmnop.\n"))
 
+# Two computations of the same fp32 logits (cached vs uncached, batched vs alone, by hand vs the
+# cache, ours vs transformers') sum in different orders: different shapes take different GEMM paths,
+# and those differ per CPU. The test models' logits reach about +-6 after 2-3 layers of ~100-term
+# sums, each rounding at ~6e-8 relative; measured differences are up to 1.4e-5 (an AMD EPYC, the MoE
+# model). A wrong mask, position or cache slot moves logits by 1e-2 or more, so this bound still
+# catches every real bug.
+LOGITS_ATOL, LOGITS_RTOL = 1e-4, 1e-5
+
+
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, msg: str | None = None) -> None:
+    torch.testing.assert_close(actual, expected, atol=LOGITS_ATOL, rtol=LOGITS_RTOL, msg=msg)
+
 
 def tiny_config(**kw) -> ModelConfig:
     base = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)

@@ -45,7 +45,7 @@ def kept(logits: torch.Tensor) -> list[int]:
 
 def test_temperature_scales_and_zero_is_greedy():
     x = torch.tensor([[1.0, -2.0, 4.0]])
-    torch.testing.assert_close(apply_temperature(x, 2.0), x / 2)
+    torch.testing.assert_close(apply_temperature(x, 2.0), x / 2, atol=0, rtol=0)  # halving is exact in fp32
     with pytest.raises(ValueError):
         apply_temperature(x, 0.0)
     cfg = SampleConfig(temperature=0.0)
@@ -87,9 +87,10 @@ def test_repetition_penalty_signs():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [2.0, -1.0, 0.5, 3.0]])
     # Row 0 saw tokens 0 and 1 (1 twice: penalised once); row 1 saw only token 3.
     out = repetition_penalty(logits, [[0, 1, 1], [3]], 2.0)
-    torch.testing.assert_close(out, torch.tensor([[1.0, -2.0, 0.5, 3.0], [2.0, -1.0, 0.5, 1.5]]))
+    exact = dict(atol=0, rtol=0)  # multiplying or dividing by 2 is exact in fp32
+    torch.testing.assert_close(out, torch.tensor([[1.0, -2.0, 0.5, 3.0], [2.0, -1.0, 0.5, 1.5]]), **exact)
     out_t = repetition_penalty(logits, torch.tensor([[0, 1, 1], [3, 3, 3]]), 2.0)
-    torch.testing.assert_close(out_t, out)
+    torch.testing.assert_close(out_t, out, **exact)
     assert torch.equal(repetition_penalty(logits, [[0], [3]], 1.0), logits)
     # Both signs move down: a penalised token never becomes more likely.
     assert (out <= logits).all()

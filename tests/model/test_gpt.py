@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
@@ -45,15 +47,16 @@ def test_changing_a_future_token_never_changes_earlier_logits(arch, kw):
         changed[:, t] = (changed[:, t] + 1) % 64
         a, b = model(idx)[0], model(changed)[0]
         assert torch.equal(a[:, :t], b[:, :t])
-        assert not torch.allclose(a[:, t:], b[:, t:])  # ...and does change the rest
+        assert (a[:, t:] - b[:, t:]).abs().max() > 1e-4  # ...and does change the rest, beyond rounding
 
 
 def test_explicit_attention_equals_sdpa():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 10, 8, dtype=torch.float64) for _ in range(3))
     out, w = explicit_attention(q, k, v)
-    torch.testing.assert_close(out, sdpa_attention(q, k, v))
-    assert torch.allclose(w.sum(-1), torch.ones(2, 3, 10, dtype=torch.float64))
+    # float64 sums of <= 10 terms of order 1: two orders agree to ~1e-15.
+    torch.testing.assert_close(out, sdpa_attention(q, k, v), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 10, dtype=torch.float64), atol=1e-12, rtol=0)
     assert torch.all(w.triu(1) == 0)  # no weight on the future
 
 
@@ -63,7 +66,8 @@ def test_explicit_model_equals_sdpa_model():
     b = build_model(tiny(attn_impl="explicit"))
     b.load_state_dict(a.state_dict())
     idx = torch.randint(0, 64, (2, 16))
-    torch.testing.assert_close(a(idx)[0], b(idx)[0], atol=1e-5, rtol=1e-5)
+    # fp32 logits of about +-1 after 2 layers, two summation orders: see tests/infer/helpers.py.
+    torch.testing.assert_close(a(idx)[0], b(idx)[0], atol=1e-4, rtol=1e-5)
 
 
 def test_attention_by_hand_on_a_tiny_example():
@@ -72,8 +76,8 @@ def test_attention_by_hand_on_a_tiny_example():
     q = k = torch.ones(1, 1, 3, 1)
     v = torch.tensor([1.0, 2.0, 6.0]).view(1, 1, 3, 1)
     out, w = explicit_attention(q, k, v)
-    assert torch.allclose(out.view(3), torch.tensor([1.0, 1.5, 3.0]))
-    assert torch.allclose(w[0, 0, 2], torch.full((3,), 1 / 3))
+    torch.testing.assert_close(out.view(3), torch.tensor([1.0, 1.5, 3.0]), atol=1e-6, rtol=0)  # fp32, 3 terms
+    torch.testing.assert_close(w[0, 0, 2], torch.full((3,), 1 / 3), atol=1e-7, rtol=0)
 
 
 def test_sinusoidal_values():
@@ -97,14 +101,42 @@ def test_gpt2_init_and_tied_head():
     assert torch.all(model.h[0].attn.c_attn.bias == 0)
 
 
-def test_param_count_and_flops_match_the_formula():
+def test_param_count_matches_the_formula():
     cfg = tiny()
     model = GPT(cfg)
     C, L, V, T = 32, 2, 64, 16
     per_block = (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C) + 4 * C
     assert model.num_params() == V * C + L * per_block + 2 * C  # wte (tied head) + blocks + ln_f
     assert model.num_params(non_embedding=False) == model.num_params() + T * C
-    assert model.flops_per_token() == 6 * model.num_params() + 12 * L * C * T
+
+
+def counted_training_flops(model: torch.nn.Module, T: int) -> tuple[int, int]:
+    """(forward, forward + backward) matmul FLOPs of one length-T sequence, counted by torch's
+    FlopCounterMode (every mm / addmm / bmm the dispatcher runs, nothing taken from the model)."""
+    idx, targets = torch.randint(0, model.config.vocab_size, (2, 1, T))
+    with FlopCounterMode(display=False) as forward:
+        model(idx)
+    with FlopCounterMode(display=False) as both:
+        logits, _ = model(idx)  # an unfused loss outside the model: the count sees the plain head
+        F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+    return forward.get_total_flops(), both.get_total_flops()
+
+
+@pytest.mark.parametrize("kw", [{}, {"bias": False, "n_layer": 3, "block_size": 8},
+                                {"tie_embeddings": False}])
+def test_flops_per_token_equals_counted_matmul_flops(kw):
+    # Explicit attention: FlopCounterMode has no formula for the CPU SDPA kernel, but counts the two
+    # bmm (QKᵀ and AV) of the explicit path, over the full T x T square (causality is not credited,
+    # as in the formula). The same weights run either way.
+    torch.manual_seed(0)
+    model = GPT(tiny(attn_impl="explicit", **kw))
+    T = model.config.block_size
+    forward, both = counted_training_flops(model, T)
+    assert both == 3 * forward  # the backward of a matmul is two matmuls of its size
+    # The formula charges 6 FLOPs per token to every non-embedding parameter; biases and norm gains
+    # take part in no matmul, so the counter does not see them. Everything else must match exactly.
+    outside_matmuls = sum(p.numel() for p in model.parameters() if p.dim() < 2)
+    assert both == T * (model.flops_per_token() - 6 * outside_matmuls)
 
 
 def test_gpt2_124m_has_124m_parameters():

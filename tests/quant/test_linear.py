@@ -146,7 +146,7 @@ def test_gradient_flows_to_the_input_through_the_dequantized_weight():
     x2 = x1.detach().clone().requires_grad_(True)
     q(x1).square().sum().backward()
     ref(x2).square().sum().backward()
-    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)  # fp32 sums of 40 terms of order 1
 
 
 def test_int4_weights_take_about_an_eighth_of_fp32():
