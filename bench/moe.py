@@ -57,7 +57,7 @@ from torch import nn
 from scratchlm.config import ModelConfig, TrainConfig
 from scratchlm.io import atomic_open
 from scratchlm.model.llama import Llama
-from scratchlm.model.moe import MoE, expert_hidden
+from scratchlm.model.moe import MoE, balance_loss_coef, expert_hidden
 from scratchlm.train.optim import make_optimizer
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -107,7 +107,7 @@ def hf_mixtral(c: ModelConfig, experts_impl: str) -> nn.Module:
               head_dim=c.n_embd // c.n_head, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
               tie_word_embeddings=c.tie_embeddings, num_local_experts=c.n_experts,
               num_experts_per_tok=c.n_active_experts, output_router_logits=True,
-              router_aux_loss_coef=c.aux_loss_coef, router_jitter_noise=0.0, sliding_window=None,
+              router_aux_loss_coef=balance_loss_coef(c), router_jitter_noise=0.0, sliding_window=None,
               attention_dropout=0.0, bos_token_id=0, eos_token_id=0, use_cache=False,
               rope_theta=c.rope_theta)  # transformers 5 folds rope_theta into rope_parameters
     cfg = MixtralConfig(**kw)

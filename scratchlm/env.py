@@ -1,18 +1,30 @@
-"""What this machine can do (`scratchlm env`), and the matmul peak that MFU is measured against.
+"""What this machine can do (`scratchlm env`), the matmul peak that MFU is measured against, and
+how fast a linear layer runs in fp32 and under bf16 autocast (what `precision=auto` decides by).
 
 `env_cli` prints the device (CPU model and its vector/matrix extensions, CUDA GPUs, Apple MPS),
 the torch version and build, the thread count, the precisions that run here, and the peak
-matmul throughput in TFLOP/s.
+matmul throughput in TFLOP/s with where each figure came from.
 
 `peak_flops(device, dtype)` is the denominator of model FLOPs utilisation. On a CPU there is no
 datasheet figure to trust (it depends on the cores we were given, the clock under load and the
 kernels torch's build dispatches to), so it is measured: square matmuls, growing from 512 until
-one takes ~20 ms (at most 2048 on a CPU), then ~0.3 s of timed calls, keeping the fastest.
-The result is cached as JSON in the scratchlm cache folder (`$SCRATCHLM_CACHE`, else
-`~/.cache/scratchlm`), keyed by device name, torch version, thread count and dtype, so only the
-first call (or `--remeasure`) pays for it. On a CUDA GPU listed in `DATASHEET_PEAKS`, bf16 and
-fp16 use the vendor's dense tensor-core peak instead, as MFU is conventionally reported (a
-measured matmul reaches ~70-80% of it); other GPUs and dtypes are measured like the CPU.
+one takes ~20 ms (at most 2048 on a CPU), then timed in several rounds with pauses between them,
+keeping the fastest call: another process's burst of work rarely covers every round. A machine
+that stays busy through the whole measurement still gives a peak that is too low, so the figure
+is not trusted forever: when a training run achieves more FLOP/s than the cached peak,
+`raise_peak` raises it (MFU can never pass 100%, and the peak corrects itself). On a CUDA GPU
+listed in `DATASHEET_PEAKS`, bf16 and fp16 use the vendor's dense tensor-core peak instead, as
+MFU is conventionally reported (a measured matmul reaches ~70-80% of it).
+
+`linear_times(device, shapes)` times a linear layer's forward + backward at each (rows, d_in,
+d_out) shape, in fp32 and under bf16 autocast, all interleaved in the same rounds; autocast's
+casts of the input and the weight are inside the timed call, since on small shapes they cost
+more than the faster matmul saves.
+
+Every result is cached as JSON in the scratchlm cache folder (`$SCRATCHLM_CACHE`, else
+`~/.cache/scratchlm`), keyed by device name, torch version, thread count, dtype (and shape),
+with when it was measured, from how many calls, and the load average then; only the first call
+(or `--remeasure`) pays for it. Entries in an older format are measured again.
 
 Left out: memory bandwidth, multi-GPU interconnect, and power/clock state.
 """
@@ -20,14 +32,19 @@ Left out: memory bandwidth, multi-GPU interconnect, and power/clock state.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import math
 import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from scratchlm.data.sources import _cache_dir
 from scratchlm.io import write_json
@@ -56,6 +73,11 @@ NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 CACHE_NAME = "peak_flops.json"
+
+# Timing: the fastest call over ROUNDS rounds of at least ROUND_S seconds each, PAUSE_S apart.
+ROUNDS = 5
+ROUND_S = 0.08
+PAUSE_S = 0.05
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,53 +150,137 @@ def runs(device: str, dtype: torch.dtype) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# the matmul peak
+# timing
 
 
-def _probe_matmul(device: str, dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """Best FLOP/s of an (n, n) @ (n, n) matmul (2n^3 FLOPs). n grows from 512 until one call
-    takes ~20 ms, then calls are timed for `seconds` and the fastest is kept (the least disturbed
-    by other processes and frequency changes)."""
-    kind = torch.device(device).type
-    n, n_max = 512, (2048 if kind == "cpu" else 8192)
-    gen = torch.Generator(device="cpu").manual_seed(0)
+def _time_call(fn: Callable[[], object], device: str) -> float:
+    """Seconds one call of `fn` takes on `device`, its queued work included."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _best_times(fns: list[Callable[[], object]], device: str) -> tuple[list[float], int]:
+    """([fastest seconds per fn], the fewest calls any fn got). The fns take turns in the same
+    rounds, so a burst of load outside hits them alike; within a round each is called for
+    ROUND_S / len(fns) seconds (at least once). The fastest call is the least disturbed one."""
+    best, calls = [math.inf] * len(fns), [0] * len(fns)
+    for r in range(ROUNDS):
+        if r:
+            time.sleep(PAUSE_S)  # let a burst of another process's work end
+        for i, fn in enumerate(fns):
+            deadline = time.perf_counter() + ROUND_S / len(fns)
+            while True:
+                best[i] = min(best[i], _time_call(fn, device))
+                calls[i] += 1
+                if time.perf_counter() >= deadline:
+                    break
+    return best, min(calls)
+
+
+def _randn(shape: tuple[int, ...], device: str, seed: int = 0) -> torch.Tensor:
+    # Normal values (not zeros or ones) so no kernel can shortcut; made on the CPU for portability.
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _probe_matmul(device: str, dtype: torch.dtype) -> tuple[float, int]:
+    """(best FLOP/s of an (n, n) @ (n, n) matmul (2n^3 FLOPs), calls timed). n grows from 512
+    until one call takes ~20 ms, then calls are timed in rounds (`_best_times`)."""
+    n, n_max = 512, (2048 if torch.device(device).type == "cpu" else 8192)
 
     def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Normal values (not zeros or ones) so no kernel can shortcut; made on the CPU for portability.
-        return tuple(torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+        return _randn((n, n), device, 0).to(dtype), _randn((n, n), device, 1).to(dtype)
 
-    def timed(a: torch.Tensor, b: torch.Tensor) -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        return time.perf_counter() - t0
-
-    a, b = make(n)
-    timed(a, b)  # warm-up: thread pool start, kernel selection, lazy initialisation
-    while n < n_max and timed(a, b) < 0.02:
+    mm = functools.partial(torch.mm, *make(n))
+    _time_call(mm, device)  # warm-up: thread pool start, kernel selection
+    while n < n_max and _time_call(mm, device) < 0.02:
         n *= 2
-        a, b = make(n)
-        timed(a, b)
-    best = float("inf")
-    deadline = time.perf_counter() + seconds
-    while True:
-        best = min(best, timed(a, b))
-        if time.perf_counter() >= deadline:
-            break
-    return 2.0 * n**3 / best
+        mm = functools.partial(torch.mm, *make(n))
+        _time_call(mm, device)
+    (best,), calls = _best_times([mm], device)
+    return 2.0 * n**3 / best, calls
+
+
+def _linear_step(device: str, rows: int, d_in: int, d_out: int, autocast: bool) -> Callable[[], None]:
+    """Forward + backward of a linear layer without bias, x (rows, d_in) @ W (d_out, d_in)^T, the
+    gradients of both included; under bf16 autocast the casts of x and W are part of it."""
+    x = _randn((rows, d_in), device, 0).requires_grad_()
+    w = (_randn((d_out, d_in), device, 1) / d_in**0.5).requires_grad_()
+    g = _randn((rows, d_out), device, 2)
+
+    def step() -> None:
+        x.grad = w.grad = None
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            y = F.linear(x, w)
+        y.backward(g.to(y.dtype))
+
+    step()  # warm-up
+    return step
+
+
+def _probe_linears(device: str, shapes: list[tuple[int, int, int]]) -> tuple[list[tuple[float, float]], int]:
+    """([(fp32 seconds, bf16-autocast seconds) per (rows, d_in, d_out) shape], calls of each), all
+    timed in the same rounds."""
+    fns = [_linear_step(device, *shape, autocast) for shape in shapes for autocast in (False, True)]
+    best, calls = _best_times(fns, device)
+    return list(zip(best[0::2], best[1::2])), calls
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache
+
+
+def _key(device: str, what: str) -> str:
+    return f"{device_name(device)}|torch {torch.__version__}|{torch.get_num_threads()} threads|{what}"
 
 
 def _cache_key(device: str, dtype: torch.dtype) -> str:
-    return f"{device_name(device)}|torch {torch.__version__}|{torch.get_num_threads()} threads|{DTYPE_NAMES[dtype]}"
+    return _key(device, DTYPE_NAMES[dtype])
 
 
-def _read_cache(path: Path) -> dict[str, float]:
+def _linear_key(device: str, rows: int, d_in: int, d_out: int) -> str:
+    return _key(device, f"linear {rows}x{d_in}->{d_out} forward+backward, fp32 vs bf16 autocast")
+
+
+def _read_cache() -> dict[str, dict[str, Any]]:
+    """The cached records; an absent or corrupt file, or an entry in an older format, is left out
+    (measured again and rewritten)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return {str(k): float(v) for k, v in data.items()} if isinstance(data, dict) else {}
-    except (OSError, ValueError, TypeError, AttributeError):
-        return {}  # absent or corrupt: measure again and rewrite it
+        data = json.loads((_cache_dir() / CACHE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): v for k, v in data.items() if isinstance(v, dict) and "when" in v}
+
+
+def _write_records(records: dict[str, dict[str, Any]], drop: Callable[[str], bool] = lambda key: False) -> None:
+    """Add `records` to the cache file, leaving out the keys `drop` names."""
+    cache = _read_cache()  # read again just before writing: another process may have added entries
+    cache = {k: v for k, v in cache.items() if not drop(k)} | records
+    with contextlib.suppress(OSError):  # a read-only cache folder costs a re-measurement next time, nothing more
+        write_json(_cache_dir() / CACHE_NAME, cache)
+
+
+def _measured(calls: int) -> dict[str, Any]:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"how": "measured", "when": time.strftime("%Y-%m-%d %H:%M"), "calls": calls, "rounds": ROUNDS,
+            "load": None if load is None else round(load, 2)}
+
+
+def describe(record: dict[str, Any]) -> str:
+    """Where a cached figure came from, in words: "measured 2025-01-31 14:02, best of 60 calls in
+    5 rounds, load 0.31" or "raised 2025-01-31 14:05 by a training run that achieved it"."""
+    if record.get("how") == "observed":
+        return f"raised {record['when']} by a training run that achieved it"
+    load = f", load {record['load']:.2f}" if record.get("load") is not None else ""
+    return f"measured {record['when']}, best of {record['calls']} calls in {record['rounds']} rounds{load}"
+
+
+# ----------------------------------------------------------------------------------------------
+# the matmul peak
 
 
 def datasheet_peak(device: str, dtype: torch.dtype) -> float | None:
@@ -187,30 +293,72 @@ def datasheet_peak(device: str, dtype: torch.dtype) -> float | None:
     return None
 
 
-def peak_with_source(device: str = "cpu", dtype: torch.dtype = torch.float32,
-                     remeasure: bool = False) -> tuple[float, str]:
-    """(FLOP/s, where it came from: "datasheet", "cached" or "measured")."""
+def _check_dtype(dtype: torch.dtype) -> None:
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"no peak for {dtype}; use one of {', '.join(map(str, DTYPE_NAMES))}")
+
+
+def peak_with_source(device: str = "cpu", dtype: torch.dtype = torch.float32,
+                     remeasure: bool = False) -> tuple[float, str]:
+    """(FLOP/s, where it came from: "datasheet", or `describe`'s words for a measured or raised
+    peak, after "cached; " when read from the cache)."""
+    _check_dtype(dtype)
     sheet = datasheet_peak(device, dtype)
     if sheet is not None:
         return sheet, "datasheet"
-    path = _cache_dir() / CACHE_NAME
     key = _cache_key(device, dtype)
-    cache = _read_cache(path)
-    if key in cache and cache[key] > 0 and not remeasure:
-        return cache[key], "cached"
-    flops = _probe_matmul(device, dtype)
-    cache[key] = flops
-    with contextlib.suppress(OSError):  # a read-only cache folder costs a re-measurement next time, nothing more
-        write_json(path, cache)
-    return flops, "measured"
+    record = _read_cache().get(key)
+    if record and record.get("flops", 0) > 0 and not remeasure:
+        return float(record["flops"]), "cached; " + describe(record)
+    flops, calls = _probe_matmul(device, dtype)
+    record = {"flops": flops, **_measured(calls)}
+    _write_records({key: record})
+    return flops, describe(record)
 
 
 def peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, remeasure: bool = False) -> float:
     """Peak matmul FLOP/s on `device` in `dtype`: measured once and cached (or a GPU datasheet
     figure; see the module docstring). The denominator of MFU."""
     return peak_with_source(device, dtype, remeasure)[0]
+
+
+def raise_peak(device: str, dtype: torch.dtype, achieved: float) -> float:
+    """The peak once `achieved` FLOP/s has been seen to happen: a cached peak below it was measured
+    while the machine was busy, so it is raised to `achieved` (and cached, saying so). Returns the
+    peak now in force, never below `achieved`."""
+    _check_dtype(dtype)
+    sheet = datasheet_peak(device, dtype)
+    if sheet is not None:
+        return max(sheet, achieved)  # a datasheet is not ours to rewrite
+    key = _cache_key(device, dtype)
+    record = _read_cache().get(key, {})
+    if record.get("flops", 0) >= achieved:
+        return float(record["flops"])
+    _write_records({key: {"flops": achieved, "how": "observed", "when": time.strftime("%Y-%m-%d %H:%M")}})
+    return achieved
+
+
+# ----------------------------------------------------------------------------------------------
+# fp32 against bf16 autocast at a model's shapes
+
+
+def linear_times(device: str, shapes: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], tuple[float, float]]:
+    """{(rows, d_in, d_out): (fp32 seconds, bf16-autocast seconds)} for forward + backward of a
+    linear layer at each shape: measured once per machine, thread count and shape (the shapes not
+    in the cache together), then cached."""
+    cache = _read_cache()
+    times: dict[tuple[int, int, int], tuple[float, float]] = {}
+    for shape in shapes:
+        record = cache.get(_linear_key(device, *shape), {})
+        if record.get("fp32_s", 0) > 0 and record.get("bf16_s", 0) > 0:
+            times[shape] = (float(record["fp32_s"]), float(record["bf16_s"]))
+    missing = [shape for shape in dict.fromkeys(shapes) if shape not in times]
+    if missing:
+        measured, calls = _probe_linears(device, missing)
+        times.update(zip(missing, measured))
+        _write_records({_linear_key(device, *shape): {"fp32_s": fp32, "bf16_s": bf16, **_measured(calls)}
+                        for shape, (fp32, bf16) in zip(missing, measured)})
+    return times
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,8 +388,9 @@ def _peak_line(device: str, dtype: torch.dtype, remeasure: bool) -> str:
     return f"{device} {DTYPE_NAMES[dtype]}: {flops / 1e12:.3g} TFLOP/s ({source})"
 
 
-def env_cli(remeasure: bool = False) -> None:
-    """`scratchlm env`: print the device, torch build, precisions and matmul peaks."""
+def env_cli(remeasure: bool = False, threads: tuple[int, str] | None = None) -> None:
+    """`scratchlm env`: print the device, torch build, precisions and matmul peaks; `threads` is
+    what training would use and why (`train.device.pick_threads`, which builds on this module)."""
     rows: list[tuple[str, str]] = []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     rows.append(("cpu", f"{cpu_name()} ({cores} cores available)"))
@@ -271,7 +420,8 @@ def env_cli(remeasure: bool = False) -> None:
     extras = [n for n, ok in (("MKL", torch.backends.mkl.is_available()),
                               ("oneDNN", torch.backends.mkldnn.is_available())) if ok]
     rows.append(("build", build + (f" ({', '.join(extras)})" if extras else "")))
-    rows.append(("threads", f"{torch.get_num_threads()} (torch.get_num_threads)"))
+    rows.append(("threads", f"{torch.get_num_threads()} (torch.get_num_threads)"
+                 + (f"; training would use {threads[0]} ({threads[1]})" if threads else "")))
     for dev in devices:
         rows.append((f"precisions {dev}", ", ".join(_precisions(dev))))
 
@@ -288,5 +438,7 @@ def env_cli(remeasure: bool = False) -> None:
                                             torch.float16)]
     if "mps" in devices:
         peaks.append(("mps", torch.float32))
+    if remeasure:  # the fp32 / bf16 timings behind precision=auto are measured again when next needed
+        _write_records({}, drop=lambda key: "|linear " in key)
     for i, (dev, dtype) in enumerate(peaks):
         print(f"{'peak matmul' if i == 0 else '':<{width}}  {_peak_line(dev, dtype, remeasure)}", flush=True)

@@ -28,7 +28,7 @@ def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, n_experts: i
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE's z-loss: mean over tokens of logsumexp(router logits)^2, which keeps the logits
     small so the router's softmax stays numerically stable (Zoph et al. 2022). logits: (N, E)."""
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+    return torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).pow(2).mean()
 
 
 def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -48,6 +48,60 @@ def fusable_head(head) -> bool:
     return type(head) is torch.nn.Linear and head.bias is None
 
 
+def _fused_chunks(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk: int,
+                  want_x: bool, want_w: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(mean CE, d loss/dx or None, d loss/dweight or None) of x (N, C) @ weight (V, C).T against
+    targets (N,), one chunk of rows at a time. The gradients cost two of the three matmuls, so they
+    are computed only when asked for."""
+    kind = x.device.type
+    # The matmuls run in autocast's dtype when it is on (as F.linear would); the softmax and the
+    # sums in fp32, or in float64 for float64 inputs (so a float64 check of an invariant is exact).
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    acc = torch.promote_types(dtype, torch.float32)
+    w = weight.to(dtype)  # (V, C)
+    valid = targets != ignore_index  # (N,)
+    n_valid = valid.sum()
+    scale = 1.0 / n_valid.clamp(min=1).to(acc)
+    total = torch.zeros((), dtype=acc, device=x.device)
+    grad_x = torch.empty_like(x) if want_x else None  # (N, C)
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None  # (V, C)
+    # One logits buffer for every chunk, and no other (rows, V) temporaries: fresh vocab-sized
+    # allocations cost page faults on CPU, which showed as much as the matmuls themselves.
+    buf = torch.empty(min(chunk, x.size(0)), w.size(0), dtype=dtype, device=x.device)  # (rows, V)
+    with torch.autocast(kind, enabled=False):
+        for s in range(0, x.size(0), chunk):
+            xc, tc, vc = x[s : s + chunk].to(dtype), targets[s : s + chunk], valid[s : s + chunk]
+            n = xc.size(0)
+            logits = torch.mm(xc, w.t(), out=buf[:n]).to(acc)  # (n, V); a copy only when dtype != acc
+            safe = tc.clamp(min=0)[:, None]  # ignored rows point at class 0; masked below
+            picked = logits.gather(1, safe)[:, 0]  # (n,) logit of the target
+            peak = logits.amax(-1)  # (n,)
+            e = logits.sub_(peak[:, None]).exp_()  # exp(logit - max), written over the logits
+            sum_e = e.sum(-1)  # (n,)
+            vf = vc.to(acc)
+            total += ((peak + sum_e.log() - picked) * vf).sum()  # logsumexp - target logit
+            if not (want_x or want_w):
+                continue
+            # d(mean CE)/d logits = (softmax - onehot) / n_valid on valid rows, 0 on ignored ones
+            row = vf * scale  # (n,)
+            g = e.mul_((row / sum_e)[:, None])
+            g.scatter_add_(1, safe, -row[:, None])
+            g = g.to(dtype)  # (n, V)
+            if want_x:
+                gx = grad_x[s : s + n]
+                if gx.dtype == dtype:
+                    torch.mm(g, w, out=gx)
+                else:
+                    gx.copy_(g @ w)
+            if want_w:
+                if dtype == acc:
+                    grad_w.addmm_(g.t(), xc)
+                else:
+                    grad_w += (g.t() @ xc).to(acc)
+    loss = torch.where(n_valid > 0, total * scale, torch.full_like(total, float("nan")))
+    return loss, grad_x, grad_w.to(weight.dtype) if want_w else None
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of (x @ weight.T) against targets, without ever holding the (N, V) logits.
 
@@ -57,57 +111,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
     grad_weight (chunkᵀ @ x), and drops the logits. Backward only scales those by the incoming
     gradient. Memory falls from N x V logits (plus their softmax and its gradient) to one chunk,
     and the vocab-sized buffers that cost page faults and memory bandwidth are gone.
+
+    Computing the gradients in forward is only right when a backward will follow: autograd calls
+    forward with `needs_input_grad` set from `requires_grad` even under `torch.no_grad()`, so
+    `linear_cross_entropy` takes the loss-only path itself when grad mode is off. The saved
+    gradients are constants, so there is no second derivative (create_graph=True gives gradients
+    without a graph, and differentiating them again fails loudly).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                 chunk: int) -> torch.Tensor:
-        # x (N, C), weight (V, C), targets (N,) -> scalar loss (fp32)
-        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # e.g. a frozen head: want_w False
-        kind = x.device.type
-        # The matmuls run in autocast's dtype when it is on (as F.linear would), the softmax in fp32.
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-        w = weight.to(dtype)  # (V, C)
-        valid = targets != ignore_index  # (N,)
-        n_valid = valid.sum()
-        scale = 1.0 / n_valid.clamp(min=1).float()
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x) if want_x else None  # (N, C)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None  # (V, C)
-        # One logits buffer for every chunk, and no other (rows, V) temporaries: fresh vocab-sized
-        # allocations cost page faults on CPU, which showed as much as the matmuls themselves.
-        buf = torch.empty(min(chunk, x.size(0)), w.size(0), dtype=dtype, device=x.device)  # (rows, V)
-        with torch.autocast(kind, enabled=False):
-            for s in range(0, x.size(0), chunk):
-                xc, tc, vc = x[s : s + chunk].to(dtype), targets[s : s + chunk], valid[s : s + chunk]
-                n = xc.size(0)
-                logits = torch.mm(xc, w.t(), out=buf[:n]).float()  # (n, V); a copy only when not fp32
-                safe = tc.clamp(min=0)[:, None]  # ignored rows point at class 0; masked below
-                picked = logits.gather(1, safe)[:, 0]  # (n,) logit of the target
-                peak = logits.amax(-1)  # (n,)
-                e = logits.sub_(peak[:, None]).exp_()  # exp(logit - max), written over the logits
-                sum_e = e.sum(-1)  # (n,)
-                vf = vc.float()
-                total += ((peak + sum_e.log() - picked) * vf).sum()  # logsumexp - target logit
-                if want_x or want_w:
-                    # d(mean CE)/d logits = (softmax - onehot) / n_valid on valid rows, 0 on ignored ones
-                    row = vf * scale  # (n,)
-                    g = e.mul_((row / sum_e)[:, None])
-                    g.scatter_add_(1, safe, -row[:, None])
-                    g = g.to(dtype)  # (n, V)
-                if want_x:
-                    gx = grad_x[s : s + n]
-                    if gx.dtype == dtype:
-                        torch.mm(g, w, out=gx)
-                    else:
-                        gx.copy_(g @ w)
-                if want_w:
-                    if dtype == torch.float32:
-                        grad_w.addmm_(g.t(), xc)
-                    else:
-                        grad_w += (g.t() @ xc).float()
-        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if want_w else None)
-        return torch.where(n_valid > 0, total * scale, torch.full_like(total, float("nan")))
+        # x (N, C), weight (V, C), targets (N,) -> scalar loss; a frozen head: needs_input_grad[1] False
+        loss, grad_x, grad_w = _fused_chunks(x, weight, targets, ignore_index, chunk, *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(grad_x, grad_w)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -122,6 +140,10 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          chunk: int | None = None) -> torch.Tensor:
     """F.cross_entropy(x @ weight.T, targets, ignore_index=ignore_index) (mean over the targets not
     ignored; nan if all are), computed chunk by chunk without the (N, V) logits. x: (..., C),
-    weight: (V, C), targets: same leading shape as x. See `_LinearCrossEntropy`."""
-    x2 = x.reshape(-1, x.size(-1))
-    return _LinearCrossEntropy.apply(x2, weight, targets.reshape(-1), ignore_index, chunk or chunk_rows(weight.size(0)))
+    weight: (V, C), targets: same leading shape as x. See `_LinearCrossEntropy`. Under
+    `torch.no_grad()` / inference mode, or when neither input requires grad, only the loss is computed."""
+    x2, t2 = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    chunk = chunk or chunk_rows(weight.size(0))
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return _fused_chunks(x2, weight, t2, ignore_index, chunk, False, False)[0]
+    return _LinearCrossEntropy.apply(x2, weight, t2, ignore_index, chunk)

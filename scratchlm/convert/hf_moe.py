@@ -54,7 +54,7 @@ from scratchlm.convert import hf_llama
 from scratchlm.convert.hf_common import HFConfig
 from scratchlm.errors import UserError
 from scratchlm.model.llama import ffn_hidden
-from scratchlm.model.moe import expert_hidden, is_moe_layer
+from scratchlm.model.moe import balance_loss_coef, expert_hidden, is_moe_layer
 
 MODEL_TYPES = {"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
                "Qwen3MoeForCausalLM": "qwen3_moe"}
@@ -293,7 +293,7 @@ def config_to_hf(m: ModelConfig, eos_id: int | None) -> dict[str, Any]:
         # Both spellings: transformers 5 reads rope_parameters (theta inside), 4.x rope_theta + rope_scaling.
         "rope_theta": theta, "rope_scaling": scaling,
         "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": theta},
-        "num_experts_per_tok": m.n_active_experts, "router_aux_loss_coef": m.aux_loss_coef,
+        "num_experts_per_tok": m.n_active_experts, "router_aux_loss_coef": balance_loss_coef(m),
         "output_router_logits": False,
         "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": None,
         "dtype": "float32", "torch_dtype": "float32",

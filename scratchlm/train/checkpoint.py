@@ -8,16 +8,22 @@ A checkpoint is a folder `RUN/ckpt/step_000500/` holding
   (torch's as a byte tensor in `rng.safetensors`), the gradient scaler;
 - `config.json` (the resolved run config) and `tokenizer.json`.
 The folder is built under a temporary name and renamed into place, and `RUN/ckpt/latest` names the
-newest complete one, so an interrupted save never leaves a checkpoint that loads half-written.
+newest complete one, so an interrupted save never leaves a checkpoint that loads half-written (the
+temporary folders of a killed save are removed when the next run claims the folder, see
+`scratchlm.rundir`). Pruning to `keep_last` only removes checkpoints older than the one just
+written. Loading refuses weights holding NaN or inf, naming the tensor.
 `RUN/ckpt/best/` is a copy of the checkpoint with the lowest validation loss. Nothing here uses
 pickle: loading cannot run code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +91,16 @@ def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """safetensors reports a failed write (a full disk) as its own error type: make it the OSError
+    it is, naming the checkpoint, so the CLI prints one line instead of a traceback."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise OSError(errno.EIO, f"cannot write the checkpoint ({e})", str(path)) from None
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -95,22 +111,27 @@ def save_checkpoint(
     trainer: dict[str, Any],
     *,
     keep_last: int = 2,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
-    """Write `RUN/ckpt/step_N/` atomically, point `latest` at it, drop older ones beyond keep_last."""
+    """Write `RUN/ckpt/step_N/` atomically, point `latest` at it, drop older ones beyond keep_last.
+    `scaler`: an fp16 run's gradient scaler, whose loss scale and growth count go in trainer.json."""
     root = Path(run_dir) / "ckpt"
     final = root / f"step_{step:07d}"
-    with atomic_dir(final) as tmp:
+    with _write_errors(final), atomic_dir(final) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         opt_tensors, opt_meta = optimizer_state(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        write_json(tmp / "trainer.json", {**trainer, "step": step, "optimizer": opt_meta, "rng": rng_meta})
+        write_json(tmp / "trainer.json", {**trainer, "step": step, "optimizer": opt_meta, "rng": rng_meta,
+                                          "scaler": scaler_state(scaler)})
         cfg.save(tmp / "config.json")
         tokenizer.save(tmp / "tokenizer.json")
     write_text(root / "latest", final.name + "\n")
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in steps[: max(0, len(steps) - max(keep_last, 1))]:
+    # Only this run's earlier checkpoints go: never the one just written, nor any of a later step.
+    older = sorted((int(p.name[len("step_"):]), p) for p in root.glob("step_*")
+                   if p.is_dir() and p.name[len("step_"):].isdigit() and int(p.name[len("step_"):]) < step)
+    for _, old in older[: max(0, len(older) - (max(keep_last, 1) - 1))]:
         shutil.rmtree(old)
     return final
 
@@ -144,7 +165,8 @@ def load_config_and_tokenizer(ckpt: Path) -> tuple[Config, Tokenizer]:
 
 
 def load_weights(model: nn.Module, ckpt: Path) -> None:
-    """Load `model.safetensors` into `model`; a shape or name mismatch says which tensor."""
+    """Load `model.safetensors` into `model`; a shape or name mismatch, or a tensor holding NaN or
+    inf, says which tensor."""
     file = ckpt / "model.safetensors"
     try:
         missing, unexpected = load_model(model, str(file), strict=False)
@@ -158,22 +180,50 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
         names = ", ".join(sorted(missing or unexpected)[:3])
         raise UserError(f"{file}: {'missing' if missing else 'unexpected'} tensors {names}",
                         fix="the checkpoint was made by a different model configuration")
+    for name, t in model.state_dict().items():  # NaN/inf weights would sample blank text without a word
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UserError(f"{file}: tensor {name} holds {bad} NaN/inf value(s) of {t.numel()}",
+                            fix="the run diverged before this save; use an earlier checkpoint (RUN/ckpt/step_*)")
 
 
-def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore optimizer and RNG states; return trainer.json (step, loader state, ...)."""
+def scaler_state(scaler: torch.amp.GradScaler | None) -> dict[str, Any] | None:
+    """A gradient scaler's state as JSON (loss scale, growth/backoff factors, growth interval and
+    the count of good steps toward the next growth); None without an enabled scaler."""
+    return scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
+
+
+def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer,
+                       scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+    """Restore optimizer, RNG and (fp16) gradient-scaler states; return trainer.json (step, loader
+    state, ...)."""
+    file = ckpt / "trainer.json"  # the file being read, named in the error
     try:
-        trainer = json.loads((ckpt / "trainer.json").read_text())
-        load_optimizer_state(optimizer, load_file(str(ckpt / "optimizer.safetensors")), trainer["optimizer"])
-        set_rng_state(load_file(str(ckpt / "rng.safetensors")), trainer["rng"])
-    except (json.JSONDecodeError, SafetensorError, KeyError, ValueError) as e:
-        raise UserError(f"{ckpt}: corrupt training state ({type(e).__name__}: {e})",
+        trainer = json.loads(file.read_text())
+        opt_meta, rng_meta = trainer["optimizer"], trainer["rng"]
+        file = ckpt / "optimizer.safetensors"
+        load_optimizer_state(optimizer, load_file(str(file)), opt_meta)
+        file = ckpt / "rng.safetensors"
+        set_rng_state(load_file(str(file)), rng_meta)
+        file = ckpt / "trainer.json"
+        if scaler is not None and scaler.is_enabled():
+            if trainer.get("scaler"):
+                scaler.load_state_dict(trainer["scaler"])
+            else:  # saved by a run without fp16, or before scalers were saved
+                print(f"note: {ckpt} holds no gradient-scaler state; the fp16 loss scale starts afresh", flush=True)
+    except (json.JSONDecodeError, SafetensorError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{file}: corrupt training state ({type(e).__name__}: {e})",
                         fix="resume from another checkpoint") from None
     return trainer
 
 
-def load_model_for_inference(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Tokenizer, Config]:
-    """A trained model ready to sample from or evaluate: (model in eval mode, tokenizer, config)."""
+def load_model_for_inference(path: str | Path, device: str = "cpu", adapters: str | Path | None = None
+                             ) -> tuple[nn.Module, Tokenizer, Config]:
+    """A trained model ready to sample from or evaluate: (model in eval mode, tokenizer, config).
+
+    `adapters` (an sft run's `adapters.safetensors`, or the run folder) are applied on top of the
+    checkpoint at `path`, which must be the base they were trained from (checked by fingerprint):
+    the result is the fine-tuned model, with the fine-tune's tokenizer."""
     from scratchlm.model import build_model
 
     ckpt = find_checkpoint(path)
@@ -183,8 +233,32 @@ def load_model_for_inference(path: str | Path, device: str = "cpu") -> tuple[nn.
                         f"{tok.vocab_size}", fix="the checkpoint's tokenizer.json was replaced; restore it")
     model = build_model(cfg.model)
     if cfg.sft.lora_r > 0:  # a LoRA fine-tune: rebuild the adapter (and quantized base) structure it was saved with
+        if adapters is not None:
+            raise UserError(f"{ckpt}: a LoRA fine-tune already, not a base model for --adapters",
+                            fix="pass the base the adapters were trained from as --ckpt, or drop --adapters")
         from scratchlm.sft.train import adapt_model
 
         adapt_model(model, cfg)
     load_weights(model, ckpt)
+    if adapters is not None:
+        from scratchlm.sft.lora import adapter_tokenizer, load_adapters
+
+        record = load_adapters(model, adapters)
+        tok = adapter_tokenizer(tok, record, adapters)
+        cfg.model.vocab_size = model.config.vocab_size
     return model.to(device).eval(), tok, cfg
+
+
+def save_weights_checkpoint(dst: Path, model: nn.Module, cfg: Config, tok: Tokenizer, note: dict[str, Any]) -> Path:
+    """Write a checkpoint folder at `dst` (atomically) that holds weights but no training history:
+    an empty optimizer, step 0, and `note` in trainer.json (where the weights came from)."""
+    rng_tensors, rng_meta = rng_state()
+    with atomic_dir(dst) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        save_file({}, str(tmp / "optimizer.safetensors"))  # no training happened here: no moments
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        write_json(tmp / "trainer.json", {"step": 0, "best_val_loss": None, **note,
+                                          "optimizer": {"param_groups": [], "scalars": {}}, "rng": rng_meta})
+        cfg.save(tmp / "config.json")
+        tok.save(tmp / "tokenizer.json")
+    return dst

@@ -17,13 +17,19 @@ from scratchlm.config import TrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """[decay group, no-decay group, ...]. A parameter with an `lr_scale` attribute (LoRA's adapters,
+    `sft.lora_lr_mult`) goes to a group of its own whose learning rate the loop multiplies by it;
+    one with `trainable_rows` (a table of which only some rows train) is never decayed, as decay
+    would move its frozen rows."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
     for p in model.parameters():  # .parameters() yields a tied tensor once
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = p.dim() >= 2 and id(p) not in embeddings and not hasattr(p, "trainable_rows")
+        groups.setdefault((decay, float(getattr(p, "lr_scale", 1.0))), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+            for (decay, scale), params in groups.items()]
 
 
 def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:

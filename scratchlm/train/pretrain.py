@@ -5,21 +5,26 @@
 first such stage: token shards in, a model trained from scratch out. Packed batches
 (x, y, doc_ids) train with attention kept inside each document (`DocumentMask`).
 
-One step = `grad_accum` micro-batches, each forward + backward with the loss divided by
-`grad_accum` (so the summed gradient is the mean over the whole step), then the global gradient
-norm is clipped and AdamW steps with the schedule's learning rate. Around that:
-- precision: `auto` picks bf16 autocast where it is faster (CUDA; CPUs with AMX once the model
-  is big enough for its matmuls to dominate) and fp32 elsewhere, and says why in the header;
+One step = `grad_accum` micro-batches, each forward + backward with its mean loss weighted by
+its share of the step's valid (unmasked) targets, so the summed gradient is that of the mean over
+the whole step's tokens, as one big batch would give (`forward_backward`), then the global
+gradient norm is clipped and AdamW steps with the schedule's learning rate. Around that:
+- device, threads and precision come from `device.py`: `auto` picks bf16 autocast where it is
+  faster (CUDA; on a CPU, measured at the model's own shapes) and fp32 elsewhere, and the header
+  says why, and why this many threads;
   fp16 (CUDA) uses a gradient scaler; the weights and the optimizer stay fp32 throughout;
 - validation every `eval_interval` steps: mean loss over `eval_iters` fixed batches, and bits per
   byte (the loss in bits divided by the UTF-8 bytes the predicted tokens stand for, comparable
-  across tokenizers);
+  across tokenizers). Without a validation split of at least one block (`data.val_fraction=0`)
+  validation is skipped, said in one line, rather than run on training data: no val loss (NaN in
+  the result), no `ckpt/best`;
 - logging: a progress bar (loss, lr, tokens/s, MFU, ETA), `metrics.jsonl`, TensorBoard when
   installed (wandb when asked), and `loss.png` at the end;
 - checkpoints (see checkpoint.py) every `ckpt_interval` steps, at the end, and on Ctrl-C or
   SIGTERM; `resume=True` continues from the latest one exactly as if never stopped (the data
-  loader position, RNG states, optimizer moments and the step all come back);
-- a NaN or inf loss stops the run naming the step (or skips the batch, `on_nan=skip`);
+  loader position, RNG states, optimizer moments, fp16's loss scale and the step all come back);
+- a NaN or inf loss stops the run naming the step (or skips the batch, `on_nan=skip`: no update,
+  but the step counts, and its evaluation and checkpoint still happen);
 - `profile_steps=N` traces N steps with torch.profiler into `RUN/profile/`.
 """
 
@@ -30,7 +35,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,70 +47,47 @@ from tqdm import tqdm
 
 from scratchlm.config import Config, ModelConfig
 from scratchlm.data.loader import BatchLoader, TokenShards
-from scratchlm.errors import UserError
+from scratchlm.errors import Interrupted, UserError
 from scratchlm.model import build_model, padded_vocab
 from scratchlm.model.layers import DocumentMask
+from scratchlm.rundir import trim_metrics
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt_io
+from scratchlm.train.device import (
+    autocast_ctx,
+    linear_shapes,
+    observe_mfu,
+    peak_flops,
+    pick_device,
+    pick_precision,
+    pick_threads,
+)
 from scratchlm.train.optim import make_optimizer
 from scratchlm.train.schedule import lr_at
 
-# bf16 autocast on an AMX CPU: matmuls run ~6x faster than fp32 at large sizes, but the casts
-# cost more than they save on tiny models (0.8M params: 1.4-2.2x slower). Measured crossover.
-BF16_CPU_MIN_PARAMS = 5_000_000
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"train.device={name} but no CUDA GPU is visible", fix="use --train.device=cpu")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read(100_000)
-    except OSError:
-        return False
-
-
-def pick_precision(choice: str, device: torch.device, n_params: int) -> tuple[str, str]:
-    """(precision, why) for `train.precision`."""
-    if choice not in ("auto", "fp32", "bf16", "fp16"):
-        raise UserError(f"train.precision={choice!r} is unknown", fix="use auto, fp32, bf16 or fp16")
-    if choice == "fp16" and device.type != "cuda":
-        raise UserError("train.precision=fp16 needs a CUDA GPU", fix="use bf16 or fp32 on this device")
-    if choice != "auto":
-        return choice, "set"
-    if device.type == "cuda":
-        return ("bf16", "auto: GPU supports bf16") if torch.cuda.is_bf16_supported() else ("fp16", "auto: no bf16")
-    if device.type == "cpu" and cpu_has_amx():
-        if n_params >= BF16_CPU_MIN_PARAMS:
-            return "bf16", f"auto: AMX CPU and {n_params / 1e6:.1f}M params"
-        return "fp32", f"auto: {n_params / 1e6:.1f}M params, below the {BF16_CPU_MIN_PARAMS / 1e6:.0f}M where bf16 pays"
-    return "fp32", "auto"
-
-
-def autocast_ctx(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
 
 def token_bytes(tok: Tokenizer, vocab: int) -> torch.Tensor:
-    """(V,) UTF-8 bytes each id stands for; 0 for specials and padding (for bits per byte)."""
+    """(V,) UTF-8 bytes each id adds to the text; 0 for specials and padding (for bits per byte).
+
+    Byte-level tokenizers count their raw bytes (a token may be part of a character, which
+    decodes alone to U+FFFD). Every other kind counts what the token adds when decoded after an
+    ordinary token, so the space a word-initial WordPiece or Unigram piece brings is counted
+    and a continuation (`##ing`) adds only its letters. Ids are never used as list indices,
+    since where the specials sit differs between kinds.
+    """
     out = torch.zeros(vocab, dtype=torch.float32)
     specials = set(tok.special_tokens.values())
-    for i in range(tok.vocab_size):
-        if i not in specials:
-            out[i] = len(tok.decode([i]).encode("utf-8")) if not hasattr(tok, "vocab") else len(tok.vocab[i])
+    ordinary = [i for i in range(tok.vocab_size) if i not in specials]
+    raw = getattr(tok, "decode_bytes", None)  # byte-level BPE
+    anchor = ordinary[0]
+    anchor_len = len(tok.decode([anchor]).encode("utf-8"))
+    for i in ordinary:
+        if raw is not None:
+            out[i] = len(raw([i]))
+        elif tok.kind == "byte":
+            out[i] = 1
+        else:
+            out[i] = len(tok.decode([anchor, i]).encode("utf-8")) - anchor_len
     return out
 
 
@@ -123,14 +104,27 @@ def block_grad_norms(model: nn.Module) -> dict[str, float]:
 
 def forward_backward(model: nn.Module, micro_batches: list[tuple[torch.Tensor, ...]],
                      amp: contextlib.AbstractContextManager, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
-    """Accumulate the gradient of the mean loss over `micro_batches`; return that mean (detached)."""
-    total = torch.zeros(())
-    for x, y, *doc in micro_batches:
+    """Accumulate the gradient of the step's loss over `micro_batches`; return that loss (detached).
+
+    The step's loss is what one batch of all its micro-batches would give: the mean cross-entropy
+    over the step's valid targets (those not -1). Each micro-batch's mean is weighted by its share
+    of them, since masked batches (SFT, classification) hold different numbers. A model's auxiliary
+    losses (`aux_loss()`, e.g. the MoE routers') belong to each micro-batch's routing and are
+    averaged over the micro-batches.
+    """
+    counts = [int(mb[1].ne(-1).sum()) for mb in micro_batches]
+    n_valid, n_micro = sum(counts), len(micro_batches)
+    total = torch.zeros((), dtype=torch.float64)
+    for (x, y, *doc), n in zip(micro_batches, counts):
         with amp:
             _, loss = model(x, y, cache=DocumentMask(doc[0]) if doc else None)
-        loss = loss / len(micro_batches)
-        (scaler.scale(loss) if scaler else loss).backward()
-        total += loss.detach().float().cpu()
+        aux = model.aux_loss() if hasattr(model, "aux_loss") else 0.0
+        share = n / n_valid if n_valid else float("nan")  # all targets masked: a NaN loss, as one batch gives
+        # loss = cross-entropy + aux; without targets the cross-entropy is NaN and weighs nothing
+        part = aux / n_micro if n == 0 and n_valid else loss * share + aux * (1 / n_micro - share)
+        if torch.is_tensor(part):
+            (scaler.scale(part) if scaler else part).backward()
+            total += part.detach().double().cpu()
     return total
 
 
@@ -167,7 +161,11 @@ class RunResult:
 
 
 class _Stop:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second Ctrl-C kills)."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second Ctrl-C kills).
+
+    The loop then saves a checkpoint and raises `Interrupted`, so the stage stops there (an SFT
+    run skips its evaluation) and the CLI exits with 143 or 130 rather than a success status.
+    """
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -189,14 +187,21 @@ class _Stop:
             signal.signal(sig, old)
 
 
-def prepare_run_data(cfg: Config, run_dir: Path, inputs: list[str] | None, progress: bool) -> Path:
-    """Train the config's tokenizer on the inputs and shard them into RUN/data (reused if present)."""
-    from scratchlm.data.prepare import prepare
+def prepare_run_data(cfg: Config, run_dir: Path, inputs: list[str] | None, progress: bool, *,
+                     resume: bool = False) -> Path:
+    """Train the config's tokenizer on the inputs and shard them into RUN/data.
+
+    Data already there is reused only when it was made with the same tokenizer and data settings
+    from the same inputs (a resumed run given no inputs keeps its own); otherwise this stops
+    with an error naming the difference, never training on something other than what was asked.
+    """
+    from scratchlm.data.prepare import check_prepared, prepare
     from scratchlm.data.sources import read_corpus_text
     from scratchlm.tokenizer import train_tokenizer
 
     data_dir = run_dir / "data"
     if (data_dir / "manifest.json").exists():
+        check_prepared(data_dir, cfg, inputs, check_inputs=bool(inputs) or not resume)
         return data_dir
     texts = read_corpus_text(inputs, cfg.tokenizer.jsonl_field, cfg.tokenizer.max_chars)
     tok = train_tokenizer(texts, cfg.tokenizer, progress=progress)
@@ -211,11 +216,12 @@ def _is_oom(e: BaseException) -> bool:
 @dataclass
 class Batches:
     """What the loop needs from a stage's data: a resumable training loader and fresh, fixed-order
-    validation loaders. A loader's `next_batch()` returns (x, y) or (x, y, doc_ids) for packed
-    sequences; `state_dict()`/`load_state_dict()` make it resumable."""
+    validation loaders (`make_val=None`: there is no validation data, and the loop skips
+    validation: no val loss, no best checkpoint). A loader's `next_batch()` returns (x, y) or
+    (x, y, doc_ids) for packed sequences; `state_dict()`/`load_state_dict()` make it resumable."""
 
     train: Any
-    make_val: Callable[[], Any]
+    make_val: Callable[[], Any] | None
 
 
 def pretrain(
@@ -240,18 +246,25 @@ def pretrain(
     latest = ckpt_io.find_checkpoint(run_dir) if resume else None
     if latest is not None:
         cfg.model = ckpt_io.load_config_and_tokenizer(latest)[0].model  # the architecture must be the checkpoint's
-    data_dir = data_dir or prepare_run_data(cfg, run_dir, inputs, progress)
+    data_dir = data_dir or prepare_run_data(cfg, run_dir, inputs, progress, resume=resume)
     shards = TokenShards(data_dir)
     tok = shards.tokenizer()
     if latest is not None:
         shards.check_tokenizer(ckpt_io.load_config_and_tokenizer(latest)[1])
     cfg.model.vocab_size = padded_vocab(cfg.model, tok.vocab_size)
     device = pick_device(t.device)
-    val_split = "val" if shards.tokens("val") > cfg.model.block_size else "train"
+    val_tokens = shards.tokens("val")
+    if val_tokens > cfg.model.block_size:
+        def make_val() -> BatchLoader:
+            return BatchLoader(shards, "val", t.batch_size, cfg.model.block_size, seed=cfg.seed + 1, device=device)
+    else:  # evaluating on training tokens instead would report a "val loss" that is not one
+        make_val = None
+        print(f"validation skipped: {data_dir} holds {val_tokens} validation tokens, fewer than one block of "
+              f"{cfg.model.block_size + 1}; no val loss, no ckpt/best (prepare the data with a larger "
+              f"--data.val_fraction to validate)", flush=True)
     batches = Batches(
         train=BatchLoader(shards, "train", t.batch_size, cfg.model.block_size, seed=cfg.seed, device=device),
-        make_val=lambda: BatchLoader(shards, val_split, t.batch_size, cfg.model.block_size, seed=cfg.seed + 1,
-                                     device=device),
+        make_val=make_val,
     )
     torch.manual_seed(cfg.seed)
     model = build(cfg.model)
@@ -276,11 +289,14 @@ def train_model(
     t, run_dir = cfg.train, Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(t.device)
+    threads_before = torch.get_num_threads()
+    threads, threads_why = pick_threads(t.threads)
+    torch.set_num_threads(threads)  # before any timing below; restored when the run ends
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal floats slow CPU math ~10x; flushing them costs nothing
     model = model.to(device)
     n_params = model.num_params()
-    precision, why = pick_precision(t.precision, device, n_params)
+    precision, why = pick_precision(t.precision, device, linear_shapes(model, t.batch_size * cfg.model.block_size))
     amp = autocast_ctx(precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     optimizer = make_optimizer(model, t)
@@ -291,22 +307,24 @@ def train_model(
     start = 0
     if resume_from is not None:
         ckpt_io.load_weights(model, resume_from)
-        trainer = ckpt_io.load_trainer_state(resume_from, optimizer)
+        trainer = ckpt_io.load_trainer_state(resume_from, optimizer, scaler)
         train_loader.load_state_dict(trainer["loader"])
         start = trainer["step"]
+        trim_metrics(run_dir / "metrics.jsonl", start)
     cfg.save(run_dir / "config.json")
 
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
     flops_per_step = model.flops_per_token() * tokens_per_step
-    peak = _peak_flops(device, precision)
+    peak = peak_flops(device, precision)
     tbytes = token_bytes(tok, cfg.model.vocab_size)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters()) - trainable
     print(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M params"
           + (f" ({trainable / 1e6:.2f}M trainable)" if frozen else "")
           + f", {cfg.model.n_layer} layers, block {cfg.model.block_size}, vocab {cfg.model.vocab_size} | device "
-          f"{device}, precision {precision} ({why}), {torch.get_num_threads()} threads | {tokens_per_step:,} "
-          f"tokens/step, steps {start}->{t.max_steps}" + (" (resumed)" if start else ""), flush=True)
+          f"{device}, precision {precision} ({why}), {threads} threads ({threads_why}) | "
+          f"{tokens_per_step:,} tokens/step, steps {start}->{t.max_steps}" + (" (resumed)" if start else ""),
+          flush=True)
 
     metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in finally)
     board = _tensorboard(run_dir) if t.tensorboard else None
@@ -335,7 +353,8 @@ def train_model(
         is_best = val_loss is not None and (trainer["best_val_loss"] is None or val_loss < trainer["best_val_loss"])
         if is_best:
             trainer["best_val_loss"] = val_loss
-        path = ckpt_io.save_checkpoint(run_dir, step, model, optimizer, cfg, tok, trainer, keep_last=t.keep_last)
+        path = ckpt_io.save_checkpoint(run_dir, step, model, optimizer, cfg, tok, trainer, keep_last=t.keep_last,
+                                       scaler=scaler)
         if is_best:
             ckpt_io.mark_best(path)
 
@@ -350,7 +369,7 @@ def train_model(
             while step < stop_at:
                 lr = lr_at(step, t)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)  # e.g. LoRA's adapters, see optim.param_groups
                 micro = [train_loader.next_batch() for _ in range(t.grad_accum)]
                 try:
                     loss = forward_backward(step_model, micro, amp, scaler)
@@ -362,25 +381,25 @@ def train_model(
                         ) from None
                     raise
                 loss_val = loss.item()
-                if not math.isfinite(loss_val):
-                    optimizer.zero_grad(set_to_none=True)
-                    if t.on_nan == "skip":
-                        log({"step": step, "skipped": 1, "loss": str(loss_val)})
-                        step += 1
-                        continue
-                    raise UserError(f"loss became {loss_val} at step {step}",
-                                    fix="lower --train.lr, keep --train.grad_clip on, or use --train.on_nan=skip")
-                if scaler:
-                    scaler.unscale_(optimizer)
-                norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
+                finite = math.isfinite(loss_val)
+                if not finite:
+                    if t.on_nan != "skip":
+                        raise UserError(f"loss became {loss_val} at step {step}",
+                                        fix="lower --train.lr, keep --train.grad_clip on, or use --train.on_nan=skip")
+                    # no update from this batch; the step still counts, so evaluation and checkpoints below run
+                    log({"step": step, "skipped": 1, "loss": str(loss_val)})
                 else:
-                    optimizer.step()
-                if hasattr(model, "after_optimizer_step"):  # e.g. MoE routers' balancing bias
-                    model.after_optimizer_step()
-                logging_now = (step + 1) % t.log_interval == 0 or step + 1 == stop_at
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+                    if scaler:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    if hasattr(model, "after_optimizer_step"):  # e.g. MoE routers' balancing bias
+                        model.after_optimizer_step()
+                logging_now = finite and ((step + 1) % t.log_interval == 0 or step + 1 == stop_at)
                 layer_norms = block_grad_norms(model) if layer_grad_norms and logging_now else {}
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -394,7 +413,7 @@ def train_model(
                 if logging_now:
                     dt = time.perf_counter() - window_t
                     tps = tokens_per_step * window_steps / dt
-                    mfu = flops_per_step * window_steps / dt / peak if peak else None
+                    mfu, peak = observe_mfu(flops_per_step * window_steps / dt, peak, device, precision)
                     window_t, window_steps = time.perf_counter(), 0
                     log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": norm.item(), "tokens_per_s": tps,
                          **({"mfu": mfu} if mfu is not None else {}),
@@ -403,15 +422,17 @@ def train_model(
                                         + (f" MFU {mfu:.0%}" if mfu is not None else ""), refresh=False)
                 bar.update(1)
                 end = step == stop_at or stop.requested
-                if step % t.eval_interval == 0 or step == t.max_steps:
+                evaluated = batches.make_val is not None and (step % t.eval_interval == 0 or step == t.max_steps)
+                if evaluated:
                     val_loss, bpb = validate(step)
                     bar.write(f"step {step}: train loss {loss_val:.4f}, val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
                 if end or (t.ckpt_interval and step % t.ckpt_interval == 0):
-                    save(step, val_loss if step % t.eval_interval == 0 or step == t.max_steps else None)
+                    save(step, val_loss if evaluated else None)
                 if stop.requested:
-                    bar.write(f"{stop.requested}: saved a checkpoint at step {step}; continue with --resume")
                     break
     finally:
+        torch.set_num_threads(threads_before)
+        torch.set_flush_denormal(False)  # the process default: the run leaves no global setting behind
         bar.close()
         metrics_file.close()
         if board:
@@ -420,28 +441,17 @@ def train_model(
             wandb_run.finish()
     seconds = time.perf_counter() - t_loop
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    if stop.requested:
+        raise Interrupted(stop.requested, step)
     steps_run = step - start
     result = RunResult(run_dir, step, loss_val, val_loss, bpb, seconds,
                        tokens_per_step * steps_run / seconds if seconds else 0.0, mfu, history)
-    print(f"done: {steps_run} steps in {seconds:.1f}s, train loss {loss_val:.4f}, val loss {val_loss:.4f} "
-          f"-> {run_dir}", flush=True)
+    val = f"val loss {val_loss:.4f}" if batches.make_val is not None else "validation skipped (no validation split)"
+    print(f"done: {steps_run} steps in {seconds:.1f}s, train loss {loss_val:.4f}, {val} -> {run_dir}", flush=True)
     return result
 
 
 # -- optional instruments -------------------------------------------------------------------------
-
-
-def _peak_flops(device: torch.device, precision: str) -> float | None:
-    try:
-        from scratchlm.env import peak_flops
-    except ImportError:
-        return None
-    dtype = torch.float32 if precision == "fp32" else (torch.bfloat16 if precision == "bf16" else torch.float16)
-    try:
-        return peak_flops(device.type, dtype)
-    except Exception as e:  # an unmeasurable peak only costs the MFU column
-        print(f"(MFU unavailable: {e})", file=sys.stderr)
-        return None
 
 
 def _tensorboard(run_dir: Path):
