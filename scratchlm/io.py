@@ -1,8 +1,10 @@
-"""Atomic file writes.
+"""Atomic file writes, and the clean-up of what a killed writer leaves behind.
 
 Every artifact is written to a temporary name beside its destination and renamed into place, so
 an interrupted run never leaves a file that loads as if it were whole: readers see either the
-old file, the new one, or none.
+old file, the new one, or none. Temporary names carry the writer's PID (`.NAME.tmp-PID`, and
+`.NAME.old-PID` for a folder being swapped out), so `remove_stale_temps` can tell the leftovers
+of a dead process (SIGKILL, power loss) from the work of a live one and remove only those.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,3 +71,45 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, and belongs to another user
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporary files and folders that dead processes left in `folder`; return their names.
+
+    A `.NAME.old-PID` whose NAME is missing is the previous version of NAME, moved aside by a
+    folder swap that was killed halfway: it is put back instead of removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        m = _TEMP.match(entry.name)
+        if m is None or pid_alive(int(m["pid"])):
+            continue
+        target = folder / m["name"]
+        if m["what"] == "old" and not target.exists():
+            os.replace(entry, target)
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        removed.append(entry.name)
+    return removed

@@ -54,7 +54,7 @@ class TokenShards:
         mpath = self.dir / "manifest.json"
         try:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a missing folder, or a file given as one
             raise UserError(f"{self.dir}: no manifest.json, not a prepared data folder",
                             fix=RERUN) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

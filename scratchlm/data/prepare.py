@@ -36,12 +36,19 @@ than by the corpus):
    swapped in only when complete (`io.atomic_dir`), so an interrupted run leaves nothing that
    loads, and an existing folder is replaced only by a whole new one.
 
+Fingerprint: the manifest records what the shards were made from, so prepared data is never
+silently reused for other inputs or settings (`check_prepared`): `inputs` is a blake2b over
+the hashes of every document read, in order (content, not paths or times: a moved or touched
+file is the same data), and `data` the settings that change the tokens (every `data.*` field
+but `workers`, which does not). The tokenizer's own fingerprint sits under `tokenizer`.
+
 Manifest (format "scratchlm.shards", version 1)::
 
     {"format": "scratchlm.shards", "version": 1,
      "tokenizer": {"kind": "bpe", "vocab_size": 2048, "fingerprint": "3f0c..."},
      "dtype": "uint16", "eot_id": 2042, "separator": "eot_before_document",
-     "inputs": ["kjv"], "split": {"by": "documents", "val_fraction": 0.05, "seed": 1337},
+     "inputs": ["kjv"], "fingerprint": {"inputs": "9d1e...", "data": {"jsonl_field": "text", ...}},
+     "split": {"by": "documents", "val_fraction": 0.05, "seed": 1337},
      "filters": {"dedup": true, "min_chars": 16, "max_repeated_line_ratio": 0.5},
      "filtered": {"duplicate": 0, "too_short": 0, "repeated_lines": 0},
      "documents": {"read": 1189, "kept": 1189, "train": 1130, "val": 59},
@@ -57,7 +64,9 @@ concatenated with the separator between them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import sys
@@ -69,7 +78,7 @@ from typing import IO, Any
 import numpy as np
 from tqdm import tqdm
 
-from scratchlm.config import Config, DataConfig
+from scratchlm.config import Config, DataConfig, load_config
 from scratchlm.data.sources import DEFAULT_CORPUS, Document, iter_documents
 from scratchlm.errors import UserError
 from scratchlm.io import atomic_dir, write_json
@@ -318,6 +327,39 @@ def _check_out_dir(out_dir: Path) -> None:
         )
 
 
+def data_settings(data: DataConfig) -> dict[str, Any]:
+    """The `data.*` settings that change the shards' contents (all but `workers`)."""
+    return {k: v for k, v in dataclasses.asdict(data).items() if k != "workers"}
+
+
+def inputs_fingerprint(inputs: list[str] | None, jsonl_field: str) -> str:
+    """blake2b over the hashes of every document of `inputs`, in order (what `prepare` records)."""
+    h = hashlib.blake2b(digest_size=16)
+    for doc in iter_documents(inputs, jsonl_field):
+        h.update(text_hash(doc.text))
+    return h.hexdigest()
+
+
+def check_prepared(data_dir: Path, cfg: Config, inputs: list[str] | None, *, check_inputs: bool = True) -> None:
+    """Refuse prepared data made with other tokenizer or data settings than `cfg`'s, or (when
+    `check_inputs`) from other inputs; the message names the first difference."""
+    manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
+    made_with = load_config(data_dir / "config.json")
+    fix = "pass the same inputs and settings, or start a new run (another --out, or --overwrite)"
+    wanted = {**{f"tokenizer.{k}": v for k, v in dataclasses.asdict(cfg.tokenizer).items()},
+              **{f"data.{k}": v for k, v in data_settings(cfg.data).items()}}
+    had = {**{f"tokenizer.{k}": v for k, v in dataclasses.asdict(made_with.tokenizer).items()},
+           **{f"data.{k}": v for k, v in manifest.get("fingerprint", {}).get("data", {}).items()}}
+    for key, value in wanted.items():
+        if had.get(key) != value:
+            raise UserError(f"{data_dir}: prepared with {key}={had.get(key)!r}, but this run has {value!r}", fix=fix)
+    if check_inputs:
+        recorded = manifest.get("fingerprint", {}).get("inputs")
+        if recorded != inputs_fingerprint(inputs, cfg.data.jsonl_field):
+            raise UserError(f"{data_dir}: prepared from other inputs ({', '.join(manifest['inputs'])}) than "
+                            f"{_describe_inputs(inputs)}", fix=fix)
+
+
 def split_documents(n: int, val_fraction: float, seed: int) -> np.ndarray:
     """Boolean mask (n,): True for the documents held out for validation."""
     n_val = round(val_fraction * n)
@@ -349,6 +391,7 @@ def prepare(
 
     # -- pass 1: filter ------------------------------------------------------------------------
     labels = bytearray()  # one per document read: DROP, or TRAIN until the split decides
+    fingerprint = hashlib.blake2b(digest_size=16)  # of every document read (see `inputs_fingerprint`)
     kept_hashes: list[bytes] = []  # (kept,) to check that pass 2 reads the same documents
     filtered = dict.fromkeys(FILTERS, 0)
     seen: set[bytes] = set()
@@ -356,6 +399,7 @@ def prepare(
     for doc in tqdm(iter_documents(inputs, data.jsonl_field), desc="scan", unit="doc", disable=not progress,
                     leave=False):
         h = text_hash(doc.text)
+        fingerprint.update(h)
         reason = filter_reason(doc.text, h, seen, data)
         if reason is None:
             labels.append(TRAIN)
@@ -447,6 +491,7 @@ def prepare(
             "eot_id": eot,
             "separator": "eot_before_document" if eot is not None else "none",
             "inputs": list(inputs) if inputs else [DEFAULT_CORPUS],
+            "fingerprint": {"inputs": fingerprint.hexdigest(), "data": data_settings(data)},
             "split": {"by": "tokens" if by_tokens else "documents", "val_fraction": data.val_fraction,
                       "seed": data.seed},
             "filters": {"dedup": data.dedup, "min_chars": data.min_chars,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,14 @@ import pytest
 from scratchlm import cli
 from scratchlm.data import prepare as prep
 from scratchlm.data.loader import TokenShards
-from scratchlm.data.prepare import prepare, repeated_line_ratio, split_documents, token_dtype
+from scratchlm.data.prepare import (
+    check_prepared,
+    inputs_fingerprint,
+    prepare,
+    repeated_line_ratio,
+    split_documents,
+    token_dtype,
+)
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import CharTokenizer
 from tests.data.conftest import byte_tok, make_cfg, make_docs, read_split, write_corpus
@@ -241,6 +251,13 @@ def test_cli_prepare(tmp_path, capsys, bpe):
                      "--data.workers=1"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["documents"]["kept"] == 12 and printed["tokens"] == TokenShards(out).manifest["tokens"]
+    before = (out / "manifest.json").read_bytes()
+    again = ["data", "prepare", str(src), "--tokenizer", str(tokfile), "--out", str(out), "--quiet", "--data.seed=7"]
+    assert cli.main(again) == 2  # an earlier output is replaced only when asked
+    assert "--overwrite" in capsys.readouterr().err and (out / "manifest.json").read_bytes() == before
+    assert cli.main([*again, "--overwrite"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["split"]["seed"] == 7
+    capsys.readouterr()
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": oops}\n')
@@ -306,3 +323,27 @@ def test_shakespeare_char_matches_nanogpt_split(tmp_path, shakespeare):
     # nanoGPT's data/shakespeare_char/prepare.py: train = data[:int(n*0.9)], val = data[int(n*0.9):]
     assert m["tokens"] == {"train": int(n * 0.9), "val": n - int(n * 0.9)}
     assert m["dtype"] == "uint16" and m["separator"] == "none"
+
+
+def test_manifest_fingerprint_catches_other_inputs_and_settings(tmp_path):
+    docs = make_docs(10)
+    src = write_corpus(tmp_path / "in", docs)
+    out = tmp_path / "out"
+    cfg = make_cfg()
+    m = prepare([str(src)], byte_tok(), cfg, out, progress=False)
+    assert m["fingerprint"]["inputs"] == inputs_fingerprint([str(src)], "text")
+    assert m["fingerprint"]["data"] == {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "workers"}
+    check_prepared(out, cfg, [str(src)])  # the same inputs and settings: reusable
+
+    moved = tmp_path / "moved"
+    src.rename(moved)
+    os.utime(moved / "00003.txt", (1, 1))  # moved and touched, same content: the same data
+    check_prepared(out, replace(cfg, data=replace(cfg.data, workers=4)), [str(moved)])
+    (moved / "00003.txt").write_text(docs[3] + " changed", encoding="utf-8")
+    with pytest.raises(UserError, match=r"out: prepared from other inputs \(.*in\) than .*moved"):
+        check_prepared(out, cfg, [str(moved)])
+    check_prepared(out, cfg, [str(moved)], check_inputs=False)  # a resumed run keeps its own data
+    with pytest.raises(UserError, match=r"prepared with data.min_chars=16, but this run has 3"):
+        check_prepared(out, replace(cfg, data=replace(cfg.data, min_chars=3)), None, check_inputs=False)
+    with pytest.raises(UserError, match=r"prepared with tokenizer.kind='bpe', but this run has 'char'"):
+        check_prepared(out, replace(cfg, tokenizer=replace(cfg.tokenizer, kind="char")), None, check_inputs=False)
