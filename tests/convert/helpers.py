@@ -45,7 +45,7 @@ def our_checkpoint(tmp: Path, seed: int = 0, **model_kw) -> tuple[Path, nn.Modul
     """A random scratchlm model saved as a run folder (vocab padded to a multiple of 64)."""
     tok = tiny_bpe()
     cfg = Config(name="t", out_dir=str(tmp / "run"))
-    cfg.tokenizer = TokenizerConfig(vocab_size=tok.vocab_size, special_tokens=list(tok.special_tokens))
+    cfg.tokenizer = TokenizerConfig(kind=tok.kind, vocab_size=tok.vocab_size, special_tokens=list(tok.special_tokens))
     cfg.model = ModelConfig(**{"block_size": 16, "n_layer": 2, "n_head": 4, "n_embd": 32, **model_kw})
     cfg.model.vocab_size = padded_vocab(cfg.model, tok.vocab_size)
     torch.manual_seed(seed)
