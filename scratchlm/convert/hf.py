@@ -60,7 +60,7 @@ MARK = "scratchlm_converted_from"  # in our outputs' trainer.json / config.json:
 
 
 def convert_cli(src: str | Path, dst: str | Path, *, src_format: str, dst_format: str,
-                tokenizer: str | Path | None = None) -> Path:
+                tokenizer: str | Path | None = None, adapters: str | Path | None = None) -> Path:
     """`scratchlm convert SRC DST --from F --to G`: import or export, then say what was written."""
     for flag, fmt in (("--from", src_format), ("--to", dst_format)):
         if fmt not in FORMATS:
@@ -70,9 +70,11 @@ def convert_cli(src: str | Path, dst: str | Path, *, src_format: str, dst_format
                         fix="convert hf -> scratchlm or scratchlm -> hf")
     if tokenizer is not None and src_format != "hf":
         raise UserError("--tokenizer applies to --from hf only", fix="an export uses the checkpoint's tokenizer")
+    if adapters is not None and src_format != "scratchlm":
+        raise UserError("--adapters applies to --from scratchlm only", fix="merge them into the export's source")
     if src_format == "hf":
         return import_hf(src, dst, tokenizer=tokenizer)
-    return export_hf(src, dst)
+    return export_hf(src, dst, adapters=adapters)
 
 
 # -- reading an HF folder ----------------------------------------------------------------------
@@ -123,8 +125,10 @@ def read_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
         return _load_weight_file(found), found
     try:
         shards = sorted(set(json.loads(found.read_text(encoding="utf-8"))["weight_map"].values()))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError) as e:
         raise UserError(f"{found}: not a weight index ({type(e).__name__}: {e})") from None
+    if not all(isinstance(s, str) for s in shards):
+        raise UserError(f"{found}: not a weight index (weight_map must map tensor names to file names)")
     sd: dict[str, torch.Tensor] = {}
     for shard in shards:
         sd.update(_load_weight_file(folder / shard))
@@ -238,13 +242,18 @@ def import_hf(src: str | Path, dst: str | Path, *, tokenizer: str | Path | None 
 
 
 # -- export ------------------------------------------------------------------------------------
-def export_hf(src: str | Path, dst: str | Path) -> Path:
-    """A scratchlm run or checkpoint -> an HF model folder at dst; returns dst."""
+def export_hf(src: str | Path, dst: str | Path, adapters: str | Path | None = None) -> Path:
+    """A scratchlm run or checkpoint (with LoRA `adapters` on top, if given) -> an HF model folder at
+    dst; returns dst. LoRA and QLoRA models are exported merged, in fp32."""
+    from scratchlm.quant.linear import dequantize_model
+    from scratchlm.sft.lora import merge_lora
     from scratchlm.train.checkpoint import find_checkpoint, load_model_for_inference
 
     src, dst = Path(src), Path(dst)
     ckpt = find_checkpoint(src)
-    model, tok, cfg = load_model_for_inference(ckpt)
+    model, tok, cfg = load_model_for_inference(ckpt, adapters=adapters)
+    merge_lora(model, dequantize=True)  # HF models have no LoRA or int4 layers of ours
+    dequantize_model(model)
     m = cfg.model
     families = {"gpt": hf_gpt2, "llama": hf_llama, "moe": hf_moe}
     if m.arch not in families:

@@ -17,9 +17,10 @@ from pathlib import Path
 from scratchlm.config import SampleConfig, apply_overrides
 from scratchlm.errors import UserError
 from scratchlm.infer.engine import Engine
-from scratchlm.infer.sample import TextStream, check_sample_config, resolve_device
+from scratchlm.infer.sample import TextStream, check_sample_config
 from scratchlm.sft.data import render
 from scratchlm.tokenizer import Tokenizer
+from scratchlm.train.device import pick_device
 
 
 class ChatSession:
@@ -86,13 +87,15 @@ def run_chat(session: ChatSession, lines: Iterable[str], write: Callable[[str], 
     write("\n")
 
 
-def chat_cli(ckpt: str | Path, overrides: list[str], device: str = "auto", system: str = "") -> None:
+def chat_cli(ckpt: str | Path, overrides: list[str], device: str = "auto", system: str = "",
+             adapters: str | Path | None = None) -> None:
+    """`scratchlm chat`: a checkpoint (or a base + LoRA `adapters`) in an interactive session."""
     from scratchlm.train.checkpoint import load_model_for_inference
 
     wrong = [o for o in overrides if not o.lstrip("-").startswith("sample.")]
     if wrong:
         raise UserError(f"{wrong[0].split('=')[0]}: chat takes only --sample.KEY=VALUE settings")
-    model, tok, cfg = load_model_for_inference(ckpt, resolve_device(device))
+    model, tok, cfg = load_model_for_inference(ckpt, str(pick_device(device, flag="--device")), adapters=adapters)
     sample = apply_overrides(cfg, overrides).sample
     check_sample_config(sample)
 

@@ -40,6 +40,7 @@ from torch import nn
 from scratchlm.config import Config, SampleConfig, apply_overrides
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import Tokenizer
+from scratchlm.train.device import pick_device
 
 # A set whose probability equals p up to float32 rounding counts as reaching p in `top_p_filter`
 # (e.g. 0.5 + 0.3 summed in float32 may land just under 0.8).
@@ -133,28 +134,9 @@ def mask_padding(logits: torch.Tensor, valid_vocab: int | None) -> torch.Tensor:
 
 
 def check_sample_config(cfg: SampleConfig) -> None:
-    """Refuse settings that would sample nonsense silently, naming the setting."""
-    problems = [
-        (cfg.max_new_tokens < 0, f"sample.max_new_tokens={cfg.max_new_tokens} must be >= 0"),
-        (not cfg.temperature >= 0 or math.isinf(cfg.temperature),
-         f"sample.temperature={cfg.temperature} must be >= 0 and finite (0 = greedy)"),
-        (cfg.top_k < 0, f"sample.top_k={cfg.top_k} must be >= 0 (0 = off)"),
-        (not 0 < cfg.top_p <= 1, f"sample.top_p={cfg.top_p} must be in (0, 1] (1 = off)"),
-        (not 0 <= cfg.min_p <= 1, f"sample.min_p={cfg.min_p} must be in [0, 1] (0 = off)"),
-        (not cfg.repetition_penalty > 0, f"sample.repetition_penalty={cfg.repetition_penalty} must be > 0 (1 = off)"),
-        (cfg.num_samples < 1, f"sample.num_samples={cfg.num_samples} must be >= 1"),
-        (any(s == "" for s in cfg.stop), "sample.stop contains an empty string, which would stop at once"),
-    ]
-    # The engine's cache settings (read with defaults: older configs do not have them).
-    cache, sinks, window = cfg.cache, cfg.sink_tokens, cfg.window
-    problems += [
-        (cache not in ("kv", "sink", "none"), f"sample.cache={cache!r} is unknown (use kv, sink or none)"),
-        (sinks < 0, f"sample.sink_tokens={sinks} must be >= 0"),
-        (window < 0, f"sample.window={window} must be >= 1 (0 = the rest of the context)"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise UserError(message)
+    """Refuse settings that would sample nonsense silently, naming the setting (the ranges are
+    declared on `SampleConfig`'s fields)."""
+    cfg.validate()
 
 
 def sample_next(
@@ -257,25 +239,6 @@ class TextStream:
 # the CLI verb
 
 
-def resolve_device(device: str) -> str:
-    """auto: cuda if available, else mps if available, else cpu. An explicit device must exist."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a device", fix="use auto, cpu, cuda, cuda:N or mps") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available here", fix="use --device auto or cpu")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {device}: Apple MPS is not available here", fix="use --device auto or cpu")
-    return device
-
-
 def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:
     """The prompt's ids; special tokens written in it (e.g. <|endoftext|>) count as specials.
 
@@ -305,8 +268,13 @@ def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:
                         fix="remove or replace that character in --prompt") from None
 
 
-def sample_cli(ckpt: str | Path, prompt: str, overrides: list[str], device: str = "auto") -> None:
-    """`scratchlm sample`: load a checkpoint, apply --sample.* overrides, print the samples."""
+SAMPLE_BATCH = 32  # rows decoded together by `scratchlm sample`
+
+
+def sample_cli(ckpt: str | Path, prompt: str, overrides: list[str], device: str = "auto",
+               adapters: str | Path | None = None) -> None:
+    """`scratchlm sample`: load a checkpoint (or a base + LoRA `adapters`), apply --sample.* overrides,
+    print the samples."""
     from scratchlm.infer.engine import Engine
     from scratchlm.train.checkpoint import load_model_for_inference
 
@@ -315,8 +283,8 @@ def sample_cli(ckpt: str | Path, prompt: str, overrides: list[str], device: str 
         raise UserError(f"{wrong[0].split('=')[0]}: sample takes only --sample.KEY=VALUE settings",
                         fix="model and training settings come from the checkpoint")
     check_sample_config(apply_overrides(Config(), overrides).sample)  # fail before loading weights
-    dev = resolve_device(device)
-    model, tok, cfg = load_model_for_inference(ckpt, dev)
+    dev = str(pick_device(device, flag="--device"))
+    model, tok, cfg = load_model_for_inference(ckpt, dev, adapters=adapters)
     sc = apply_overrides(cfg, overrides).sample
 
     ids = encode_prompt(tok, prompt)
@@ -340,8 +308,9 @@ def sample_cli(ckpt: str | Path, prompt: str, overrides: list[str], device: str 
         stream.close(outs[0])
         write("\n")
         return
-    outs = engine.generate(rows, sc, **kwargs)
-    for i, out in enumerate(outs):
-        if i:
-            print("-" * 40)
-        print(prompt + tok.decode(out))
+    for start in range(0, len(rows), SAMPLE_BATCH):  # bounded memory; each batch is printed as it finishes
+        outs = engine.generate(rows[start : start + SAMPLE_BATCH], sc, **kwargs)
+        for i, out in enumerate(outs, start):
+            if i:
+                print("-" * 40)
+            print(prompt + tok.decode(out), flush=True)

@@ -28,8 +28,9 @@ offset, an exact zero, and trained weights are nearly symmetric around 0 anyway.
 (QLoRA trains low-rank adapters on top of it, scratchlm/sft/lora.py). Its backward recomputes the
 dequantized weight instead of saving it, so training through a quantized layer never holds a full
 precision copy of the weight per layer. `quantize_model` swaps a model's nn.Linear layers for
-QuantLinear ones; an output head tied to the token embedding is left alone (the embedding stays
-full precision, and quantizing the shared matrix would quantize the embedding too).
+QuantLinear ones (`dequantize_model` swaps them back, e.g. to merge a QLoRA model); an output
+head tied to the token embedding is left alone (the embedding stays full precision, and quantizing
+the shared matrix would quantize the embedding too).
 
 Left out: NF4 and double quantization of the scales (QLoRA, Dettmers et al. 2023), error-
 compensating quantizers (GPTQ, AWQ), activation quantization (SmoothQuant), and integer matmul
@@ -273,6 +274,16 @@ def quantize_model(
              if name and isinstance(m, nn.Linear) and owners[id(m.weight)] == 1 and not name_matches(name, skip)]
     for name in names:
         model.set_submodule(name, QuantLinear.from_linear(model.get_submodule(name), bits, group_size))
+    return len(names)
+
+
+def dequantize_model(model: nn.Module) -> int:
+    """Replace every QuantLinear of `model` (in place) by a full-precision nn.Linear holding its
+    dequantized weight (`QuantLinear.to_linear`): the inverse of `quantize_model` up to its rounding.
+    Returns how many were replaced."""
+    names = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name in names:
+        model.set_submodule(name, model.get_submodule(name).to_linear())
     return len(names)
 
 

@@ -56,10 +56,12 @@ from scratchlm.config import Config, apply_overrides, get_preset
 from scratchlm.errors import UserError
 from scratchlm.io import atomic_open, write_json, write_text
 from scratchlm.model import build_model
+from scratchlm.rundir import claim_run_dir
 from scratchlm.sft.data import read_records
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt_io
-from scratchlm.train.pretrain import Batches, RunResult, pick_device, train_model
+from scratchlm.train.device import pick_device
+from scratchlm.train.pretrain import Batches, RunResult, train_model
 
 PAD = -1  # the padding value in x: never a real id, so lengths are recoverable from x alone
 LABELS_FILE = "labels.json"
@@ -112,16 +114,13 @@ class ClassifierLM(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits[:, 0].float(), targets.reshape(-1), ignore_index=-1)
-            loss = loss + self._moe_aux()
+            loss = loss + self.aux_loss()
         return logits, loss
 
-    def _moe_aux(self) -> torch.Tensor | float:
-        """An MoE body's load-balancing and z losses, as its own forward adds them to the LM loss."""
-        if not hasattr(self.body, "moe_layers"):
-            return 0.0
-        c = self.config
-        return sum(c.aux_loss_coef * layer.aux["balance"] + c.z_loss_coef * layer.aux["z"]
-                   for _, layer in self.body.moe_layers())
+    def aux_loss(self) -> torch.Tensor | float:
+        """An MoE body's load-balancing and z losses, as its own forward adds them to the LM loss
+        (the training loop reads this to average them per micro-batch)."""
+        return self.body.aux_loss() if hasattr(self.body, "aux_loss") else 0.0
 
     # -- what the shared loop reads -------------------------------------------------------------
     def num_params(self, non_embedding: bool = True) -> int:
@@ -188,7 +187,8 @@ def read_labelled(path: str | Path) -> list[Labelled]:
     """Labelled examples from JSONL / a JSON list (fields text, label) or CSV (header text,label)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such file", fix="pass a labelled JSONL or CSV file")
+        what = "is a folder" if path.is_dir() else "no such file"
+        raise UserError(f"{path}: {what}", fix="pass a labelled JSONL or CSV file")
     suffix = path.suffix.lower()
     with open(path, encoding="utf-8-sig", errors="replace") as f:
         head = f.read(4096).lstrip()  # enough to tell JSON ({ or [) from CSV when the suffix does not say
@@ -531,7 +531,8 @@ def predict(path: str | Path, texts: list[str], device: str = "cpu") -> tuple[li
 
 def classify_cli(action: str, data: str | None, *, base: str | None = None, ckpt: str | None = None,
                  out: str | None = None, text: str | None = None, preset: str = "sft-tiny",
-                 overrides: list[str] | None = None, progress: bool = True) -> ClassifyResult | dict[str, float]:
+                 overrides: list[str] | None = None, progress: bool = True,
+                 overwrite: bool = False) -> ClassifyResult | dict[str, float]:
     """`scratchlm classify train DATA --base RUN --out DIR` or `scratchlm classify predict --ckpt DIR --text T`.
     train returns the ClassifyResult; predict prints the label and each class's probability and
     returns {label: probability}."""
@@ -543,7 +544,8 @@ def classify_cli(action: str, data: str | None, *, base: str | None = None, ckpt
         cfg.out_dir = out or str(Path(cfg.out_dir).parent / "classify")  # never the preset's sft run folder
         cfg.sft.base = base or cfg.sft.base
         cfg.sft.data = [str(data)]
-        return train_classifier(cfg, data, progress=progress)
+        with claim_run_dir(cfg.out_dir, overwrite=overwrite, inputs=[x for x in (cfg.sft.base, data) if x]):
+            return train_classifier(cfg, data, progress=progress)
     if action == "predict":
         if not ckpt:
             raise UserError("classify predict needs --ckpt", fix="pass the folder `classify train --out` wrote")

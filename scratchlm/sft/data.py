@@ -7,6 +7,10 @@ Accepted formats (each record validated; errors name the file, line and field):
 - prompt_completion: `{"prompt", "completion"}` JSONL.
 All become a list of chat turns.
 
+Held-out data: exact duplicates are dropped, and the split is by prompt (`split_by_prompt`):
+every conversation asking the same thing lands on the same side, so the gold evaluation never
+scores a prompt the model was trained on.
+
 The chat template uses our reserved special tokens (ids, never text):
 
     [<|system|> system <|end|>] <|user|> question <|end|> <|assistant|> answer <|end|> ...
@@ -57,6 +61,8 @@ def read_records(path: Path) -> list[tuple[int, Any]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file", fix="check the path") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder", fix="pass a JSON or JSONL file of examples") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
     if not text.strip():
@@ -131,6 +137,8 @@ def read_conversations(paths: list[str], fmt: str = "auto") -> list[Conversation
     for p in paths:
         path = Path(p)
         records = read_records(path)
+        if not records:
+            raise UserError(f"{path}: no SFT examples (an empty list)", fix="pass a file with examples")
         file_fmt = fmt if fmt != "auto" else detect_format(records[0][1])
         for lineno, rec in records:
             convs.append(to_conversation(rec, file_fmt, f"{path}:{lineno}"))
@@ -140,12 +148,48 @@ def read_conversations(paths: list[str], fmt: str = "auto") -> list[Conversation
 
 
 def task_conversations(n: int, seed: int) -> list[Conversation]:
-    """The embedded verifiable tasks as conversations (meta: family, difficulty, gold answer)."""
+    """The embedded verifiable tasks as conversations (meta: family, difficulty, gold answer); distinct prompts."""
     from scratchlm.sft.tasks import generate_tasks
 
     return [Conversation([("user", t.instruction), ("assistant", t.answer)], f"tasks:{i}",
                          {"family": t.family, "difficulty": t.difficulty, "gold": t.answer})
             for i, t in enumerate(generate_tasks(n, seed))]
+
+
+def prompt_key(conv: Conversation) -> tuple[tuple[str, str], ...]:
+    """What the model is asked: every turn before the final answer, whitespace collapsed, so prompts
+    that differ only in spacing count as the same prompt."""
+    return tuple((role, " ".join(content.split())) for role, content in conv.turns[:-1])
+
+
+def drop_duplicates(convs: list[Conversation]) -> tuple[list[Conversation], int]:
+    """Conversations with the first of each identical (prompt, answer) kept, in order; and how many were dropped.
+    Same prompt with a different answer is kept: both are data (the split keeps them on one side)."""
+    seen: set[tuple] = set()
+    kept = []
+    for c in convs:
+        key = (prompt_key(c), c.turns[-1])
+        if key not in seen:
+            seen.add(key)
+            kept.append(c)
+    return kept, len(convs) - len(kept)
+
+
+def split_by_prompt(convs: list[Conversation], fraction: float, seed: int
+                    ) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, held out): `fraction` of the distinct prompts held out, every conversation of a held-out
+    prompt with them, so no held-out prompt is ever trained on. Both keep the input order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(convs):
+        groups.setdefault(prompt_key(c), []).append(i)
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
+    n_val = max(1, round(fraction * len(keys)))
+    if n_val >= len(keys):
+        raise UserError(f"only {len(keys)} distinct SFT prompts: nothing left to train on after holding out {n_val}",
+                        fix="add examples or lower --sft.val_fraction")
+    held = {i for k in keys[:n_val] for i in groups[k]}
+    return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
 
 
 # -- the template ---------------------------------------------------------------------------------
@@ -215,7 +259,10 @@ def build_examples(convs: list[Conversation], tok: Tokenizer, block_size: int, o
         raise UserError(f"sft.overlong={overlong!r} is unknown", fix="use truncate or drop")
     out, counts = [], {"truncated": 0, "dropped": 0}
     for c in convs:
-        ids, labels = render(tok, c.turns)
+        try:
+            ids, labels = render(tok, c.turns)
+        except ValueError as e:  # a character the base's tokenizer has no token for (char kind)
+            raise UserError(f"{c.source}: the base's {tok.kind} tokenizer cannot encode this example ({e})") from None
         if len(ids) > block_size + 1:
             if overlong == "drop":
                 counts["dropped"] += 1

@@ -24,17 +24,30 @@ absmax, not the paper's NF4 with double quantization and paged optimizers; the p
 frozen low-bit base, gradients flowing through its dequantized weight into fp32 adapters - is the
 same, and QuantLinear's backward recomputes the dequantized weight rather than storing it.
 
-Adapters are saved alone (`save_adapters`): the A and B tensors in a safetensors file plus a JSON
-record of r, alpha, dropout, the wrapped layer names and any quantization, written atomically as a
-folder. `load_adapters` re-creates exactly that wrapping on a fresh base model and loads them.
+The token embedding: the chat markers (<|user|>, <|assistant|>, <|end|>, ...) are special tokens
+a pretrained base never saw, so their rows are untrained, and fine-tuning tasks need new uses of
+ordinary tokens too; adapters on the projections alone, the embedding frozen, learned next to
+nothing in bench/sft.py. `train_token_rows` lets chosen rows of the embedding (and of an untied
+head) train beside the adapters, every other row frozen: all of them is PEFT's `modules_to_save`
+on the embedding (the `sft` default, `sft.lora_embedding=all`), the chat markers' alone its
+`trainable_token_indices` (`chat`: a few hundred numbers, for bases whose embedding is too big).
+
+Adapters are saved as one file plus its record (`save_adapters`): `RUN/adapters.safetensors` holds
+A and B of each wrapped layer and the token rows that differ from the base (the trained ones, and
+any the fine-tune appended when the base tokenizer lacked the chat specials); `RUN/adapters.json`
+holds r, alpha, dropout, the wrapped layer names, the base's quantization, the base's path and
+fingerprint (`base_fingerprint`: a SHA-256 of its state dict), the tokens added to its tokenizer,
+and the tensors file's own SHA-256. `load_adapters` turns a fresh base into exactly the fine-tuned
+model (same structure, same numbers) and refuses another base; `merge_adapters` writes the merged
+weights as a plain checkpoint (`scratchlm merge`).
 
 Module names: a wrapped layer keeps its name (`h.0.attn.c_attn`) and the base moves beneath it
 (`h.0.attn.c_attn.base.weight`), so load base checkpoints before applying LoRA, or merge with
 `merge_lora` (which also puts the plain layers back) before saving a full checkpoint.
 
-Left out: LoRA on embeddings and on the MoE experts (3-D parameter tensors, not nn.Linear: routed
-expert adapters are a design of their own), per-layer ranks, DoRA / rsLoRA variants, and several
-adapters on one base.
+Left out: low-rank updates of embeddings, LoRA on the MoE experts (3-D parameter tensors, not
+nn.Linear: routed expert adapters are a design of their own), per-layer ranks, DoRA / rsLoRA
+variants, and several adapters on one base.
 """
 
 from __future__ import annotations
@@ -49,16 +62,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from scratchlm.errors import UserError
-from scratchlm.io import atomic_dir, write_json
-from scratchlm.quant.linear import DEFAULT_SKIP, QuantLinear, name_matches, quantize_model
+from scratchlm.io import atomic_open, write_json
+from scratchlm.quant.linear import DEFAULT_SKIP, QuantLinear, dequantize_model, name_matches, quantize_model
+from scratchlm.sft.data import resize_embeddings
+from scratchlm.tokenizer import Tokenizer
+from scratchlm.tokenizer.base import with_specials
 
-ADAPTER_TENSORS = "adapters.safetensors"
-ADAPTER_META = "adapters.json"
+ADAPTER_TENSORS = "adapters.safetensors"  # in an sft run folder, beside its record adapters.json
 FORMAT = "scratchlm-lora"
+VERSION = 2  # 1 was a folder of adapters.safetensors + adapters.json, without the base's fingerprint
 
 
 class LoRALinear(nn.Module):
@@ -211,13 +228,48 @@ def merge_lora(model: nn.Module, dequantize: bool = False) -> int:
     return len(names)
 
 
+# -- token rows: the chat markers ----------------------------------------------------------------
+def token_tables(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, (V, C) weight) of the token embedding and of a plain output head not tied to it."""
+    emb = getattr(model, "wte", None) or getattr(model, "tok_embeddings", None)
+    head = getattr(model, "lm_head", None) or getattr(model, "output", None)
+    if not isinstance(emb, nn.Embedding):
+        raise UserError(f"{type(model).__name__} has no token embedding (wte or tok_embeddings) to train rows of")
+    wanted = [emb.weight] + ([head.weight] if type(head) is nn.Linear and head.weight is not emb.weight else [])
+    return [(n, p) for n, p in model.named_parameters(remove_duplicate=True) if any(p is w for w in wanted)]
+
+
+def train_token_rows(model: nn.Module, ids: Sequence[int]) -> list[tuple[str, nn.Parameter]]:
+    """Let rows `ids` of the token embedding (and of an untied output head) train while every other
+    row stays frozen bit for bit; returns the tables (`token_tables`). All ids: PEFT's
+    `modules_to_save` on the embedding; a few: its `trainable_token_indices`.
+
+    The whole (V, C) table becomes trainable but a gradient hook zeroes every other row, so AdamW's
+    moments there stay 0 and its step is exactly 0 (these tables get no weight decay: see
+    `scratchlm.train.optim.param_groups`). The trained ids are kept on the parameter as
+    `trainable_rows` for `count_parameters` and `save_adapters`."""
+    rows = torch.tensor(sorted(set(ids)), dtype=torch.long)
+    tables = token_tables(model)
+    for name, p in tables:
+        if len(rows) and not 0 <= int(rows[0]) <= int(rows[-1]) < p.size(0):
+            raise UserError(f"token ids {rows.tolist()} are outside {name}'s {p.size(0)} rows")
+        mask = torch.zeros(p.size(0), 1, dtype=p.dtype)
+        mask[rows] = 1.0
+        p.requires_grad_(True)
+        p.register_hook(lambda g, mask=mask: g * mask.to(g.device, g.dtype))
+        p.trainable_rows = rows
+    return tables
+
+
 # -- accounting ----------------------------------------------------------------------------------
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters, tied ones once. A QuantLinear's frozen weight and bias count
-    toward the total with their logical sizes (out · in, out), so totals compare across full,
-    LoRA and QLoRA models; bytes are `scratchlm.quant.linear.weight_bytes`."""
+    """(trainable, total) parameters, tied ones once. A table of which only some rows train
+    (`train_token_rows`) counts those rows as trainable. A QuantLinear's frozen weight and bias
+    count toward the total with their logical sizes (out · in, out), so totals compare across
+    full, LoRA and QLoRA models; bytes are `scratchlm.quant.linear.weight_bytes`."""
     params = list(model.parameters())
-    trainable = sum(p.numel() for p in params if p.requires_grad)
+    trainable = sum(len(p.trainable_rows) * p[0].numel() if hasattr(p, "trainable_rows") else p.numel()
+                    for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
     for m in model.modules():
         if isinstance(m, QuantLinear):
@@ -226,9 +278,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def base_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of a base model's state dict (names, dtypes, shapes, bytes). Take it before
-    applying LoRA or quantizing, and pass it to `save_adapters` as meta["base_fingerprint"]:
-    `load_adapters` then refuses a different base."""
+    """SHA-256 of a base model's state dict (names, dtypes, shapes, bytes). Take it right after
+    loading the base, before resizing, quantizing or applying LoRA; `save_adapters` records it and
+    `load_adapters` refuses a base whose fingerprint differs."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
@@ -257,10 +309,34 @@ def _quantized_layers(model: nn.Module) -> dict[str, list[int]]:
     return {wrapped.get(n, n): [m.bits, m.group_size] for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def save_adapters(model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
-    """Write the folder `path` with `adapters.safetensors` (A and B only) and `adapters.json`
-    (format, r, alpha, dropout, targets = the wrapped layer names, the base's quantization, and
-    `meta` as given, e.g. {"base_fingerprint": ...}), atomically. Returns the folder."""
+def adapter_files(path: str | Path) -> tuple[Path, Path]:
+    """(tensors, record) for adapters named by `RUN`, `RUN/adapters.safetensors` or `RUN/adapters.json`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ADAPTER_TENSORS
+    if path.suffix not in (".safetensors", ".json"):
+        raise UserError(f"{path}: adapters are a .safetensors file with a .json record beside it",
+                        fix=f"pass e.g. RUN/{ADAPTER_TENSORS}")
+    return path.with_suffix(".safetensors"), path.with_suffix(".json")
+
+
+def save_adapters(
+    model: nn.Module, path: str | Path, *, base: str = "", base_fingerprint: str | None = None,
+    base_vocab_size: int | None = None, added_tokens: dict[str, int] | None = None, meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write the adapters as `path` (a `.safetensors` file) and their record beside it (`.json`).
+
+    Tensors: every `<layer>.lora_A` / `.lora_B`, and `tokens.<table>` (k, C): the rows `token_ids`
+    of each token table that differ from the base's, i.e. those trained (`train_token_rows`) and
+    those the fine-tune appended (ids >= `base_vocab_size`, when the tokenizer gained specials).
+    Record: format, r, alpha, dropout, targets (the wrapped layer names), quant_bits and the
+    quantized layers, token_ids, vocab_size, base_vocab_size, added_tokens ({name: id} the base
+    tokenizer lacked), base (where it was), base_fingerprint, the tensors file's SHA-256 (so a
+    record never pairs with another run's tensors), and `meta`. Each file is written atomically,
+    the tensors first. Returns the tensors path."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UserError(f"{path}: the adapters file must end in .safetensors")
     layers = _lora_layers(model)
     if not layers:
         raise UserError("the model has no LoRA layers to save", fix="apply_lora or prepare_qlora first")
@@ -269,48 +345,69 @@ def save_adapters(model: nn.Module, path: str | Path, meta: dict[str, Any] | Non
         raise UserError(f"LoRA layers with different settings {sorted(settings)} cannot be saved as one adapter")
     if any(m.merged for _, m in layers):
         raise UserError("cannot save adapters while merged", fix="unmerge() the LoRA layers first")
-    r, alpha, dropout = next(iter(settings))
-    record = {"format": FORMAT, "version": 1, "r": r, "alpha": alpha, "dropout": dropout,
-              "targets": [n for n, _ in layers], "quantized": _quantized_layers(model), "meta": dict(meta or {})}
+    tables = token_tables(model)
+    vocab = tables[0][1].size(0)
+    base_vocab = vocab if base_vocab_size is None else base_vocab_size
+    trained = {int(i) for _, p in tables for i in getattr(p, "trainable_rows", [])}
+    token_ids = sorted(trained | set(range(base_vocab, vocab)))
     tensors = {k: v.cpu().contiguous() for k, v in lora_state_dict(model).items()}
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_TENSORS))
-        write_json(tmp / ADAPTER_META, record)
-    return path
+    if token_ids:
+        tensors.update({f"tokens.{n}": p.detach()[token_ids].cpu().contiguous() for n, p in tables})
+    blob = safetensors_save(tensors)
+    quantized = _quantized_layers(model)
+    r, alpha, dropout = next(iter(settings))
+    record = {"format": FORMAT, "version": VERSION, "r": r, "alpha": alpha, "dropout": dropout,
+              "targets": [n for n, _ in layers], "quant_bits": max((b for b, _ in quantized.values()), default=0),
+              "quantized": quantized, "token_ids": token_ids, "vocab_size": vocab, "base_vocab_size": base_vocab,
+              "added_tokens": dict(added_tokens or {}), "base": base, "base_fingerprint": base_fingerprint,
+              "tensors_sha256": hashlib.sha256(blob).hexdigest(), "meta": dict(meta or {})}
+    tensors_path, record_path = adapter_files(path)
+    with atomic_open(tensors_path, "wb") as f:
+        f.write(blob)
+    write_json(record_path, record)
+    return tensors_path
 
 
-def _read_adapters(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
-    folder = path.parent if path.is_file() else path
-    files = folder / ADAPTER_META, folder / ADAPTER_TENSORS
-    missing = [f.name for f in files if not f.is_file()]
+def read_adapters(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+    """(record, tensors, tensors path) of saved adapters, checked to belong together."""
+    tensors_path, record_path = adapter_files(path)
+    missing = [f.name for f in (tensors_path, record_path) if not f.is_file()]
     if missing:
-        raise UserError(f"{folder}: not a LoRA adapter folder (missing {', '.join(missing)})",
-                        fix="pass the folder save_adapters wrote")
+        raise UserError(f"{tensors_path}: no LoRA adapters here (missing {', '.join(missing)})",
+                        fix="pass the adapters.safetensors an `sft` run with --sft.lora_r wrote")
     try:
-        record = json.loads(files[0].read_text(encoding="utf-8"))
-        tensors = load_file(str(files[1]))
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        blob = tensors_path.read_bytes()
+        tensors = safetensors_load(blob)
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as e:
-        raise UserError(f"{folder}: corrupt adapter files ({type(e).__name__}: {e})",
+        raise UserError(f"{tensors_path}: corrupt adapter files ({type(e).__name__}: {e})",
                         fix="save the adapters again") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise UserError(f"{files[0]}: not a {FORMAT} adapter record", fix="pass the folder save_adapters wrote")
-    absent = [k for k in ("r", "alpha", "dropout", "targets", "quantized", "meta") if k not in record]
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
+        raise UserError(f"{record_path}: not a {FORMAT} v{VERSION} adapter record",
+                        fix="save the adapters again with this version")
+    fields = ("r", "alpha", "dropout", "targets", "quantized", "token_ids", "vocab_size", "base_vocab_size",
+              "added_tokens", "base_fingerprint", "tensors_sha256", "meta")
+    absent = [k for k in fields if k not in record]
     if absent:
-        raise UserError(f"{files[0]}: adapter record lacks {', '.join(absent)}", fix="save the adapters again")
-    return record, tensors, files[1]
+        raise UserError(f"{record_path}: adapter record lacks {', '.join(absent)}", fix="save the adapters again")
+    if hashlib.sha256(blob).hexdigest() != record["tensors_sha256"]:
+        raise UserError(f"{tensors_path}: these tensors are not the ones {record_path.name} describes (SHA-256 "
+                        "mismatch)", fix="keep the two files of one save together")
+    return record, tensors, tensors_path
 
 
 def load_adapters(model: nn.Module, path: str | Path) -> dict[str, Any]:
-    """Apply the saved LoRA (and the base quantization it was trained on, if any) to a fresh base
-    `model`, in place, and load A and B. Returns the JSON record (its "meta" is what was saved)."""
-    record, tensors, file = _read_adapters(Path(path))
+    """Turn a freshly loaded base `model` into the fine-tuned one, in place: check the base's
+    fingerprint, grow its token tables to the fine-tune's vocabulary, put back the saved token
+    rows, quantize the layers the adapters were trained on quantized (QLoRA), wrap the targets and
+    load A and B. Returns the record; `adapter_tokenizer` gives the matching tokenizer."""
+    record, tensors, file = read_adapters(path)
     if _lora_layers(model):
         raise UserError("the model already has LoRA layers", fix="load adapters onto a fresh base model")
-    expected_fp = record["meta"].get("base_fingerprint")
+    expected_fp = record["base_fingerprint"]
     if expected_fp and base_fingerprint(model) != expected_fp:
-        raise UserError(f"{file}: these adapters were trained on a different base model (fingerprint mismatch)",
-                        fix="load the base checkpoint they were trained from")
+        raise UserError(f"{file}: these adapters were trained on another base model (fingerprint mismatch)",
+                        fix=f"pass the base they were trained from ({record.get('base') or 'see adapters.json'})")
 
     def module(name: str) -> nn.Module:
         try:
@@ -319,6 +416,13 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict[str, Any]:
             raise UserError(f"{file}: this model has no layer {name!r}",
                             fix="the adapters were trained on a different architecture") from None
 
+    tables = token_tables(model)
+    if tables[0][1].size(0) != record["base_vocab_size"]:
+        raise UserError(f"{file}: the base has {tables[0][1].size(0)} token rows, the adapters were trained on "
+                        f"{record['base_vocab_size']}", fix="pass the base they were trained from")
+    if record["vocab_size"] > record["base_vocab_size"]:
+        resize_embeddings(model, record["vocab_size"])
+        tables = token_tables(model)
     for name, (bits, group_size) in record["quantized"].items():  # reproduce the QLoRA base first
         m = module(name)
         if isinstance(m, QuantLinear):
@@ -335,15 +439,51 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict[str, Any]:
     _wrap(model, record["targets"], record["r"], record["alpha"], record["dropout"])
 
     params = dict(model.named_parameters())
-    wanted = set(lora_state_dict(model))
-    for key in sorted(wanted | set(tensors)):
+    wanted = {k: v.shape for k, v in lora_state_dict(model).items()}
+    if record["token_ids"]:
+        wanted.update({f"tokens.{n}": (len(record["token_ids"]), p.size(1)) for n, p in tables})
+    for key in sorted(wanted.keys() | tensors.keys()):
         if key not in tensors:
             raise UserError(f"{file}: missing tensor {key}", fix="the adapter file is incomplete; save it again")
         if key not in wanted:
-            raise UserError(f"{file}: unexpected tensor {key}", fix="the adapter record and tensors disagree")
-        if tensors[key].shape != params[key].shape:
+            raise UserError(f"{file}: unexpected tensor {key}", fix="the adapters were trained on another model")
+        if tensors[key].shape != wanted[key]:
             raise UserError(f"{file}: tensor {key} has shape {tuple(tensors[key].shape)}, this model needs "
-                            f"{tuple(params[key].shape)}", fix="the adapters were trained on a different model size")
-        with torch.no_grad():
-            params[key].copy_(tensors[key])
+                            f"{tuple(wanted[key])}", fix="the adapters were trained on a different model size")
+    with torch.no_grad():
+        for key in wanted:
+            if key.startswith("tokens."):
+                params[key[len("tokens."):]][record["token_ids"]] = tensors[key].to(params[key[len("tokens."):]])
+            else:
+                params[key].copy_(tensors[key])
     return record
+
+
+def adapter_tokenizer(tok: Tokenizer, record: dict[str, Any], where: str | Path = "adapters") -> Tokenizer:
+    """The base tokenizer with the special tokens the fine-tune added (`record["added_tokens"]`)."""
+    added = record["added_tokens"]
+    if added:
+        tok = with_specials(tok, list(added))
+    wrong = {n: i for n, i in added.items() if tok.special_tokens.get(n) != i}
+    if wrong or tok.vocab_size > record["vocab_size"]:
+        raise UserError(f"{where}: the base tokenizer does not give the fine-tune's token ids {wrong or ''}",
+                        fix="pass the base checkpoint the adapters were trained from")
+    return tok
+
+
+def merge_adapters(base: str | Path, adapters: str | Path, out: str | Path) -> Path:
+    """`scratchlm merge`: base + adapters -> a plain checkpoint folder at `out` (no LoRA layers, no
+    quantized ones: a QLoRA base is dequantized and the update added in fp32), loadable and
+    fine-tunable like any other. Returns `out`."""
+    from scratchlm.config import SFTConfig
+    from scratchlm.train.checkpoint import load_model_for_inference, save_weights_checkpoint
+
+    model, tok, cfg = load_model_for_inference(base, adapters=adapters)
+    n = merge_lora(model, dequantize=True)
+    dequantize_model(model)  # layers QLoRA quantized without wrapping them
+    cfg.sft, cfg.out_dir = SFTConfig(), str(out)
+    _, record_path = adapter_files(adapters)
+    save_weights_checkpoint(Path(out), model, cfg, tok, {"merged_from": {"base": str(base),
+                                                                         "adapters": str(record_path)}})
+    print(f"merged {n} LoRA layers into {base} -> {out} (a plain checkpoint: sample with --ckpt {out})")
+    return Path(out)

@@ -2,7 +2,8 @@
 
 Flow: load the base checkpoint (its architecture and tokenizer); add the chat special tokens if
 the tokenizer lacks them, growing the embedding; read the data (files, or the embedded
-verifiable tasks); hold out `val_fraction` for validation and gold evaluation; render and pack
+verifiable tasks); drop exact duplicates and hold out `val_fraction` of the distinct prompts for
+validation and gold evaluation (no held-out prompt is trained on); render and pack
 the rest; optionally wrap the model with LoRA (on a quantized base for QLoRA); train with the
 shared loop (`train_model`: accumulation, precision, schedules, checkpoints, resume, logging);
 then generate answers for the held-out prompts, write them to JSONL beside the gold ones and
@@ -12,7 +13,6 @@ score exact match, token F1, ROUGE-L and, for the embedded tasks, each family's 
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,39 +27,58 @@ from scratchlm.infer.sample import generate
 from scratchlm.io import write_text
 from scratchlm.model import build_model
 from scratchlm.sft.data import (
+    CHAT_SPECIALS,
     Conversation,
     SFTLoader,
     build_examples,
+    drop_duplicates,
     ensure_chat_specials,
     order_examples,
     read_conversations,
     render,
     resize_embeddings,
+    split_by_prompt,
     task_conversations,
 )
 from scratchlm.sft.tasks import check
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt_io
+from scratchlm.train.device import pick_device
 from scratchlm.train.pretrain import Batches, RunResult, train_model
 
 
-def adapt_model(model: nn.Module, cfg: Config) -> list[str]:
+def adapt_model(model: nn.Module, cfg: Config, tok: Tokenizer | None = None) -> list[str]:
     """Apply the config's LoRA (and QLoRA quantization) to a freshly built model; [] when full fine-tuning.
-    Inference calls this too, so a LoRA checkpoint loads into the same structure it was saved from."""
+    Inference calls this too, so a LoRA checkpoint loads into the same structure it was saved from.
+
+    For training, pass `tok`: the adapters' learning rate is then scaled by `sft.lora_lr_mult`, and
+    the token embedding rows `sft.lora_embedding` names (all, or the chat markers') train too, at
+    `sft.lora_embedding_lr_mult` (see scratchlm/sft/lora.py and bench/sft.py for why)."""
     s = cfg.sft
     if s.lora_r <= 0:
         if s.quant_bits:
             raise UserError("sft.quant_bits needs LoRA (QLoRA trains adapters on a frozen quantized base)",
                             fix="set --sft.lora_r=8 (or drop --sft.quant_bits)")
         return []
-    from scratchlm.sft.lora import apply_lora, default_targets, prepare_qlora
+    from scratchlm.sft.lora import apply_lora, default_targets, prepare_qlora, train_token_rows
 
     targets = s.lora_targets or default_targets(model)
     if s.quant_bits:
         if s.quant_bits not in (4, 8):
             raise UserError(f"sft.quant_bits={s.quant_bits} is not supported", fix="use 4 or 8")
-        return prepare_qlora(model, s.quant_bits, 64, targets, s.lora_r, s.lora_alpha, s.lora_dropout)
-    return apply_lora(model, targets, s.lora_r, s.lora_alpha, s.lora_dropout)
+        wrapped = prepare_qlora(model, s.quant_bits, 64, targets, s.lora_r, s.lora_alpha, s.lora_dropout)
+    else:
+        wrapped = apply_lora(model, targets, s.lora_r, s.lora_alpha, s.lora_dropout)
+    if tok is not None:
+        for name in wrapped:
+            for p in model.get_submodule(name).parameters(recurse=False):  # lora_A, lora_B
+                p.lr_scale = s.lora_lr_mult
+        if s.lora_embedding != "none":
+            vocab = model.config.vocab_size
+            ids = range(vocab) if s.lora_embedding == "all" else [tok.special_tokens[t] for t in CHAT_SPECIALS]
+            for _, table in train_token_rows(model, ids):
+                table.lr_scale = s.lora_embedding_lr_mult
+    return wrapped
 
 
 @dataclass
@@ -75,17 +94,15 @@ def load_sft_data(cfg: Config) -> list[Conversation]:
     return task_conversations(cfg.sft.n_tasks, cfg.seed)
 
 
-def split(convs: list[Conversation], fraction: float, seed: int) -> tuple[list[Conversation], list[Conversation]]:
+def split(convs: list[Conversation], fraction: float, seed: int
+          ) -> tuple[list[Conversation], list[Conversation], int]:
+    """(train, held out, duplicates dropped): exact duplicates dropped first, then `fraction` of the
+    distinct prompts held out, so the gold evaluation never scores a prompt the model trained on."""
     if not 0 < fraction < 1:
         raise UserError(f"sft.val_fraction={fraction} must be between 0 and 1")
-    order = list(range(len(convs)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(fraction * len(convs)))
-    if n_val >= len(convs):
-        raise UserError(f"only {len(convs)} SFT examples: nothing left to train on after holding out {n_val}")
-    val = sorted(order[:n_val])
-    held = set(val)
-    return [convs[i] for i in range(len(convs)) if i not in held], [convs[i] for i in val]
+    distinct, dropped = drop_duplicates(convs)
+    train, val = split_by_prompt(distinct, fraction, seed)
+    return train, val, dropped
 
 
 @torch.no_grad()
@@ -107,7 +124,7 @@ def gold_eval(model: nn.Module, tok: Tokenizer, convs: list[Conversation], max_n
                    "gold": gold, "generated": pred, "exact": exact_match(pred, gold), "f1": token_f1(pred, gold),
                    "rouge_l": rouge_l(pred, gold)}
             if "family" in c.meta:
-                row["checked"] = float(check(c.meta["family"], gold, pred))
+                row["checked"] = float(check(c.meta["family"], c.turns[-2][1], pred))
             rows.append(row)
     if out_jsonl is not None:
         write_text(out_jsonl, "".join(json.dumps(r) + "\n" for r in rows))
@@ -126,6 +143,11 @@ def sft(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_ste
     torch.manual_seed(cfg.seed)
     model = build_model(replace(base_cfg.model))
     ckpt_io.load_weights(model, base)
+    base_vocab = model.config.vocab_size
+    if cfg.sft.lora_r > 0:  # recorded with the adapters: they refuse to load onto any other base
+        from scratchlm.sft.lora import base_fingerprint
+
+        fingerprint = base_fingerprint(model)
     if tok.vocab_size > model.config.vocab_size:
         resize_embeddings(model, tok.vocab_size)
     cfg.model.vocab_size = model.config.vocab_size
@@ -133,7 +155,9 @@ def sft(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_ste
         print(f"added chat tokens {', '.join(added)} to the tokenizer (vocab {tok.vocab_size})")
 
     convs = load_sft_data(cfg)
-    train_convs, val_convs = split(convs, cfg.sft.val_fraction, cfg.seed)
+    train_convs, val_convs, dropped = split(convs, cfg.sft.val_fraction, cfg.seed)
+    if dropped:
+        print(f"dropped {dropped} duplicate SFT examples (same prompt and answer as an earlier one)")
     block = cfg.model.block_size
     train_ex, counts = build_examples(train_convs, tok, block, cfg.sft.overlong)
     val_ex, _ = build_examples(val_convs, tok, block, cfg.sft.overlong)
@@ -142,7 +166,7 @@ def sft(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_ste
               f"{counts['dropped']} dropped (--sft.overlong)")
     train_ex = order_examples(train_ex, cfg.sft.curriculum, cfg.seed)
     t = cfg.train
-    device = "cuda" if torch.cuda.is_available() and t.device in ("auto", "cuda") else "cpu"
+    device = pick_device(t.device)
     batches = Batches(
         train=SFTLoader(train_ex, block, t.batch_size, packing=cfg.sft.packing,
                         shuffle=cfg.sft.curriculum == "none", seed=cfg.seed, device=device),
@@ -153,17 +177,22 @@ def sft(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_ste
     if not resume:
         scores["base"] = gold_eval(model.eval(), tok, val_convs, cfg.sft.eval_max_new_tokens,
                                    eval_dir / "answers_base.jsonl")
-    wrapped = adapt_model(model, cfg)
+    wrapped = adapt_model(model, cfg, tok)
     if wrapped:
-        print(f"LoRA r={cfg.sft.lora_r} on {len(wrapped)} layers" + (f", base quantized to int{cfg.sft.quant_bits}"
-                                                                   if cfg.sft.quant_bits else ""))
+        s = cfg.sft
+        print(f"LoRA r={s.lora_r} alpha={s.lora_alpha:g} on {len(wrapped)} layers, lr x{s.lora_lr_mult:g}"
+              + (f", base quantized to int{s.quant_bits}" if s.quant_bits else "")
+              + {"all": ", the token embedding trains too", "chat": ", the chat markers' embedding rows train too",
+                 "none": ""}[s.lora_embedding]
+              + (f" (lr x{s.lora_embedding_lr_mult:g})" if s.lora_embedding != "none" else ""))
     latest = ckpt_io.find_checkpoint(run_dir) if resume else None
     result = train_model(cfg, model.train(), tok, batches, resume_from=latest, progress=progress,
                          stop_at_step=stop_at_step, desc="sft")
     if wrapped:
-        from scratchlm.sft.lora import save_adapters
+        from scratchlm.sft.lora import ADAPTER_TENSORS, save_adapters
 
-        save_adapters(model, run_dir / "adapters.safetensors", {"base": str(base)})
+        save_adapters(model, run_dir / ADAPTER_TENSORS, base=str(base), base_fingerprint=fingerprint,
+                      base_vocab_size=base_vocab, added_tokens={n: tok.special_tokens[n] for n in added})
     scores["sft"] = gold_eval(model.eval(), tok, val_convs, cfg.sft.eval_max_new_tokens,
                               eval_dir / "answers_sft.jsonl")
     table = format_summary(scores)

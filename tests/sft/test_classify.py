@@ -32,7 +32,7 @@ from tests.data.conftest import make_docs, write_corpus
 POS = ("good", "great", "happy", "love", "nice", "fine", "best")
 NEG = ("bad", "awful", "sad", "hate", "poor", "worst", "ugly")
 FAST = ["--train.warmup_steps=5", "--train.eval_interval=1000", "--train.tensorboard=false", "--train.batch_size=16",
-        "--sft.val_fraction=0.25"]
+        "--sft.val_fraction=0.25", "--train.precision=fp32"]  # fp32: "auto" may choose bf16 on some CPUs
 
 
 def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
@@ -58,6 +58,7 @@ def base_run(tmp_path_factory):
     cfg.model = ModelConfig(arch="llama", block_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bias=False)
     t = cfg.train
     t.max_steps, t.batch_size, t.eval_interval, t.eval_iters, t.tensorboard, t.log_interval = 4, 4, 4, 1, False, 2
+    t.precision = "fp32"  # the tests compare numbers: "auto" may choose bf16 on some CPUs
     pretrain(cfg, root / "data", progress=False)
     return root / "base"
 

@@ -1,5 +1,6 @@
 """LoRA and QLoRA: only adapters train, the wrapped model starts as the base, merge/unmerge,
-adapter save/load, pattern errors, QLoRA training on a quantized base, tied heads untouched."""
+adapter save/load (token rows, a grown vocabulary, the base's fingerprint), learning-rate groups,
+pattern errors, QLoRA training on a quantized base, tied heads untouched."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from scratchlm.config import ModelConfig
+from scratchlm.config import ModelConfig, TrainConfig
 from scratchlm.errors import UserError
 from scratchlm.model import build_model
 from scratchlm.quant.linear import QuantLinear, weight_bytes
+from scratchlm.sft.data import resize_embeddings
 from scratchlm.sft.lora import (
     LoRALinear,
     apply_lora,
@@ -24,7 +26,9 @@ from scratchlm.sft.lora import (
     merge_lora,
     prepare_qlora,
     save_adapters,
+    train_token_rows,
 )
+from scratchlm.train.optim import make_optimizer, param_groups
 
 
 def tiny(arch: str, seed: int = 0, **kw) -> nn.Module:
@@ -132,43 +136,99 @@ def test_save_and_load_reproduce_the_outputs(tmp_path):
     fp = base_fingerprint(model)
     apply_lora(model, ["attn.c_attn", "mlp.c_fc"], r=4, alpha=8)
     train(model, 3)
-    folder = save_adapters(model, tmp_path / "adapter", {"base_fingerprint": fp, "note": "test"})
-    tensors = {p.name for p in folder.iterdir()}
-    assert tensors == {"adapters.safetensors", "adapters.json"}
-    record = json.loads((folder / "adapters.json").read_text())
-    assert record["r"] == 4 and record["alpha"] == 8 and record["targets"] == [
+    file = save_adapters(model, tmp_path / "run" / "adapters.safetensors", base="BASE", base_fingerprint=fp,
+                         meta={"note": "test"})
+    assert file.is_file() and {p.name for p in file.parent.iterdir()} == {"adapters.safetensors", "adapters.json"}
+    record = json.loads((file.parent / "adapters.json").read_text())
+    assert record["r"] == 4 and record["alpha"] == 8 and record["dropout"] == 0 and record["targets"] == [
         "h.0.attn.c_attn", "h.0.mlp.c_fc", "h.1.attn.c_attn", "h.1.mlp.c_fc"]
-    assert record["meta"] == {"base_fingerprint": fp, "note": "test"}
+    assert (record["base"], record["base_fingerprint"], record["quant_bits"]) == ("BASE", fp, 0)
+    assert record["token_ids"] == [] and record["vocab_size"] == record["base_vocab_size"] == 64
+    assert record["meta"] == {"note": "test"}
     # only A and B: (r, 32) + (96, r) and (r, 32) + (128, r) per layer, in fp32
-    assert (folder / "adapters.safetensors").stat().st_size < 2 * 4 * 4 * (32 + 96 + 32 + 128) + 2000
+    assert file.stat().st_size < 2 * 4 * 4 * (32 + 96 + 32 + 128) + 2000
 
     fresh = tiny("gpt")
-    loaded = load_adapters(fresh, folder)
+    loaded = load_adapters(fresh, tmp_path / "run")  # the run folder names its adapters too
     assert loaded["meta"]["note"] == "test"
     idx, _ = batch(2)
-    with torch.no_grad():
+    with torch.no_grad():  # the same layers, weights and operations: bit for bit
         torch.testing.assert_close(fresh(idx)[0], model(idx)[0], rtol=0, atol=0)
     assert count_parameters(fresh) == count_parameters(model)
+
+
+def test_token_rows_train_and_every_other_row_stays_bit_for_bit(tmp_path):
+    """Untied head, weight decay on, the project's fused AdamW: only the chosen rows of the
+    embedding and of the head move; the adapters carry them (and the rows a grown vocabulary
+    added), and a fresh base plus the adapters is the trained model exactly."""
+    base = tiny("llama", tie_embeddings=False)
+    fp = base_fingerprint(base)
+    model = tiny("llama", tie_embeddings=False)
+    resize_embeddings(model, 66)  # as sft does when the tokenizer gains two specials
+    apply_lora(model, ["wq", "w2"], r=4)
+    tables = train_token_rows(model, [3, 65])
+    assert [n for n, _ in tables] == ["tok_embeddings.weight", "output.weight"]
+    # per layer: wq 4·(32 + 32), w2 (32 <- 128 hidden) 4·(128 + 32); plus 2 rows of 32 in each of the 2 tables
+    assert count_parameters(model)[0] == 2 * (4 * 64 + 4 * 160) + 2 * 2 * 32
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))
+    assert {g["weight_decay"] for g in opt.param_groups if any(p is tables[1][1] for p in g["params"])} == {0.0}
+    idx, tgt = batch()
+    idx[:, 0], idx[:, 1], tgt[:, 0] = 65, 3, 3  # both trained rows are read and written
+    for _ in range(3):
+        _, loss = model(idx, tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for name, p in tables:
+        moved = (p.detach() != before[name]).any(dim=1).nonzero().flatten().tolist()
+        assert moved == [3, 65], name
+
+    file = save_adapters(model, tmp_path / "a.safetensors", base_fingerprint=fp, base_vocab_size=64)
+    assert json.loads((tmp_path / "a.json").read_text())["token_ids"] == [3, 64, 65]  # trained + added
+    fresh = tiny("llama", tie_embeddings=False)
+    load_adapters(fresh, file)
+    assert fresh.config.vocab_size == 66
+    with torch.no_grad():  # identical operations: bit for bit
+        torch.testing.assert_close(fresh(idx)[0], model(idx)[0], rtol=0, atol=0)
+
+
+def test_optimizer_groups_scale_the_adapters_learning_rate():
+    model = tiny("llama")
+    apply_lora(model, ["wq"], r=4)
+    train_token_rows(model, range(64))
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            p.lr_scale = 5.0
+    model.tok_embeddings.weight.lr_scale = 2.0
+    groups = {(g["weight_decay"], g["lr_scale"]): len(g["params"]) for g in param_groups(model, 0.1) if g["params"]}
+    assert groups == {(0.1, 5.0): 4, (0.0, 2.0): 1}  # A and B of two layers; the tied table is never decayed
 
 
 def test_loading_onto_the_wrong_base_names_the_problem(tmp_path):
     model = tiny("gpt")
     apply_lora(model, ["c_attn"], r=4)
-    save_adapters(model, tmp_path / "a")
+    save_adapters(model, tmp_path / "a.safetensors")
     wider = tiny("gpt", n_embd=64)
     with pytest.raises(UserError, match=r"h\.0\.attn\.c_attn\.lora_A"):
-        load_adapters(wider, tmp_path / "a")
+        load_adapters(wider, tmp_path / "a.safetensors")
     with pytest.raises(UserError, match="no layer 'h.0.attn.c_attn'"):
-        load_adapters(tiny("llama"), tmp_path / "a")
+        load_adapters(tiny("llama"), tmp_path / "a.json")
 
     fp_model = tiny("gpt")
     fp = base_fingerprint(fp_model)
     apply_lora(fp_model, ["c_attn"], r=4)
-    save_adapters(fp_model, tmp_path / "b", {"base_fingerprint": fp})
-    with pytest.raises(UserError, match="fingerprint"):
-        load_adapters(tiny("gpt", seed=5), tmp_path / "b")
-    with pytest.raises(UserError, match="not a LoRA adapter folder"):
-        load_adapters(tiny("gpt"), tmp_path / "nowhere")
+    train(fp_model, 2)
+    save_adapters(fp_model, tmp_path / "b.safetensors", base="runs/base", base_fingerprint=fp)
+    with pytest.raises(UserError, match=r"another base model \(fingerprint mismatch\).*runs/base"):
+        load_adapters(tiny("gpt", seed=5), tmp_path / "b.safetensors")
+    with pytest.raises(UserError, match="no LoRA adapters here"):
+        load_adapters(tiny("gpt"), tmp_path / "nowhere.safetensors")
+    (tmp_path / "b.safetensors").write_bytes((tmp_path / "a.safetensors").read_bytes())  # another save's tensors
+    with pytest.raises(UserError, match="SHA-256 mismatch"):
+        load_adapters(tiny("gpt"), tmp_path / "b.safetensors")
+    with pytest.raises(UserError, match=r"must end in \.safetensors"):
+        save_adapters(fp_model, tmp_path / "folder")
 
 
 def test_patterns_that_match_nothing_are_a_user_error():
@@ -215,9 +275,9 @@ def test_qlora_trains_on_a_frozen_quantized_base(tmp_path):
         layer.merge()
 
     # save -> load onto a fresh full-precision base re-quantizes it identically
-    save_adapters(model, tmp_path / "q")
+    save_adapters(model, tmp_path / "q.safetensors")
     fresh = tiny("llama")
-    load_adapters(fresh, tmp_path / "q")
+    load_adapters(fresh, tmp_path / "q.safetensors")
     assert isinstance(fresh.layers[0].attention.wq.base, QuantLinear)
     with torch.no_grad():
         torch.testing.assert_close(fresh(idx)[0], model(idx)[0], rtol=0, atol=0)
