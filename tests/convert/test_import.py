@@ -13,6 +13,7 @@ from scratchlm.cli import main
 from scratchlm.convert import import_hf
 from scratchlm.train.checkpoint import load_model_for_inference
 from tests.convert.helpers import VOCAB, hf_folder, ids, randomize, tiny_bpe
+from tests.infer.helpers import assert_logits_close
 
 transformers = pytest.importorskip("transformers")
 
@@ -91,7 +92,7 @@ def test_imported_logits_equal_hf(case, tmp_path):
         assert getattr(cfg.model, field) == value, field
     assert cfg.model.vocab_size == VOCAB  # HF's size exactly, no padding
     x = ids()
-    torch.testing.assert_close(our_logits(model, x), hf_logits(hf, x), atol=1e-5, rtol=0)
+    assert_logits_close(our_logits(model, x), hf_logits(hf, x))
 
 
 @pytest.mark.parametrize("case", ["gpt2", "mistral-window4"])
@@ -124,7 +125,7 @@ def test_transformers4_style_sparse_config(tmp_path):
     model, _, cfg = load_model_for_inference(import_hf(src, tmp_path / "ours"))
     assert (cfg.model.norm_eps, cfg.model.rope_theta, cfg.model.rope_factor) == (1e-6, 20000.0, 3.0)
     x = ids()
-    torch.testing.assert_close(our_logits(model, x), hf_logits(hf, x), atol=1e-5, rtol=0)
+    assert_logits_close(our_logits(model, x), hf_logits(hf, x))
 
 
 @pytest.mark.parametrize("layout", ["sharded-safetensors", "pytorch_model.bin", "bin-without-prefix"])
@@ -146,7 +147,7 @@ def test_other_weight_layouts(layout, tmp_path):
         torch.save(sd, src / "pytorch_model.bin")
     model, _, _ = load_model_for_inference(import_hf(src, tmp_path / "ours"))
     x = ids()
-    torch.testing.assert_close(our_logits(model, x), hf_logits(hf, x), atol=1e-5, rtol=0)
+    assert_logits_close(our_logits(model, x), hf_logits(hf, x))
 
 
 @pytest.mark.parametrize("which", ["scratchlm-file", "hf-tokenizer-json"])
@@ -172,14 +173,15 @@ def test_cli_convert_then_sample(tmp_path, capsys):
     dst = tmp_path / "ours"
     assert main(["convert", str(src), str(dst), "--from", "hf", "--to", "scratchlm"]) == 0
     assert f"wrote {dst}" in capsys.readouterr().out
-    # converting again replaces our own earlier output ...
-    assert main(["convert", str(src), str(dst), "--from", "hf", "--to", "scratchlm"]) == 0
+    # converting again replaces our own earlier output when asked ...
+    assert main(["convert", str(src), str(dst), "--from", "hf", "--to", "scratchlm"]) == 2
+    assert main(["convert", str(src), str(dst), "--from", "hf", "--to", "scratchlm", "--overwrite"]) == 0
     assert main(["sample", "--ckpt", str(dst), "--prompt", "The quick", "--sample.max_new_tokens=4",
                  "--sample.stream=false", "--device", "cpu"]) == 0
     # ... but never a folder it did not write
     shutil.rmtree(dst)
     dst.mkdir()
     (dst / "notes.txt").write_text("mine")
-    assert main(["convert", str(src), str(dst), "--from", "hf", "--to", "scratchlm"]) == 2
+    assert main(["convert", str(src), str(dst), "--from", "hf", "--to", "scratchlm", "--overwrite"]) == 2
     assert "not written by `scratchlm convert`" in capsys.readouterr().err
     assert (dst / "notes.txt").read_text() == "mine"
