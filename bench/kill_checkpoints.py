@@ -140,6 +140,16 @@ def check_latest(run: Path, tally: Tally) -> int | None:
         return None
 
 
+def check_resume_start(log: Path, expected_start: int | None, tally: Tally, what: str) -> None:
+    """Count a resume whose header is in `log`, and a problem if it did not start at `expected_start`."""
+    got = header(log)
+    if expected_start is not None and got is not None:
+        tally.resumes_checked += 1
+        if got[0] != expected_start:
+            tally.wrong_step += 1
+            tally.problems.append(f"{what} started at {got[0]}, latest was {expected_start}")
+
+
 def kill_loop(corpus: Path, run: Path, steps: int, kills: int, rng: random.Random, tally: Tally) -> None:
     log = run.parent / "segment.log"
     proc = launch(corpus, run, steps, log, resume=False)
@@ -172,12 +182,7 @@ def kill_loop(corpus: Path, run: Path, steps: int, kills: int, rng: random.Rando
             rate = max(0.7 * rate + 0.3 * (latest_step(run) - done) / (time.monotonic() - t_train), 5.0)
         tally.kills += 1
         tally.kills_at_startup += at_startup
-        got = header(log)
-        if expected_start is not None and got is not None:
-            tally.resumes_checked += 1
-            if got[0] != expected_start:
-                tally.wrong_step += 1
-                tally.problems.append(f"kill {tally.kills}: resume started at {got[0]}, latest was {expected_start}")
+        check_resume_start(log, expected_start, tally, f"kill {tally.kills}: resume")
         tally.temps_after_kill = max(tally.temps_after_kill, len(stale_temps(run)))
         tally.locks_left += (run / LOCK).is_file() and bool((run / LOCK).read_text().strip())
         tally.locks_reclaimed += RECLAIMED in log.read_text(errors="replace")
@@ -189,12 +194,7 @@ def kill_loop(corpus: Path, run: Path, steps: int, kills: int, rng: random.Rando
     if returncode != 0:
         tally.resume_failed += 1
         tally.problems.append(f"final resume exited {proc.returncode}: {log.read_text()[-600:]}")
-    got = header(log)
-    if got is not None and expected_start is not None:
-        tally.resumes_checked += 1
-        if got[0] != expected_start:
-            tally.wrong_step += 1
-            tally.problems.append(f"final resume started at {got[0]}, latest was {expected_start}")
+    check_resume_start(log, expected_start, tally, "final resume")
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:

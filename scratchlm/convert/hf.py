@@ -204,7 +204,7 @@ def map_weights(hf: dict[str, torch.Tensor], model: torch.nn.Module, family: Mod
 def import_hf(src: str | Path, dst: str | Path, *, tokenizer: str | Path | None = None) -> Path:
     """An HF model folder -> a scratchlm checkpoint folder at dst; returns dst."""
     from scratchlm.model import build_model
-    from scratchlm.train.checkpoint import rng_state
+    from scratchlm.train.checkpoint import save_weights_checkpoint
 
     src, dst = Path(src), Path(dst)
     hf_cfg, arch, family = read_hf_config(src)
@@ -225,15 +225,7 @@ def import_hf(src: str | Path, dst: str | Path, *, tokenizer: str | Path | None 
     specials = list(tok.special_tokens)
     cfg.tokenizer = TokenizerConfig(kind=tok.kind, vocab_size=tok.vocab_size, special_tokens=specials,
                                     pattern=getattr(tok, "pattern_name", TokenizerConfig.pattern))
-    rng_tensors, rng_meta = rng_state()
-    with atomic_dir(dst) as tmp:
-        save_file({**tensors, **buffers}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        save_file({}, str(tmp / "optimizer.safetensors"))  # no training happened: no moments
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        write_json(tmp / "trainer.json", {"step": 0, "best_val_loss": None, MARK: f"{arch} at {src}",
-                                          "optimizer": {"param_groups": [], "scalars": {}}, "rng": rng_meta})
-        cfg.save(tmp / "config.json")
-        tok.save(tmp / "tokenizer.json")
+    save_weights_checkpoint(dst, {**tensors, **buffers}, cfg, tok, {MARK: f"{arch} at {src}"})
     n_params = sum(t.numel() for t in tensors.values())
     print(f"wrote {dst}: {arch} -> arch={m.arch}, {n_params / 1e6:.2f}M params in {len(tensors)} tensors (fp32), "
           f"vocab {m.vocab_size}, {tok.kind} tokenizer with {tok.vocab_size} tokens; "

@@ -343,9 +343,15 @@ def inputs_fingerprint(inputs: list[str] | None, jsonl_field: str) -> str:
 def check_prepared(data_dir: Path, cfg: Config, inputs: list[str] | None, *, check_inputs: bool = True) -> None:
     """Refuse prepared data made with other tokenizer or data settings than `cfg`'s, or (when
     `check_inputs`) from other inputs; the message names the first difference."""
-    manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
-    made_with = load_config(data_dir / "config.json")
     fix = "pass the same inputs and settings, or start a new run (another --out, or --overwrite)"
+    mpath = data_dir / "manifest.json"
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{mpath}: corrupt manifest ({e})", fix=fix) from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{mpath}: not a scratchlm shard manifest", fix=fix)
+    made_with = load_config(data_dir / "config.json")
     wanted = {**{f"tokenizer.{k}": v for k, v in dataclasses.asdict(cfg.tokenizer).items()},
               **{f"data.{k}": v for k, v in data_settings(cfg.data).items()}}
     had = {**{f"tokenizer.{k}": v for k, v in dataclasses.asdict(made_with.tokenizer).items()},

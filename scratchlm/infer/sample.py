@@ -148,8 +148,10 @@ def sample_next(
 ) -> torch.Tensor:
     """One next token per row. logits: (B, V) next-token logits; context_ids: each row's tokens
     so far (for the repetition penalty). Order: padding mask, repetition penalty, then argmax if
-    cfg.temperature == 0, else temperature, top-k, top-p, min-p and a draw. Returns (B,) int64."""
-    check_sample_config(cfg)
+    cfg.temperature == 0, else temperature, top-k, top-p, min-p and a draw. Returns (B,) int64.
+
+    Called once per decode step, so `cfg` is not checked here: the entry points (`Engine.generate`,
+    hence `generate`, and the CLI verbs) refuse a bad one with `check_sample_config` first."""
     logits = mask_padding(logits.float(), valid_vocab)  # float32: bf16 logits are too coarse to filter
     logits = repetition_penalty(logits, context_ids, cfg.repetition_penalty)
     if cfg.temperature == 0:

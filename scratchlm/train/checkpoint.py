@@ -249,12 +249,17 @@ def load_model_for_inference(path: str | Path, device: str = "cpu", adapters: st
     return model.to(device).eval(), tok, cfg
 
 
-def save_weights_checkpoint(dst: Path, model: nn.Module, cfg: Config, tok: Tokenizer, note: dict[str, Any]) -> Path:
+def save_weights_checkpoint(dst: Path, weights: nn.Module | dict[str, torch.Tensor], cfg: Config, tok: Tokenizer,
+                            note: dict[str, Any]) -> Path:
     """Write a checkpoint folder at `dst` (atomically) that holds weights but no training history:
-    an empty optimizer, step 0, and `note` in trainer.json (where the weights came from)."""
+    an empty optimizer, step 0, and `note` in trainer.json (where the weights came from).
+    `weights`: a model, or its tensors by name (an import that never built one)."""
     rng_tensors, rng_meta = rng_state()
     with atomic_dir(dst) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        if isinstance(weights, nn.Module):
+            save_model(weights, str(tmp / "model.safetensors"))
+        else:
+            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         save_file({}, str(tmp / "optimizer.safetensors"))  # no training happened here: no moments
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         write_json(tmp / "trainer.json", {"step": 0, "best_val_loss": None, **note,

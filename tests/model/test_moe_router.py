@@ -5,17 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from scratchlm.config import ModelConfig
 from scratchlm.model.llama import Llama
 from scratchlm.model.moe import MoE, balance_loss_coef
 from scratchlm.train.pretrain import forward_backward
-
-
-def cfg(**kw) -> ModelConfig:
-    base = dict(arch="moe", vocab_size=64, block_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bias=False,
-                n_experts=4, n_active_experts=2)
-    base.update(kw)
-    return ModelConfig(**base)
+from tests.model.test_moe import cfg
 
 
 def test_balance_loss_weight_follows_the_router():

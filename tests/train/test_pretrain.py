@@ -112,16 +112,22 @@ def test_resume_continues_exactly(tmp_path, data_dir):
     assert resumed.val_loss == whole.val_loss
 
 
-def test_nan_loss_stops_or_skips(tmp_path, data_dir, monkeypatch):
+def nan_on_call(monkeypatch, bad_call: int) -> dict[str, int]:
+    """Make the loop's `bad_call`-th forward_backward return NaN; returns the call counter (reset it to rerun)."""
     real = pretrain_mod.forward_backward
     calls = {"n": 0}
 
     def flaky(*args):
         calls["n"] += 1
         loss = real(*args)
-        return torch.tensor(float("nan")) if calls["n"] == 3 else loss
+        return torch.tensor(float("nan")) if calls["n"] == bad_call else loss
 
     monkeypatch.setattr(pretrain_mod, "forward_backward", flaky)
+    return calls
+
+
+def test_nan_loss_stops_or_skips(tmp_path, data_dir, monkeypatch):
+    calls = nan_on_call(monkeypatch, 3)
     with pytest.raises(UserError, match="loss became nan at step 2"):
         pretrain(tiny_cfg(tmp_path / "a"), data_dir, progress=False)
     calls["n"] = 0
@@ -132,15 +138,7 @@ def test_nan_loss_stops_or_skips(tmp_path, data_dir, monkeypatch):
 
 def test_nan_skipped_on_the_last_step_still_evaluates_and_saves(tmp_path, data_dir, monkeypatch):
     """Regression: the skip jumped past the end-of-run evaluation and checkpoint."""
-    real = pretrain_mod.forward_backward
-    calls = {"n": 0}
-
-    def nan_last(*args):
-        calls["n"] += 1
-        loss = real(*args)
-        return torch.tensor(float("nan")) if calls["n"] == 6 else loss
-
-    monkeypatch.setattr(pretrain_mod, "forward_backward", nan_last)
+    nan_on_call(monkeypatch, 6)
     run = tmp_path / "run"
     result = pretrain(tiny_cfg(run, on_nan="skip", max_steps=6, eval_interval=100), data_dir, progress=False)
     assert result.steps == 6 and result.val_loss == result.val_loss  # validated at the end: not NaN
