@@ -52,7 +52,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from scratchlm.train import checkpoint as ckpt_io  # noqa: E402
+from scratchlm import checkpoint as ckpt_io  # noqa: E402
 from scratchlm.train.optim import make_optimizer  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"

@@ -70,9 +70,9 @@ def run_variant(base: Path, out: Path, variant: str, steps: int, data: str | Non
 import json, resource, statistics
 from scratchlm.config import get_preset
 from scratchlm.model import build_model
-from scratchlm.sft.lora import count_parameters
-from scratchlm.sft.train import adapt_model, sft
-from scratchlm.train.checkpoint import find_checkpoint, load_config_and_tokenizer
+from scratchlm.model.lora import adapt_model, count_parameters
+from scratchlm.sft.train import sft
+from scratchlm.checkpoint import find_checkpoint, load_config_and_tokenizer
 cfg = get_preset("sft-tiny")
 cfg.out_dir, cfg.sft.base = {str(out)!r}, {str(base)!r}
 cfg.train.max_steps, cfg.train.eval_interval, cfg.train.batch_size, cfg.train.tensorboard = {steps}, {steps}, 8, False

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.config import apply_overrides, get_preset
 from scratchlm.data.loader import BatchLoader, TokenShards
-from scratchlm.train.checkpoint import load_model_for_inference
 from scratchlm.train.pretrain import evaluate, pretrain, token_bytes
 
 NANOGPT_VAL_LOSS = 1.88

@@ -299,7 +299,7 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_merge(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.sft.lora import merge_adapters
+    from scratchlm.checkpoint import merge_adapters
 
     check_output_path(args.out, overwrite=args.overwrite, inputs=[args.base, args.adapters], folder=True)
     merge_adapters(args.base, args.adapters, args.out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.config import Config, get_preset
 from scratchlm.data.loader import BatchLoader, TokenShards
 from scratchlm.data.prepare import prepare
@@ -23,7 +24,6 @@ from scratchlm.sft.train import sft
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.tokenizer.base import KINDS
 from scratchlm.tokenizer.compare import compare, format_table, plot
-from scratchlm.train.checkpoint import load_model_for_inference
 from scratchlm.train.pretrain import pretrain
 
 ARCH_NAMES = {"gpt": "GPT", "llama": "Llama-family model", "moe": "mixture-of-experts model (8 experts, top-2)"}

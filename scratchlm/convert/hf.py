@@ -38,12 +38,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from scratchlm.checkpoint import find_checkpoint, load_model_for_inference, save_weights_checkpoint
 from scratchlm.config import Config, TokenizerConfig
 from scratchlm.convert import hf_gpt2, hf_llama, hf_moe
 from scratchlm.convert.hf_common import HFConfig
 from scratchlm.convert.hf_tokenizer import from_tokenizer_json, load_hf_tokenizer
 from scratchlm.errors import UserError
 from scratchlm.io import atomic_dir, write_json
+from scratchlm.model import build_model
+from scratchlm.model.lora import merge_lora
+from scratchlm.model.quant import dequantize_model
 from scratchlm.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
 
 FORMATS = ("hf", "scratchlm")
@@ -203,9 +207,6 @@ def map_weights(hf: dict[str, torch.Tensor], model: torch.nn.Module, family: Mod
 
 def import_hf(src: str | Path, dst: str | Path, *, tokenizer: str | Path | None = None) -> Path:
     """An HF model folder -> a scratchlm checkpoint folder at dst; returns dst."""
-    from scratchlm.model import build_model
-    from scratchlm.train.checkpoint import save_weights_checkpoint
-
     src, dst = Path(src), Path(dst)
     hf_cfg, arch, family = read_hf_config(src)
     m = family.config_from_hf(hf_cfg, arch)
@@ -237,10 +238,6 @@ def import_hf(src: str | Path, dst: str | Path, *, tokenizer: str | Path | None 
 def export_hf(src: str | Path, dst: str | Path, adapters: str | Path | None = None) -> Path:
     """A scratchlm run or checkpoint (with LoRA `adapters` on top, if given) -> an HF model folder at
     dst; returns dst. LoRA and QLoRA models are exported merged, in fp32."""
-    from scratchlm.quant.linear import dequantize_model
-    from scratchlm.sft.lora import merge_lora
-    from scratchlm.train.checkpoint import find_checkpoint, load_model_for_inference
-
     src, dst = Path(src), Path(dst)
     ckpt = find_checkpoint(src)
     model, tok, cfg = load_model_for_inference(ckpt, adapters=adapters)

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.config import SampleConfig, apply_overrides
 from scratchlm.errors import UserError
 from scratchlm.infer.engine import Engine
@@ -90,8 +91,6 @@ def run_chat(session: ChatSession, lines: Iterable[str], write: Callable[[str], 
 def chat_cli(ckpt: str | Path, overrides: list[str], device: str = "auto", system: str = "",
              adapters: str | Path | None = None) -> None:
     """`scratchlm chat`: a checkpoint (or a base + LoRA `adapters`) in an interactive session."""
-    from scratchlm.train.checkpoint import load_model_for_inference
-
     wrong = [o for o in overrides if not o.lstrip("-").startswith("sample.")]
     if wrong:
         raise UserError(f"{wrong[0].split('=')[0]}: chat takes only --sample.KEY=VALUE settings")

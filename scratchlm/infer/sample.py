@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.config import Config, SampleConfig, apply_overrides
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import Tokenizer
@@ -278,7 +279,6 @@ def sample_cli(ckpt: str | Path, prompt: str, overrides: list[str], device: str 
     """`scratchlm sample`: load a checkpoint (or a base + LoRA `adapters`), apply --sample.* overrides,
     print the samples."""
     from scratchlm.infer.engine import Engine
-    from scratchlm.train.checkpoint import load_model_for_inference
 
     wrong = [o for o in overrides if not o.lstrip("-").startswith("sample.")]
     if wrong:

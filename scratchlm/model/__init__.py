@@ -1,7 +1,9 @@
-"""The model stage: baselines (bigram, MLP), the GPT and the Llama family, built from a `ModelConfig`."""
+"""The model layer: baselines (bigram, MLP), the GPT and the Llama family built from a `ModelConfig`,
+and the parts applied to a built model: LoRA (`lora.py`), quantized linears (`quant.py`), a grown vocabulary."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from scratchlm.config import ModelConfig
@@ -31,3 +33,26 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.vocab_size <= 0:
         raise UserError("model.vocab_size is not set", fix="build the model through the pretraining stage")
     return archs[cfg.arch](cfg)
+
+
+def resize_embeddings(model: nn.Module, new_vocab: int) -> bool:
+    """Grow the token embedding (and an untied output head) to `new_vocab` rows; new rows are the
+    mean of the old ones, a neutral start that gives new tokens average logits. Returns whether it grew."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else (
+        getattr(model, "wte", None) or getattr(model, "tok_embeddings", None))
+    if emb is None or emb.num_embeddings >= new_vocab:
+        return False
+    old = emb.weight.data
+    grown = torch.cat([old, old.mean(0, keepdim=True).expand(new_vocab - old.size(0), -1)])
+    emb.weight = nn.Parameter(grown)
+    emb.num_embeddings = new_vocab
+    head = getattr(model, "lm_head", None) or getattr(model, "output", None)
+    if head is not None:
+        if model.config.tie_embeddings:
+            head.weight = emb.weight
+        else:
+            h = head.weight.data
+            head.weight = nn.Parameter(torch.cat([h, h.mean(0, keepdim=True).expand(new_vocab - h.size(0), -1)]))
+        head.out_features = new_vocab
+    model.config.vocab_size = new_vocab
+    return True

@@ -52,14 +52,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scratchlm import checkpoint as ckpt_io
 from scratchlm.config import Config, apply_overrides, get_preset
 from scratchlm.errors import UserError
 from scratchlm.io import atomic_open, write_json, write_text
 from scratchlm.model import build_model
+from scratchlm.model.gpt import GPT
+from scratchlm.model.llama import Llama
+from scratchlm.model.lora import adapt_model
 from scratchlm.rundir import claim_run_dir
 from scratchlm.sft.data import read_records
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train import checkpoint as ckpt_io
 from scratchlm.train.device import pick_device
 from scratchlm.train.pretrain import Batches, RunResult, train_model
 
@@ -78,9 +81,6 @@ class ClassifierLM(nn.Module):
 
     def __init__(self, body: nn.Module, n_classes: int) -> None:
         super().__init__()
-        from scratchlm.model.gpt import GPT
-        from scratchlm.model.llama import Llama
-
         if not isinstance(body, GPT | Llama):
             raise UserError(f"model.arch={body.config.arch!r} has no transformer body to classify with",
                             fix="start from a gpt, llama or moe checkpoint")
@@ -427,8 +427,6 @@ def load_classifier(path: str | Path, device: str = "cpu") -> tuple[ClassifierLM
 
 def _adapt(model: ClassifierLM, cfg: Config) -> list[str]:
     """LoRA (QLoRA) on the body when sft.lora_r > 0; the head, outside the body, stays trainable."""
-    from scratchlm.sft.train import adapt_model
-
     return adapt_model(model.body, cfg)
 
 

@@ -17,8 +17,9 @@ The chat template uses our reserved special tokens (ids, never text):
 
 Labels: only the assistant's tokens and the <|end|> closing each assistant turn are trained on
 (-1 elsewhere, ignored by the loss), so the model learns to answer and to stop, never to
-imitate the user. A tokenizer missing these specials gets them added (`ensure_chat_specials`),
-and the model's embedding grows to match, new rows set to the mean of the existing ones.
+imitate the user. A tokenizer missing these specials gets them added (`scratchlm.tokenizer.chat.ensure_chat_specials`),
+and the model's embedding grows to match (`scratchlm.model.resize_embeddings`: new rows are the mean of
+the existing ones).
 
 Packing concatenates examples into sequences of block_size + 1 tokens with a document id per
 token; the loop trains them with `DocumentMask`, so each example attends only to itself and its
@@ -35,13 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.tokenizer.base import with_specials
 
-CHAT_SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 ROLES = ("system", "user", "assistant")
 
 
@@ -193,35 +191,6 @@ def split_by_prompt(convs: list[Conversation], fraction: float, seed: int
 
 
 # -- the template ---------------------------------------------------------------------------------
-
-
-def ensure_chat_specials(tok: Tokenizer) -> tuple[Tokenizer, list[str]]:
-    """The tokenizer with the chat specials it lacks added after its vocabulary, and those added."""
-    missing = [s for s in CHAT_SPECIALS if s not in tok.special_tokens]
-    return with_specials(tok, list(CHAT_SPECIALS)), missing
-
-
-def resize_embeddings(model: nn.Module, new_vocab: int) -> bool:
-    """Grow the token embedding (and an untied output head) to `new_vocab` rows; new rows are the
-    mean of the old ones, a neutral start that gives new tokens average logits. Returns whether it grew."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else (
-        getattr(model, "wte", None) or getattr(model, "tok_embeddings", None))
-    if emb is None or emb.num_embeddings >= new_vocab:
-        return False
-    old = emb.weight.data
-    grown = torch.cat([old, old.mean(0, keepdim=True).expand(new_vocab - old.size(0), -1)])
-    emb.weight = nn.Parameter(grown)
-    emb.num_embeddings = new_vocab
-    head = getattr(model, "lm_head", None) or getattr(model, "output", None)
-    if head is not None:
-        if model.config.tie_embeddings:
-            head.weight = emb.weight
-        else:
-            h = head.weight.data
-            head.weight = nn.Parameter(torch.cat([h, h.mean(0, keepdim=True).expand(new_vocab - h.size(0), -1)]))
-        head.out_features = new_vocab
-    model.config.vocab_size = new_vocab
-    return True
 
 
 def render(tok: Tokenizer, turns: list[tuple[str, str]], *, add_generation_prompt: bool = False

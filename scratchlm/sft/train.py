@@ -20,65 +20,30 @@ from typing import Any
 import torch
 from torch import nn
 
+from scratchlm import checkpoint as ckpt_io
 from scratchlm.config import Config, SampleConfig
 from scratchlm.errors import UserError
 from scratchlm.eval.gold import exact_match, format_summary, rouge_l, summarise, token_f1
 from scratchlm.infer.sample import generate
 from scratchlm.io import write_text
-from scratchlm.model import build_model
+from scratchlm.model import build_model, resize_embeddings
+from scratchlm.model.lora import ADAPTER_TENSORS, adapt_model, base_fingerprint, save_adapters
 from scratchlm.sft.data import (
-    CHAT_SPECIALS,
     Conversation,
     SFTLoader,
     build_examples,
     drop_duplicates,
-    ensure_chat_specials,
     order_examples,
     read_conversations,
     render,
-    resize_embeddings,
     split_by_prompt,
     task_conversations,
 )
 from scratchlm.sft.tasks import check
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train import checkpoint as ckpt_io
+from scratchlm.tokenizer.chat import ensure_chat_specials
 from scratchlm.train.device import pick_device
 from scratchlm.train.pretrain import Batches, RunResult, train_model
-
-
-def adapt_model(model: nn.Module, cfg: Config, tok: Tokenizer | None = None) -> list[str]:
-    """Apply the config's LoRA (and QLoRA quantization) to a freshly built model; [] when full fine-tuning.
-    Inference calls this too, so a LoRA checkpoint loads into the same structure it was saved from.
-
-    For training, pass `tok`: the adapters' learning rate is then scaled by `sft.lora_lr_mult`, and
-    the token embedding rows `sft.lora_embedding` names (all, or the chat markers') train too, at
-    `sft.lora_embedding_lr_mult` (see scratchlm/sft/lora.py and bench/sft.py for why)."""
-    s = cfg.sft
-    if s.lora_r <= 0:
-        if s.quant_bits:
-            raise UserError("sft.quant_bits needs LoRA (QLoRA trains adapters on a frozen quantized base)",
-                            fix="set --sft.lora_r=8 (or drop --sft.quant_bits)")
-        return []
-    from scratchlm.sft.lora import apply_lora, default_targets, prepare_qlora, train_token_rows
-
-    targets = s.lora_targets or default_targets(model)
-    if s.quant_bits:
-        if s.quant_bits not in (4, 8):
-            raise UserError(f"sft.quant_bits={s.quant_bits} is not supported", fix="use 4 or 8")
-        wrapped = prepare_qlora(model, s.quant_bits, 64, targets, s.lora_r, s.lora_alpha, s.lora_dropout)
-    else:
-        wrapped = apply_lora(model, targets, s.lora_r, s.lora_alpha, s.lora_dropout)
-    if tok is not None:
-        for name in wrapped:
-            for p in model.get_submodule(name).parameters(recurse=False):  # lora_A, lora_B
-                p.lr_scale = s.lora_lr_mult
-        if s.lora_embedding != "none":
-            vocab = model.config.vocab_size
-            ids = range(vocab) if s.lora_embedding == "all" else [tok.special_tokens[t] for t in CHAT_SPECIALS]
-            for _, table in train_token_rows(model, ids):
-                table.lr_scale = s.lora_embedding_lr_mult
-    return wrapped
 
 
 @dataclass
@@ -145,8 +110,6 @@ def sft(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_ste
     ckpt_io.load_weights(model, base)
     base_vocab = model.config.vocab_size
     if cfg.sft.lora_r > 0:  # recorded with the adapters: they refuse to load onto any other base
-        from scratchlm.sft.lora import base_fingerprint
-
         fingerprint = base_fingerprint(model)
     if tok.vocab_size > model.config.vocab_size:
         resize_embeddings(model, tok.vocab_size)
@@ -189,8 +152,6 @@ def sft(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_ste
     result = train_model(cfg, model.train(), tok, batches, resume_from=latest, progress=progress,
                          stop_at_step=stop_at_step, desc="sft")
     if wrapped:
-        from scratchlm.sft.lora import ADAPTER_TENSORS, save_adapters
-
         save_adapters(model, run_dir / ADAPTER_TENSORS, base=str(base), base_fingerprint=fingerprint,
                       base_vocab_size=base_vocab, added_tokens={n: tok.special_tokens[n] for n in added})
     scores["sft"] = gold_eval(model.eval(), tok, val_convs, cfg.sft.eval_max_new_tokens,

@@ -1,1 +1,2 @@
-"""The training stage: the hand-written pretraining loop, optimizer set-up, schedules, checkpoints."""
+"""The training stage: the hand-written pretraining loop, optimizer set-up, schedules (checkpoints live one
+layer below, in `scratchlm.checkpoint`)."""

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from scratchlm import checkpoint as ckpt_io
 from scratchlm.config import Config, ModelConfig
 from scratchlm.data.loader import BatchLoader, TokenShards
 from scratchlm.errors import Interrupted, UserError
@@ -52,7 +53,6 @@ from scratchlm.model import build_model, padded_vocab
 from scratchlm.model.layers import DocumentMask
 from scratchlm.rundir import trim_metrics
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train import checkpoint as ckpt_io
 from scratchlm.train.device import (
     autocast_ctx,
     linear_shapes,

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.errors import UserError
 from scratchlm.io import atomic_open
 from scratchlm.tokenizer import Tokenizer
@@ -102,7 +103,6 @@ def draw(weights: list[torch.Tensor], labels: list[str], layers: list[int], out:
 def attention_cli(ckpt: str | Path, prompt: str, out: str | Path, layer: int = -1) -> None:
     """`scratchlm viz attention`: heatmaps of a checkpoint's attention on a prompt."""
     from scratchlm.infer.sample import encode_prompt
-    from scratchlm.train.checkpoint import load_model_for_inference
 
     model, tok, cfg = load_model_for_inference(ckpt, "cpu")
     if cfg.model.arch != "gpt":

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from scratchlm.checkpoint import save_checkpoint
 from scratchlm.config import Config, ModelConfig, TokenizerConfig
 from scratchlm.model import build_model, padded_vocab
 from scratchlm.tokenizer import BPETokenizer, train_bpe
-from scratchlm.train.checkpoint import save_checkpoint
 
 TEXT = "The quick brown fox jumps over the lazy dog. It can't be 32.5 feet, naïvely!\n" * 8
 VOCAB = 320  # HF models' vocab_size: the tiny tokenizer's 287 tokens fit

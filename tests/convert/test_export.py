@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.convert import convert_cli, export_hf, import_hf
-from scratchlm.train.checkpoint import load_model_for_inference
 from tests.convert.helpers import TEXT, ids, our_checkpoint
 from tests.infer.helpers import assert_logits_close
 

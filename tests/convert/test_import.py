@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
+from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.cli import main
 from scratchlm.convert import import_hf
-from scratchlm.train.checkpoint import load_model_for_inference
 from tests.convert.helpers import VOCAB, hf_folder, ids, randomize, tiny_bpe
 from tests.infer.helpers import assert_logits_close
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from scratchlm.checkpoint import find_checkpoint, load_model_for_inference
 from scratchlm.convert import export_hf, import_hf
 from scratchlm.errors import UserError
-from scratchlm.train.checkpoint import find_checkpoint, load_model_for_inference
 from tests.convert.helpers import VOCAB, hf_folder, ids, our_checkpoint, randomize
 from tests.infer.helpers import assert_logits_close
 

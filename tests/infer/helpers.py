@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from scratchlm.checkpoint import save_checkpoint
 from scratchlm.config import Config, ModelConfig
 from scratchlm.model import build_model
 from scratchlm.tokenizer import CharTokenizer
-from scratchlm.train.checkpoint import save_checkpoint
 
 CHARS = sorted(set("abcdefgh ijklmnop.\n"))
 

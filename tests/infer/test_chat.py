@@ -10,8 +10,8 @@ from scratchlm.errors import UserError
 from scratchlm.infer.chat import ChatSession, run_chat
 from scratchlm.infer.engine import Engine
 from scratchlm.model import build_model
-from scratchlm.sft.data import ensure_chat_specials
 from scratchlm.tokenizer import ByteTokenizer
+from scratchlm.tokenizer.chat import ensure_chat_specials
 
 
 @pytest.fixture

@@ -10,23 +10,22 @@ import torch
 
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
-from scratchlm.model import build_model
+from scratchlm.model import build_model, resize_embeddings
 from scratchlm.model.layers import DocumentMask
 from scratchlm.sft.data import (
     Conversation,
     SFTLoader,
     build_examples,
-    ensure_chat_specials,
     order_examples,
     prompt_key,
     read_conversations,
     render,
-    resize_embeddings,
     task_conversations,
 )
 from scratchlm.sft.tasks import FAMILIES
 from scratchlm.sft.train import split
 from scratchlm.tokenizer import ByteTokenizer, CharTokenizer
+from scratchlm.tokenizer.chat import ensure_chat_specials
 from tests.conftest import shared_file
 
 

@@ -10,16 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from scratchlm.checkpoint import find_checkpoint, load_config_and_tokenizer, load_model_for_inference, merge_adapters
 from scratchlm.cli import main
 from scratchlm.config import Config, ModelConfig, get_preset
 from scratchlm.data.prepare import prepare
 from scratchlm.errors import UserError
 from scratchlm.sft import train as sft_train
-from scratchlm.sft.data import CHAT_SPECIALS
-from scratchlm.sft.lora import merge_adapters
 from scratchlm.sft.train import sft
 from scratchlm.tokenizer import ByteTokenizer
-from scratchlm.train.checkpoint import find_checkpoint, load_config_and_tokenizer, load_model_for_inference
+from scratchlm.tokenizer.chat import CHAT_SPECIALS
 from scratchlm.train.pretrain import pretrain
 from tests.data.conftest import make_docs, write_corpus
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from scratchlm import checkpoint as ckpt_io
 from scratchlm.cli import main
 from scratchlm.config import Config, ModelConfig
 from scratchlm.data.prepare import prepare
 from scratchlm.errors import UserError
 from scratchlm.model.gpt import GPT
 from scratchlm.tokenizer import ByteTokenizer
-from scratchlm.train import checkpoint as ckpt_io
 from scratchlm.train import pretrain as pretrain_mod
 from scratchlm.train.pretrain import forward_backward, pretrain
 from tests.data.conftest import make_docs, write_corpus

@@ -12,10 +12,8 @@ from torch import nn
 
 from scratchlm.config import ModelConfig, TrainConfig
 from scratchlm.errors import UserError
-from scratchlm.model import build_model
-from scratchlm.quant.linear import QuantLinear, weight_bytes
-from scratchlm.sft.data import resize_embeddings
-from scratchlm.sft.lora import (
+from scratchlm.model import build_model, resize_embeddings
+from scratchlm.model.lora import (
     LoRALinear,
     apply_lora,
     base_fingerprint,
@@ -28,6 +26,7 @@ from scratchlm.sft.lora import (
     save_adapters,
     train_token_rows,
 )
+from scratchlm.model.quant import QuantLinear, weight_bytes
 from scratchlm.train.optim import make_optimizer, param_groups
 
 

@@ -19,7 +19,7 @@ away. `merge` therefore raises; `dequantize_base` first swaps the base for a ful
 of its dequantized weight (the memory saving is gone, the result is exact).
 
 QLoRA (Dettmers et al. 2023) = LoRA on a quantized base: `prepare_qlora` quantizes the base
-linears with scratchlm/quant/linear.py and wraps the targets. Ours is int4 (or int8) group-wise
+linears with scratchlm/model/quant.py and wraps the targets. Ours is int4 (or int8) group-wise
 absmax, not the paper's NF4 with double quantization and paged optimizers; the principle - a
 frozen low-bit base, gradients flowing through its dequantized weight into fp32 adapters - is the
 same, and QuantLinear's backward recomputes the dequantized weight rather than storing it.
@@ -38,8 +38,11 @@ any the fine-tune appended when the base tokenizer lacked the chat specials); `R
 holds r, alpha, dropout, the wrapped layer names, the base's quantization, the base's path and
 fingerprint (`base_fingerprint`: a SHA-256 of its state dict), the tokens added to its tokenizer,
 and the tensors file's own SHA-256. `load_adapters` turns a fresh base into exactly the fine-tuned
-model (same structure, same numbers) and refuses another base; `merge_adapters` writes the merged
-weights as a plain checkpoint (`scratchlm merge`).
+model (same structure, same numbers) and refuses another base; `scratchlm.checkpoint.merge_adapters`
+writes the merged weights as a plain checkpoint (`scratchlm merge`).
+
+LoRA and the quantized linears are model parts: `adapt_model` applies a config's LoRA (QLoRA) to a
+freshly built model, for the sft stage and for every loader of a LoRA checkpoint alike.
 
 Module names: a wrapped layer keeps its name (`h.0.attn.c_attn`) and the base moves beneath it
 (`h.0.attn.c_attn.base.weight`), so load base checkpoints before applying LoRA, or merge with
@@ -66,12 +69,16 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from scratchlm.config import Config
 from scratchlm.errors import UserError
 from scratchlm.io import atomic_open, write_json
-from scratchlm.quant.linear import DEFAULT_SKIP, QuantLinear, dequantize_model, name_matches, quantize_model
-from scratchlm.sft.data import resize_embeddings
+from scratchlm.model import resize_embeddings
+from scratchlm.model.gpt import GPT
+from scratchlm.model.llama import Llama
+from scratchlm.model.quant import DEFAULT_SKIP, QuantLinear, name_matches, quantize_model
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.tokenizer.base import with_specials
+from scratchlm.tokenizer.chat import CHAT_SPECIALS
 
 ADAPTER_TENSORS = "adapters.safetensors"  # in an sft run folder, beside its record adapters.json
 FORMAT = "scratchlm-lora"
@@ -176,7 +183,7 @@ def apply_lora(
 ) -> list[str]:
     """Wrap (in place) every nn.Linear / QuantLinear whose name matches a pattern in `targets`
     (fnmatch globs on the dotted name or a dotted suffix of it, or `re:` regexes; see
-    `scratchlm.quant.linear.name_matches`), freeze every other parameter, return the wrapped names.
+    `scratchlm.model.quant.name_matches`), freeze every other parameter, return the wrapped names.
 
     E.g. ["attn.c_attn"] for GPT's fused q/k/v, ["*wq", "*wv"] for Llama's query and value
     projections (the paper's choice), or `default_targets(model)` for all projections."""
@@ -190,9 +197,6 @@ def default_targets(model: nn.Module) -> list[str]:
     """Every attention projection and MLP matrix: GPT's c_attn, attn.c_proj, c_fc, mlp.c_proj;
     Llama's wq, wk, wv, wo, w1, w2, w3 (for the MoE model: attention, dense FFNs and shared experts;
     the routed experts are not linear layers)."""
-    from scratchlm.model.gpt import GPT
-    from scratchlm.model.llama import Llama
-
     if isinstance(model, GPT):
         return ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
     if isinstance(model, Llama):
@@ -226,6 +230,38 @@ def merge_lora(model: nn.Module, dequantize: bool = False) -> int:
             layer.merge()
         model.set_submodule(name, layer.base)
     return len(names)
+
+
+def adapt_model(model: nn.Module, cfg: Config, tok: Tokenizer | None = None) -> list[str]:
+    """Apply the config's LoRA (and QLoRA quantization) to a freshly built model; [] when full fine-tuning.
+    Every loader of a LoRA checkpoint calls this too, so it loads into the structure it was saved from.
+
+    For training, pass `tok`: the adapters' learning rate is then scaled by `sft.lora_lr_mult`, and
+    the token embedding rows `sft.lora_embedding` names (all, or the chat markers') train too, at
+    `sft.lora_embedding_lr_mult` (see the module docstring and bench/sft.py for why)."""
+    s = cfg.sft
+    if s.lora_r <= 0:
+        if s.quant_bits:
+            raise UserError("sft.quant_bits needs LoRA (QLoRA trains adapters on a frozen quantized base)",
+                            fix="set --sft.lora_r=8 (or drop --sft.quant_bits)")
+        return []
+    targets = s.lora_targets or default_targets(model)
+    if s.quant_bits:
+        if s.quant_bits not in (4, 8):
+            raise UserError(f"sft.quant_bits={s.quant_bits} is not supported", fix="use 4 or 8")
+        wrapped = prepare_qlora(model, s.quant_bits, 64, targets, s.lora_r, s.lora_alpha, s.lora_dropout)
+    else:
+        wrapped = apply_lora(model, targets, s.lora_r, s.lora_alpha, s.lora_dropout)
+    if tok is not None:
+        for name in wrapped:
+            for p in model.get_submodule(name).parameters(recurse=False):  # lora_A, lora_B
+                p.lr_scale = s.lora_lr_mult
+        if s.lora_embedding != "none":
+            vocab = model.config.vocab_size
+            ids = range(vocab) if s.lora_embedding == "all" else [tok.special_tokens[t] for t in CHAT_SPECIALS]
+            for _, table in train_token_rows(model, ids):
+                table.lr_scale = s.lora_embedding_lr_mult
+    return wrapped
 
 
 # -- token rows: the chat markers ----------------------------------------------------------------
@@ -266,7 +302,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, tied ones once. A table of which only some rows train
     (`train_token_rows`) counts those rows as trainable. A QuantLinear's frozen weight and bias
     count toward the total with their logical sizes (out · in, out), so totals compare across
-    full, LoRA and QLoRA models; bytes are `scratchlm.quant.linear.weight_bytes`."""
+    full, LoRA and QLoRA models; bytes are `scratchlm.model.quant.weight_bytes`."""
     params = list(model.parameters())
     trainable = sum(len(p.trainable_rows) * p[0].numel() if hasattr(p, "trainable_rows") else p.numel()
                     for p in params if p.requires_grad)
@@ -469,21 +505,3 @@ def adapter_tokenizer(tok: Tokenizer, record: dict[str, Any], where: str | Path 
         raise UserError(f"{where}: the base tokenizer does not give the fine-tune's token ids {wrong or ''}",
                         fix="pass the base checkpoint the adapters were trained from")
     return tok
-
-
-def merge_adapters(base: str | Path, adapters: str | Path, out: str | Path) -> Path:
-    """`scratchlm merge`: base + adapters -> a plain checkpoint folder at `out` (no LoRA layers, no
-    quantized ones: a QLoRA base is dequantized and the update added in fp32), loadable and
-    fine-tunable like any other. Returns `out`."""
-    from scratchlm.config import SFTConfig
-    from scratchlm.train.checkpoint import load_model_for_inference, save_weights_checkpoint
-
-    model, tok, cfg = load_model_for_inference(base, adapters=adapters)
-    n = merge_lora(model, dequantize=True)
-    dequantize_model(model)  # layers QLoRA quantized without wrapping them
-    cfg.sft, cfg.out_dir = SFTConfig(), str(out)
-    _, record_path = adapter_files(adapters)
-    save_weights_checkpoint(Path(out), model, cfg, tok, {"merged_from": {"base": str(base),
-                                                                         "adapters": str(record_path)}})
-    print(f"merged {n} LoRA layers into {base} -> {out} (a plain checkpoint: sample with --ckpt {out})")
-    return Path(out)

@@ -14,6 +14,10 @@ temporary folders of a killed save are removed when the next run claims the fold
 written. Loading refuses weights holding NaN or inf, naming the tensor.
 `RUN/ckpt/best/` is a copy of the checkpoint with the lowest validation loss. Nothing here uses
 pickle: loading cannot run code.
+
+Layering: this module sits above the model layer (it builds models, applies a LoRA checkpoint's
+adapter structure, merges adapters) and below training, inference and every stage, which all
+save and load through it.
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from scratchlm.config import Config, load_config
+from scratchlm.config import Config, SFTConfig, load_config
 from scratchlm.errors import UserError
 from scratchlm.io import atomic_dir, write_json, write_text
+from scratchlm.model import build_model
+from scratchlm.model.lora import adapt_model, adapter_files, adapter_tokenizer, load_adapters, merge_lora
+from scratchlm.model.quant import dequantize_model
 from scratchlm.tokenizer import Tokenizer, load_tokenizer
 
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json", "config.json",
@@ -224,8 +231,6 @@ def load_model_for_inference(path: str | Path, device: str = "cpu", adapters: st
     `adapters` (an sft run's `adapters.safetensors`, or the run folder) are applied on top of the
     checkpoint at `path`, which must be the base they were trained from (checked by fingerprint):
     the result is the fine-tuned model, with the fine-tune's tokenizer."""
-    from scratchlm.model import build_model
-
     ckpt = find_checkpoint(path)
     cfg, tok = load_config_and_tokenizer(ckpt)
     if cfg.model.vocab_size < tok.vocab_size:
@@ -236,13 +241,9 @@ def load_model_for_inference(path: str | Path, device: str = "cpu", adapters: st
         if adapters is not None:
             raise UserError(f"{ckpt}: a LoRA fine-tune already, not a base model for --adapters",
                             fix="pass the base the adapters were trained from as --ckpt, or drop --adapters")
-        from scratchlm.sft.train import adapt_model
-
         adapt_model(model, cfg)
     load_weights(model, ckpt)
     if adapters is not None:
-        from scratchlm.sft.lora import adapter_tokenizer, load_adapters
-
         record = load_adapters(model, adapters)
         tok = adapter_tokenizer(tok, record, adapters)
         cfg.model.vocab_size = model.config.vocab_size
@@ -267,3 +268,18 @@ def save_weights_checkpoint(dst: Path, weights: nn.Module | dict[str, torch.Tens
         cfg.save(tmp / "config.json")
         tok.save(tmp / "tokenizer.json")
     return dst
+
+
+def merge_adapters(base: str | Path, adapters: str | Path, out: str | Path) -> Path:
+    """`scratchlm merge`: base + adapters -> a plain checkpoint folder at `out` (no LoRA layers, no
+    quantized ones: a QLoRA base is dequantized and the update added in fp32), loadable and
+    fine-tunable like any other. Returns `out`."""
+    model, tok, cfg = load_model_for_inference(base, adapters=adapters)
+    n = merge_lora(model, dequantize=True)
+    dequantize_model(model)  # layers QLoRA quantized without wrapping them
+    cfg.sft, cfg.out_dir = SFTConfig(), str(out)
+    _, record_path = adapter_files(adapters)
+    save_weights_checkpoint(Path(out), model, cfg, tok, {"merged_from": {"base": str(base),
+                                                                         "adapters": str(record_path)}})
+    print(f"merged {n} LoRA layers into {base} -> {out} (a plain checkpoint: sample with --ckpt {out})")
+    return Path(out)

@@ -11,7 +11,7 @@ from torch import nn
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.model import build_model
-from scratchlm.quant.linear import (
+from scratchlm.model.quant import (
     QuantLinear,
     dequantize_int4,
     dequantize_int8,

@@ -7,11 +7,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from scratchlm import checkpoint as ckpt_io
 from scratchlm.config import Config, ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.model.gpt import GPT
 from scratchlm.tokenizer import ByteTokenizer
-from scratchlm.train import checkpoint as ckpt_io
 
 
 def tiny() -> tuple[Config, GPT, torch.optim.Optimizer]:

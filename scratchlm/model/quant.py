@@ -1,4 +1,4 @@
-"""Weight-only quantization of linear layers: int8 per output row, int4 per group of inputs.
+"""Weight-only quantization of linear layers (a model part): int8 per output row, int4 per group of inputs.
 
 A weight W (out, in) is stored as small integer codes q and floating-point scales s, and
 dequantized on the fly as W ≈ q · s. Activations stay in floating point, so this saves memory
@@ -25,7 +25,7 @@ Why symmetric rather than asymmetric min/max: one scale per group instead of a s
 offset, an exact zero, and trained weights are nearly symmetric around 0 anyway.
 
 `QuantLinear` keeps the codes and scales as buffers, not parameters: a quantized weight is frozen
-(QLoRA trains low-rank adapters on top of it, scratchlm/sft/lora.py). Its backward recomputes the
+(QLoRA trains low-rank adapters on top of it, scratchlm/model/lora.py). Its backward recomputes the
 dequantized weight instead of saving it, so training through a quantized layer never holds a full
 precision copy of the weight per layer. `quantize_model` swaps a model's nn.Linear layers for
 QuantLinear ones (`dequantize_model` swaps them back, e.g. to merge a QLoRA model); an output

@@ -1,1 +1,0 @@
-"""The quantization stage: weight-only int8 and int4 (group-wise) quantization of linear layers."""
