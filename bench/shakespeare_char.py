@@ -30,7 +30,8 @@ import torch
 from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.config import apply_overrides, get_preset
 from scratchlm.data.loader import BatchLoader, TokenShards
-from scratchlm.train.pretrain import evaluate, pretrain, token_bytes
+from scratchlm.train.loop import evaluate, token_bytes
+from scratchlm.train.pretrain import pretrain
 
 NANOGPT_VAL_LOSS = 1.88
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"

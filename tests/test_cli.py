@@ -13,7 +13,7 @@ from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.cli import main
 from scratchlm.rundir import RUN_ARTEFACTS, claim_run_dir
 from scratchlm.tokenizer.base import Tokenizer
-from scratchlm.train import pretrain as pretrain_mod
+from scratchlm.train import loop as pretrain_mod
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

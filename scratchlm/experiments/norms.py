@@ -19,7 +19,8 @@ from torch import nn
 from scratchlm.config import Config
 from scratchlm.model import build_model
 from scratchlm.model.layers import RMSNorm
-from scratchlm.train.pretrain import RunResult, prepare_run_data, pretrain
+from scratchlm.train.loop import RunResult
+from scratchlm.train.pretrain import prepare_run_data, pretrain
 
 
 def with_layernorm(model: nn.Module) -> nn.Module:

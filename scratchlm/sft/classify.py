@@ -64,7 +64,7 @@ from scratchlm.rundir import claim_run_dir
 from scratchlm.sft.data import read_records
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.device import pick_device
-from scratchlm.train.pretrain import Batches, RunResult, train_model
+from scratchlm.train.loop import Batches, RunResult, train_model
 
 PAD = -1  # the padding value in x: never a real id, so lengths are recoverable from x alone
 LABELS_FILE = "labels.json"

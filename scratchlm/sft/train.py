@@ -43,7 +43,7 @@ from scratchlm.sft.tasks import check
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.tokenizer.chat import ensure_chat_specials
 from scratchlm.train.device import pick_device
-from scratchlm.train.pretrain import Batches, RunResult, train_model
+from scratchlm.train.loop import Batches, RunResult, train_model
 
 
 @dataclass

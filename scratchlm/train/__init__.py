@@ -1,2 +1,3 @@
-"""The training stage: the hand-written pretraining loop, optimizer set-up, schedules (checkpoints live one
-layer below, in `scratchlm.checkpoint`)."""
+"""Training: the loop every stage shares (`loop.py`) and what it records (`instruments.py`), optimizer
+set-up, schedules, device and precision choice; and the pretraining stage (`pretrain.py`). Checkpoints live one
+layer below, in `scratchlm.checkpoint`."""

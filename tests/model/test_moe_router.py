@@ -7,7 +7,7 @@ import torch
 
 from scratchlm.model.llama import Llama
 from scratchlm.model.moe import MoE, balance_loss_coef
-from scratchlm.train.pretrain import forward_backward
+from scratchlm.train.loop import forward_backward
 from tests.model.test_moe import cfg
 
 

@@ -20,8 +20,9 @@ from scratchlm.data.prepare import prepare
 from scratchlm.errors import UserError
 from scratchlm.model.gpt import GPT
 from scratchlm.tokenizer import ByteTokenizer
-from scratchlm.train import pretrain as pretrain_mod
-from scratchlm.train.pretrain import forward_backward, pretrain
+from scratchlm.train import loop as pretrain_mod
+from scratchlm.train.loop import forward_backward
+from scratchlm.train.pretrain import pretrain
 from tests.data.conftest import make_docs, write_corpus
 
 

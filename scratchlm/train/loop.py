@@ -1,0 +1,381 @@
+"""The training loop every stage shares, written by hand (no Trainer, Lightning or accelerate).
+
+`train_model`: a stage brings its model, its data as `Batches` (a resumable train loader, fresh
+validation loaders) and the config; the loop does the rest. Packed batches (x, y, doc_ids) train
+with attention kept inside each document (`DocumentMask`).
+
+One step = `grad_accum` micro-batches, each forward + backward with its mean loss weighted by
+its share of the step's valid (unmasked) targets, so the summed gradient is that of the mean over
+the whole step's tokens, as one big batch would give (`forward_backward`), then the global
+gradient norm is clipped and AdamW steps with the schedule's learning rate. Around that:
+- device, threads and precision come from `device.py`: `auto` picks bf16 autocast where it is
+  faster (CUDA; on a CPU, measured at the model's own shapes) and fp32 elsewhere, and the header
+  says why, and why this many threads;
+  fp16 (CUDA) uses a gradient scaler; the weights and the optimizer stay fp32 throughout;
+- validation every `eval_interval` steps: mean loss over `eval_iters` fixed batches, and bits per
+  byte (the loss in bits divided by the UTF-8 bytes the predicted tokens stand for, comparable
+  across tokenizers). Without validation data (`Batches.make_val=None`) validation is skipped:
+  no val loss (NaN in the result), no `ckpt/best`;
+- logging: a progress bar (loss, lr, tokens/s, MFU, ETA), and the instruments (`instruments.py`:
+  `metrics.jsonl`, TensorBoard when installed, wandb when asked, `loss.png` at the end);
+- checkpoints (`scratchlm.checkpoint`) every `ckpt_interval` steps, at the end, and on Ctrl-C or
+  SIGTERM; resuming (`resume_from`) continues exactly as if never stopped (the data loader
+  position, RNG states, optimizer moments, fp16's loss scale and the step all come back);
+- a NaN or inf loss stops the run naming the step (or skips the batch, `on_nan=skip`: no update,
+  but the step counts, and its evaluation and checkpoint still happen);
+- `profile_steps=N` traces N steps with torch.profiler into `RUN/profile/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from scratchlm import checkpoint as ckpt_io
+from scratchlm.config import Config, TrainConfig
+from scratchlm.data.loader import BatchLoader
+from scratchlm.errors import Interrupted, UserError
+from scratchlm.model.layers import DocumentMask
+from scratchlm.rundir import trim_metrics
+from scratchlm.tokenizer import Tokenizer
+from scratchlm.train.device import (
+    autocast_ctx,
+    linear_shapes,
+    observe_mfu,
+    peak_flops,
+    pick_device,
+    pick_precision,
+    pick_threads,
+)
+from scratchlm.train.instruments import RunLog, finish_profile, plot_losses, start_profiler
+from scratchlm.train.optim import make_optimizer
+from scratchlm.train.schedule import lr_at
+
+
+def token_bytes(tok: Tokenizer, vocab: int) -> torch.Tensor:
+    """(V,) UTF-8 bytes each id adds to the text; 0 for specials and padding (for bits per byte).
+
+    Byte-level tokenizers count their raw bytes (a token may be part of a character, which
+    decodes alone to U+FFFD). Every other kind counts what the token adds when decoded after an
+    ordinary token, so the space a word-initial WordPiece or Unigram piece brings is counted
+    and a continuation (`##ing`) adds only its letters. Ids are never used as list indices,
+    since where the specials sit differs between kinds.
+    """
+    out = torch.zeros(vocab, dtype=torch.float32)
+    specials = set(tok.special_tokens.values())
+    ordinary = [i for i in range(tok.vocab_size) if i not in specials]
+    raw = getattr(tok, "decode_bytes", None)  # byte-level BPE
+    anchor = ordinary[0]
+    anchor_len = len(tok.decode([anchor]).encode("utf-8"))
+    for i in ordinary:
+        if raw is not None:
+            out[i] = len(raw([i]))
+        elif tok.kind == "byte":
+            out[i] = 1
+        else:
+            out[i] = len(tok.decode([anchor, i]).encode("utf-8")) - anchor_len
+    return out
+
+
+def block_grad_norms(model: nn.Module) -> dict[str, float]:
+    """{"grad_norm/layer_i": norm} over the parameters of each transformer block (`h.i.*` or
+    `layers.i.*`), read before the optimizer zeroes the gradients (after clipping)."""
+    sq: dict[int, float] = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if p.grad is not None and parts[0] in ("h", "layers"):
+            sq[int(parts[1])] = sq.get(int(parts[1]), 0.0) + p.grad.float().pow(2).sum().item()
+    return {f"grad_norm/layer_{i}": v**0.5 for i, v in sorted(sq.items())}
+
+
+def forward_backward(model: nn.Module, micro_batches: list[tuple[torch.Tensor, ...]],
+                     amp: contextlib.AbstractContextManager, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+    """Accumulate the gradient of the step's loss over `micro_batches`; return that loss (detached).
+
+    The step's loss is what one batch of all its micro-batches would give: the mean cross-entropy
+    over the step's valid targets (those not -1). Each micro-batch's mean is weighted by its share
+    of them, since masked batches (SFT, classification) hold different numbers. A model's auxiliary
+    losses (`aux_loss()`, e.g. the MoE routers') belong to each micro-batch's routing and are
+    averaged over the micro-batches.
+    """
+    counts = [int(mb[1].ne(-1).sum()) for mb in micro_batches]
+    n_valid, n_micro = sum(counts), len(micro_batches)
+    total = torch.zeros((), dtype=torch.float64)
+    for (x, y, *doc), n in zip(micro_batches, counts):
+        with amp:
+            _, loss = model(x, y, cache=DocumentMask(doc[0]) if doc else None)
+        aux = model.aux_loss() if hasattr(model, "aux_loss") else 0.0
+        share = n / n_valid if n_valid else float("nan")  # all targets masked: a NaN loss, as one batch gives
+        # loss = cross-entropy + aux; without targets the cross-entropy is NaN and weighs nothing
+        part = aux / n_micro if n == 0 and n_valid else loss * share + aux * (1 / n_micro - share)
+        if torch.is_tensor(part):
+            (scaler.scale(part) if scaler else part).backward()
+            total += part.detach().double().cpu()
+    return total
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader, iters: int, amp, tbytes: torch.Tensor) -> tuple[float, float]:
+    """(mean loss in nats per token, bits per byte) over `iters` batches."""
+    model.eval()
+    nats, n_tokens, n_bytes = 0.0, 0, 0.0
+    for _ in range(iters):
+        x, y, *doc = loader.next_batch()
+        with amp:
+            logits, _ = model(x, cache=DocumentMask(doc[0]) if doc else None)
+        losses = nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none",
+                                             ignore_index=-1)  # masked targets (-1) add 0
+        counted = y.flatten() >= 0
+        nats += losses.sum().item()
+        n_tokens += int(counted.sum())
+        n_bytes += tbytes[y.flatten()[counted].cpu()].sum().item()
+    model.train()
+    return nats / max(n_tokens, 1), nats / math.log(2) / max(n_bytes, 1.0)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    train_loss: float
+    val_loss: float
+    val_bpb: float
+    seconds: float
+    tokens_per_s: float
+    mfu: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Batches:
+    """What the loop needs from a stage's data: a resumable training loader and fresh, fixed-order
+    validation loaders (`make_val=None`: there is no validation data, and the loop skips
+    validation: no val loss, no best checkpoint). A loader's `next_batch()` returns (x, y) or
+    (x, y, doc_ids) for packed sequences; `state_dict()`/`load_state_dict()` make it resumable."""
+
+    train: Any
+    make_val: Callable[[], Any] | None
+
+
+class _Stop:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second Ctrl-C kills).
+
+    The loop then saves a checkpoint and raises `Interrupted`, so the stage stops there (an SFT
+    run skips its evaluation) and the CLI exits with 143 or 130 rather than a success status.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # e.g. LoRA's adapters, see optim.param_groups
+
+
+def _step_loss(model: nn.Module, micro: list[tuple[torch.Tensor, ...]], amp: contextlib.AbstractContextManager,
+               scaler: torch.amp.GradScaler | None, t: TrainConfig, block_size: int) -> float:
+    """The step's forward and backward (`forward_backward`); running out of memory names the settings."""
+    try:
+        loss = forward_backward(model, micro, amp, scaler)
+    except RuntimeError as e:
+        if _is_oom(e):
+            raise UserError(
+                f"a micro-batch of {t.batch_size}x{block_size} tokens does not fit in memory",
+                fix="lower --train.batch_size and raise --train.grad_accum to keep tokens per step",
+            ) from None
+        raise
+    return loss.item()
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                    grad_clip: float) -> torch.Tensor:
+    """Clip the global gradient norm (after unscaling fp16's gradients), step; returns the norm before clipping."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if hasattr(model, "after_optimizer_step"):  # e.g. MoE routers' balancing bias
+        model.after_optimizer_step()
+    return norm
+
+
+def _save(cfg: Config, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, tok: Tokenizer,
+          trainer: dict[str, Any], train_loader: Any, scaler: torch.amp.GradScaler | None,
+          val_loss: float | None) -> None:
+    """A checkpoint of this step (`val_loss`: this step's evaluation, None without one); the best so
+    far also becomes `ckpt/best`. `trainer` (best val loss, loader position) is updated in place."""
+    trainer["loader"] = train_loader.state_dict()
+    is_best = val_loss is not None and (trainer["best_val_loss"] is None or val_loss < trainer["best_val_loss"])
+    if is_best:
+        trainer["best_val_loss"] = val_loss
+    path = ckpt_io.save_checkpoint(Path(cfg.out_dir), step, model, optimizer, cfg, tok, trainer,
+                                   keep_last=cfg.train.keep_last, scaler=scaler)
+    if is_best:
+        ckpt_io.mark_best(path)
+
+
+def _header(cfg: Config, model: nn.Module, device: torch.device, precision: str, why: str, threads: int,
+            threads_why: str, tokens_per_step: int, start: int) -> str:
+    n_params = model.num_params()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters()) - trainable
+    return (f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M params"
+            + (f" ({trainable / 1e6:.2f}M trainable)" if frozen else "")
+            + f", {cfg.model.n_layer} layers, block {cfg.model.block_size}, vocab {cfg.model.vocab_size} | device "
+            f"{device}, precision {precision} ({why}), {threads} threads ({threads_why}) | "
+            f"{tokens_per_step:,} tokens/step, steps {start}->{cfg.train.max_steps}" + (" (resumed)" if start else ""))
+
+
+def train_model(
+    cfg: Config,
+    model: nn.Module,
+    tok: Tokenizer,
+    batches: Batches,
+    *,
+    resume_from: Path | None = None,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+    layer_grad_norms: bool = False,
+    desc: str = "train",
+) -> RunResult:
+    """The loop every training stage shares (see the module docstring): the stage brings the model,
+    its data as `Batches`, and the config; checkpoints, logs and plots land in `cfg.out_dir`."""
+    t, run_dir = cfg.train, Path(cfg.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(t.device)
+    threads_before = torch.get_num_threads()
+    threads, threads_why = pick_threads(t.threads)
+    torch.set_num_threads(threads)  # before any timing below; restored when the run ends
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormal floats slow CPU math ~10x; flushing them costs nothing
+    model = model.to(device)
+    precision, why = pick_precision(t.precision, device, linear_shapes(model, t.batch_size * cfg.model.block_size))
+    amp = autocast_ctx(precision, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    optimizer = make_optimizer(model, t)
+    step_model = torch.compile(model) if t.compile else model
+    train_loader = batches.train
+
+    trainer: dict[str, Any] = {"best_val_loss": None}
+    start = 0
+    if resume_from is not None:
+        ckpt_io.load_weights(model, resume_from)
+        trainer = ckpt_io.load_trainer_state(resume_from, optimizer, scaler)
+        train_loader.load_state_dict(trainer["loader"])
+        start = trainer["step"]
+        trim_metrics(run_dir / "metrics.jsonl", start)
+    cfg.save(run_dir / "config.json")
+
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
+    flops_per_step = model.flops_per_token() * tokens_per_step
+    peak = peak_flops(device, precision)
+    tbytes = token_bytes(tok, cfg.model.vocab_size)
+    print(_header(cfg, model, device, precision, why, threads, threads_why, tokens_per_step, start), flush=True)
+
+    runlog = RunLog(cfg, run_dir)
+    profiler = start_profiler(run_dir, t.profile_steps) if t.profile_steps > 0 else None
+    model.train()
+    stop_at = min(stop_at_step or t.max_steps, t.max_steps)
+    bar = tqdm(total=stop_at, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    loss_val, val_loss, bpb = float("nan"), float("nan"), float("nan")
+    t_loop, window_t, window_steps, step = time.perf_counter(), time.perf_counter(), 0, start
+    mfu = None
+    try:
+        with _Stop() as stop:
+            while step < stop_at:
+                lr = lr_at(step, t)
+                _set_lr(optimizer, lr)
+                micro = [train_loader.next_batch() for _ in range(t.grad_accum)]
+                loss_val = _step_loss(step_model, micro, amp, scaler, t, cfg.model.block_size)
+                finite = math.isfinite(loss_val)
+                if not finite:
+                    if t.on_nan != "skip":
+                        raise UserError(f"loss became {loss_val} at step {step}",
+                                        fix="lower --train.lr, keep --train.grad_clip on, or use --train.on_nan=skip")
+                    # no update from this batch; the step still counts, so evaluation and checkpoints below run
+                    runlog.log({"step": step, "skipped": 1, "loss": str(loss_val)})
+                else:
+                    norm = _optimizer_step(model, optimizer, scaler, t.grad_clip)
+                logging_now = finite and ((step + 1) % t.log_interval == 0 or step + 1 == stop_at)
+                layer_norms = block_grad_norms(model) if layer_grad_norms and logging_now else {}
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window_steps += 1
+                if profiler:
+                    profiler.step()
+                    if step - start >= t.profile_steps + 1:
+                        finish_profile(profiler, run_dir)
+                        profiler = None
+
+                if logging_now:
+                    dt = time.perf_counter() - window_t
+                    tps = tokens_per_step * window_steps / dt
+                    mfu, peak = observe_mfu(flops_per_step * window_steps / dt, peak, device, precision)
+                    window_t, window_steps = time.perf_counter(), 0
+                    routing = model.routing_metrics() if hasattr(model, "routing_metrics") else {}
+                    runlog.log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": norm.item(), "tokens_per_s": tps,
+                                **({"mfu": mfu} if mfu is not None else {}), **layer_norms, **routing})
+                    bar.set_postfix_str(f"loss {loss_val:.4f} lr {lr:.2e} {tps / 1e3:.1f}k tok/s"
+                                        + (f" MFU {mfu:.0%}" if mfu is not None else ""), refresh=False)
+                bar.update(1)
+                end = step == stop_at or stop.requested
+                evaluated = batches.make_val is not None and (step % t.eval_interval == 0 or step == t.max_steps)
+                if evaluated:
+                    val_loss, bpb = evaluate(step_model, batches.make_val(), t.eval_iters, amp, tbytes)
+                    runlog.log({"step": step, "val_loss": val_loss, "val_bpb": bpb})
+                    bar.write(f"step {step}: train loss {loss_val:.4f}, val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
+                if end or (t.ckpt_interval and step % t.ckpt_interval == 0):
+                    _save(cfg, step, model, optimizer, tok, trainer, train_loader, scaler,
+                          val_loss if evaluated else None)
+                if stop.requested:
+                    break
+    finally:
+        torch.set_num_threads(threads_before)
+        torch.set_flush_denormal(False)  # the process default: the run leaves no global setting behind
+        bar.close()
+        runlog.close()
+    seconds = time.perf_counter() - t_loop
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    if stop.requested:
+        raise Interrupted(stop.requested, step)
+    steps_run = step - start
+    result = RunResult(run_dir, step, loss_val, val_loss, bpb, seconds,
+                       tokens_per_step * steps_run / seconds if seconds else 0.0, mfu, runlog.history)
+    val = f"val loss {val_loss:.4f}" if batches.make_val is not None else "validation skipped (no validation split)"
+    print(f"done: {steps_run} steps in {seconds:.1f}s, train loss {loss_val:.4f}, {val} -> {run_dir}", flush=True)
+    return result
