@@ -270,7 +270,7 @@ def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.infer.sample import sample_cli
+    from scratchlm.infer.text import sample_cli
 
     sample_cli(args.ckpt, args.prompt, overrides, device=args.device, adapters=args.adapters)
 

@@ -18,7 +18,8 @@ from scratchlm.config import Config, get_preset
 from scratchlm.data.loader import BatchLoader, TokenShards
 from scratchlm.data.prepare import prepare
 from scratchlm.data.sources import read_corpus_text
-from scratchlm.infer.sample import encode_prompt, generate
+from scratchlm.infer.engine import Engine
+from scratchlm.infer.text import encode_prompt
 from scratchlm.io import write_text
 from scratchlm.sft.train import sft
 from scratchlm.tokenizer import train_tokenizer
@@ -126,7 +127,8 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
 
 
 def _complete(model, tok, cfg: Config, prompt: str) -> str:
-    ids = generate(model, [encode_prompt(tok, prompt)], cfg.sample, valid_vocab=tok.vocab_size, eos_id=tok.eot_id)
+    ids = Engine(model).generate([encode_prompt(tok, prompt)], cfg.sample, valid_vocab=tok.vocab_size,
+                                 eos_id=tok.eot_id)
     return tok.decode(ids[0])
 
 

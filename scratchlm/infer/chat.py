@@ -18,7 +18,8 @@ from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.config import SampleConfig, apply_overrides
 from scratchlm.errors import UserError
 from scratchlm.infer.engine import Engine
-from scratchlm.infer.sample import TextStream, check_sample_config
+from scratchlm.infer.sample import check_sample_config
+from scratchlm.infer.text import TextStream
 from scratchlm.sft.data import render
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.device import pick_device

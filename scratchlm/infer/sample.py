@@ -1,4 +1,4 @@
-"""Sampling: from next-token logits to text (`scratchlm sample`).
+"""Sampling: from a batch of next-token logits to next tokens (the filters and `sample_next`).
 
 The filters are pure functions on a (B, V) batch of next-token logits, each returning new logits
 with the dropped tokens set to -inf, so they compose and are reused by later inference code:
@@ -16,11 +16,9 @@ rows the model has only for matmul speed), repetition penalty (on the raw logits
 do), then greedy argmax if the temperature is 0, else temperature, top-k, top-p, min-p (so the
 truncations see the tempered distribution), softmax, and one draw from a `torch.Generator`.
 
-`generate` keeps its signature for existing callers but runs on the inference engine
-(`engine.py`): one prefill of the (left-padded) prompts into a KV cache, then one token per row
-per step; a batch gives the same tokens as generating each prompt alone. A row stops at the EOS
-token or when its decoded continuation contains a stop string. `sample_cli` uses the engine
-directly, streaming row 0's text through `TextStream`.
+Everything that generates goes through the inference engine (`engine.py`: `Engine.generate`), which
+calls `sample_next` once per decode step; text around it (prompt encoding, streaming, the `sample`
+verb) is in `text.py`.
 
 Left out: beam search, speculative decoding, and bit-identical draws across devices (a seed
 reproduces a run on the same device and torch build only).
@@ -29,19 +27,12 @@ reproduces a run on the same device and torch build only).
 from __future__ import annotations
 
 import math
-import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from scratchlm.checkpoint import load_model_for_inference
-from scratchlm.config import Config, SampleConfig, apply_overrides
-from scratchlm.errors import UserError
-from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.device import pick_device
+from scratchlm.config import SampleConfig
 
 # A set whose probability equals p up to float32 rounding counts as reaching p in `top_p_filter`
 # (e.g. 0.5 + 0.3 summed in float32 may land just under 0.8).
@@ -151,8 +142,8 @@ def sample_next(
     so far (for the repetition penalty). Order: padding mask, repetition penalty, then argmax if
     cfg.temperature == 0, else temperature, top-k, top-p, min-p and a draw. Returns (B,) int64.
 
-    Called once per decode step, so `cfg` is not checked here: the entry points (`Engine.generate`,
-    hence `generate`, and the CLI verbs) refuse a bad one with `check_sample_config` first."""
+    Called once per decode step, so `cfg` is not checked here: the entry points (`Engine.generate`
+    and the CLI verbs) refuse a bad one with `check_sample_config` first."""
     logits = mask_padding(logits.float(), valid_vocab)  # float32: bf16 logits are too coarse to filter
     logits = repetition_penalty(logits, context_ids, cfg.repetition_penalty)
     if cfg.temperature == 0:
@@ -164,155 +155,3 @@ def sample_next(
     probs = F.softmax(logits, dim=-1)  # (B, V); filtered tokens get exactly 0
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-
-# ----------------------------------------------------------------------------------------------
-# generate: the earlier entry point, now a thin wrapper over the engine
-
-
-@torch.inference_mode()
-def generate(
-    model: nn.Module,
-    prompt_ids: list[list[int]],
-    cfg: SampleConfig,
-    *,
-    valid_vocab: int | None = None,
-    eos_id: int | None = None,
-    decode: Callable[[list[int]], str] | None = None,
-    on_token: Callable[[int], None] | None = None,
-    generator: torch.Generator | None = None,
-    cache: str = "kv",
-    sink_tokens: int = 4,
-    window: int = 0,
-) -> list[list[int]]:
-    """Continue each prompt by up to cfg.max_new_tokens tokens; returns the new tokens per row.
-
-    Each row of prompt_ids is one sample (the caller repeats a prompt for cfg.num_samples). A row
-    stops at eos_id (not included in its output) or once `decode` of its continuation contains
-    one of cfg.stop (the output is trimmed to before the stop string; `decode` is required when
-    cfg.stop is set). `on_token(id)` is called for every token row 0 keeps, as it is sampled, for
-    streaming. Without a generator, one seeded with cfg.seed is made on the model's device.
-    A prompt longer than block_size is cropped from the left, with a warning. cache, sink_tokens
-    and window choose the engine's cache (`Engine.generate`).
-    """
-    # Imported here: the engine imports this module's filters.
-    from scratchlm.infer.engine import Engine
-
-    row0 = None if on_token is None else (lambda row, t: on_token(t) if row == 0 else None)
-    return Engine(model).generate(prompt_ids, cfg, eos_id=eos_id, valid_vocab=valid_vocab, decode=decode,
-                                  on_token=row0, generator=generator, cache=cache, sink_tokens=sink_tokens,
-                                  window=window)
-
-
-class TextStream:
-    """Writes one continuation as its tokens arrive, never showing text it may have to take back.
-
-    Text is shown at token boundaries only, holding back a tail that ends in an incomplete UTF-8
-    character (decoded as U+FFFD) or that could be the start of a stop string; `close` writes the
-    rest of the final, trimmed continuation. What was shown is always a prefix of the final text.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], write: Callable[[str], object],
-                 stop: Sequence[str] = ()) -> None:
-        self.decode, self.write, self.stop = decode, write, list(stop)
-        self.ids: list[int] = []
-        self.shown = ""  # decode(self.ids[:k]) for the k tokens already written
-        self.k = 0
-
-    def _safe(self, text: str) -> bool:
-        if text.endswith("\ufffd"):
-            return False
-        # A stop string already complete, or a tail that may still grow into one, stays hidden.
-        return not any(s in text or any(text.endswith(s[:j]) for j in range(1, len(s))) for s in self.stop)
-
-    def push(self, token_id: int) -> None:
-        self.ids.append(token_id)
-        for k in range(len(self.ids), self.k, -1):
-            text = self.decode(self.ids[:k])
-            if self._safe(text):
-                self.write(text[len(self.shown):])
-                self.shown, self.k = text, k
-                return
-
-    def close(self, final_ids: list[int]) -> None:
-        text = self.decode(final_ids)
-        self.write(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text)
-
-
-# ----------------------------------------------------------------------------------------------
-# the CLI verb
-
-
-def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:
-    """The prompt's ids; special tokens written in it (e.g. <|endoftext|>) count as specials.
-
-    An empty prompt starts from the EOS token when the tokenizer has one (the model has seen it
-    begin every document), else from a newline, else from token 0.
-    """
-    if not prompt:
-        if tok.eot_id is not None:
-            return [tok.eot_id]
-        try:
-            return tok.encode("\n") or [0]
-        except ValueError:
-            return [0]
-    try:
-        return tok.encode(prompt, allowed_special="all")
-    except ValueError as e:
-        bad = None
-        for c in dict.fromkeys(prompt):  # distinct characters, in order
-            try:
-                tok.encode_ordinary(c)
-            except ValueError:
-                bad = c
-                break
-        if bad is None:
-            raise UserError(f"the prompt cannot be encoded ({e})") from None
-        raise UserError(f"the prompt contains {bad!r}, which is not in this checkpoint's {tok.kind} vocabulary",
-                        fix="remove or replace that character in --prompt") from None
-
-
-SAMPLE_BATCH = 32  # rows decoded together by `scratchlm sample`
-
-
-def sample_cli(ckpt: str | Path, prompt: str, overrides: list[str], device: str = "auto",
-               adapters: str | Path | None = None) -> None:
-    """`scratchlm sample`: load a checkpoint (or a base + LoRA `adapters`), apply --sample.* overrides,
-    print the samples."""
-    from scratchlm.infer.engine import Engine
-
-    wrong = [o for o in overrides if not o.lstrip("-").startswith("sample.")]
-    if wrong:
-        raise UserError(f"{wrong[0].split('=')[0]}: sample takes only --sample.KEY=VALUE settings",
-                        fix="model and training settings come from the checkpoint")
-    check_sample_config(apply_overrides(Config(), overrides).sample)  # fail before loading weights
-    dev = str(pick_device(device, flag="--device"))
-    model, tok, cfg = load_model_for_inference(ckpt, dev, adapters=adapters)
-    sc = apply_overrides(cfg, overrides).sample
-
-    ids = encode_prompt(tok, prompt)
-    block = model.config.block_size
-    if len(ids) > block:
-        print(f"scratchlm: warning: the prompt is {len(ids)} tokens; the model sees only the last {block}",
-              file=sys.stderr)
-        ids = ids[-block:]
-    rows = [ids] * sc.num_samples
-    engine = Engine(model, tok)
-    kwargs = dict(cache=sc.cache, sink_tokens=sc.sink_tokens, window=sc.window)
-
-    if sc.stream and sc.num_samples == 1:
-        def write(s: str) -> None:
-            sys.stdout.write(s)
-            sys.stdout.flush()
-
-        stream = TextStream(tok.decode, write, sc.stop)
-        write(prompt)
-        outs = engine.generate(rows, sc, on_token=lambda row, t: stream.push(t), **kwargs)
-        stream.close(outs[0])
-        write("\n")
-        return
-    for start in range(0, len(rows), SAMPLE_BATCH):  # bounded memory; each batch is printed as it finishes
-        outs = engine.generate(rows[start : start + SAMPLE_BATCH], sc, **kwargs)
-        for i, out in enumerate(outs, start):
-            if i:
-                print("-" * 40)
-            print(prompt + tok.decode(out), flush=True)

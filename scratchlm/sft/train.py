@@ -24,7 +24,7 @@ from scratchlm import checkpoint as ckpt_io
 from scratchlm.config import Config, SampleConfig
 from scratchlm.errors import UserError
 from scratchlm.eval.gold import exact_match, format_summary, rouge_l, summarise, token_f1
-from scratchlm.infer.sample import generate
+from scratchlm.infer.engine import Engine
 from scratchlm.io import write_text
 from scratchlm.model import build_model, resize_embeddings
 from scratchlm.model.lora import ADAPTER_TENSORS, adapt_model, base_fingerprint, save_adapters
@@ -82,7 +82,7 @@ def gold_eval(model: nn.Module, tok: Tokenizer, convs: list[Conversation], max_n
         chunk = convs[i : i + batch]
         prompts = [render(tok, c.turns[:-1], add_generation_prompt=True)[0][-(block - max_new_tokens):]
                    for c in chunk]
-        outs = generate(model, prompts, sample_cfg, valid_vocab=tok.vocab_size, eos_id=end)
+        outs = Engine(model).generate(prompts, sample_cfg, valid_vocab=tok.vocab_size, eos_id=end)
         for c, ids in zip(chunk, outs):
             pred, gold = tok.decode(ids), c.turns[-1][1]
             row = {"source": c.source, "family": c.meta.get("family", "all"), "prompt": c.turns[-2][1],

@@ -102,7 +102,7 @@ def draw(weights: list[torch.Tensor], labels: list[str], layers: list[int], out:
 
 def attention_cli(ckpt: str | Path, prompt: str, out: str | Path, layer: int = -1) -> None:
     """`scratchlm viz attention`: heatmaps of a checkpoint's attention on a prompt."""
-    from scratchlm.infer.sample import encode_prompt
+    from scratchlm.infer.text import encode_prompt
 
     model, tok, cfg = load_model_for_inference(ckpt, "cpu")
     if cfg.model.arch != "gpt":

@@ -1,5 +1,5 @@
 """Sampling: each filter on hand-made distributions, the order `sample_next` applies them in,
-padded ids, the empirical distribution, and the generate loop (seeds, EOS, stop strings, long
+padded ids, the empirical distribution, and generation through the engine (seeds, EOS, stop strings, long
 prompts, batches of different lengths ≡ one at a time), then `scratchlm sample` end to end."""
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import torch
 from scratchlm.cli import main
 from scratchlm.config import SampleConfig
 from scratchlm.errors import UserError
+from scratchlm.infer.engine import Engine
 from scratchlm.infer.sample import (
-    TextStream,
     apply_temperature,
     check_sample_config,
-    generate,
     min_p_filter,
     repetition_penalty,
     sample_next,
     top_k_filter,
     top_p_filter,
 )
+from scratchlm.infer.text import TextStream
 from tests.infer.helpers import make_checkpoint, tiny_model
 
 PROBS = [0.5, 0.3, 0.15, 0.05]
@@ -111,7 +111,8 @@ def test_padded_ids_are_never_sampled():
     assert ids.max().item() < 4 and set(ids.tolist()) == {0, 1, 2, 3}
     greedy = sample_next(logits, [[]] * 2000, SampleConfig(temperature=0.0), gen, valid_vocab=4)
     assert greedy.max().item() < 4
-    out = generate(tiny_model(), [[1, 2, 3]] * 4, SampleConfig(temperature=2.0, max_new_tokens=30), valid_vocab=40)
+    out = Engine(tiny_model()).generate([[1, 2, 3]] * 4, SampleConfig(temperature=2.0, max_new_tokens=30),
+                                        valid_vocab=40)
     assert max(max(row) for row in out) < 40 and all(len(row) == 30 for row in out)
 
 
@@ -137,7 +138,7 @@ def test_bad_settings_are_user_errors():
 
 
 # ----------------------------------------------------------------------------------------------
-# generate
+# generation through the engine
 
 
 def greedy(n: int = 12, **kw) -> SampleConfig:
@@ -147,9 +148,9 @@ def greedy(n: int = 12, **kw) -> SampleConfig:
 def test_same_seed_same_text_other_seed_other_text():
     model = tiny_model()
     prompt = [[5, 6, 7]]
-    a = generate(model, prompt, SampleConfig(temperature=1.0, max_new_tokens=20, seed=1))
-    b = generate(model, prompt, SampleConfig(temperature=1.0, max_new_tokens=20, seed=1))
-    c = generate(model, prompt, SampleConfig(temperature=1.0, max_new_tokens=20, seed=2))
+    a = Engine(model).generate(prompt, SampleConfig(temperature=1.0, max_new_tokens=20, seed=1))
+    b = Engine(model).generate(prompt, SampleConfig(temperature=1.0, max_new_tokens=20, seed=1))
+    c = Engine(model).generate(prompt, SampleConfig(temperature=1.0, max_new_tokens=20, seed=2))
     assert a == b and a != c
 
 
@@ -159,18 +160,18 @@ def test_batch_of_different_lengths_equals_one_at_a_time():
     prompts = [torch.randint(0, 64, (n,)).tolist() for n in (1, 5, 16, 20, 5)]  # 20 > block_size
     for cfg in (greedy(), greedy(repetition_penalty=1.3)):
         with pytest.warns(UserWarning):
-            batched = generate(model, prompts, cfg)
+            batched = Engine(model).generate(prompts, cfg)
         for prompt, out in zip(prompts, batched):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the 20-token prompt warns again
-                assert generate(model, [prompt], cfg) == [out]
+                assert Engine(model).generate([prompt], cfg) == [out]
 
 
 def test_eos_stops_a_row():
     model = tiny_model()
-    full = generate(model, [[3, 4]], greedy(n=15))[0]
+    full = Engine(model).generate([[3, 4]], greedy(n=15))[0]
     eos = full[4]
-    out = generate(model, [[3, 4], [3, 4]], greedy(n=15), eos_id=eos)
+    out = Engine(model).generate([[3, 4], [3, 4]], greedy(n=15), eos_id=eos)
     assert out[0] == out[1] == full[: full.index(eos)]
 
 
@@ -181,29 +182,22 @@ def test_stop_string_stops_and_is_trimmed():
         return "".join(alphabet[i] for i in ids)
 
     model = tiny_model()
-    full = generate(model, [[3, 4]], greedy(n=15))[0]
+    full = Engine(model).generate([[3, 4]], greedy(n=15))[0]
     stop = decode(full[5:7])
-    out = generate(model, [[3, 4]], greedy(n=15, stop=[stop, "not there"]), decode=decode)[0]
+    out = Engine(model).generate([[3, 4]], greedy(n=15, stop=[stop, "not there"]), decode=decode)[0]
     assert out == full[: decode(full).index(stop)]
     assert stop not in decode(out)
     with pytest.raises(ValueError):
-        generate(model, [[3, 4]], greedy(stop=["x"]))  # stop strings need a decode function
+        Engine(model).generate([[3, 4]], greedy(stop=["x"]))  # stop strings need a decode function
 
 
 def test_long_prompt_is_cropped_with_a_warning_and_still_generates():
     model = tiny_model()
     prompt = list(range(40))  # block_size is 16
     with pytest.warns(UserWarning, match="block_size=16"):
-        out = generate(model, [prompt], greedy(n=8))[0]
+        out = Engine(model).generate([prompt], greedy(n=8))[0]
     assert len(out) == 8
-    assert out == generate(model, [prompt[-16:]], greedy(n=8))[0]  # the model only ever saw the last 16
-
-
-def test_streaming_callback_sees_row_zero_tokens():
-    model = tiny_model()
-    seen: list[int] = []
-    out = generate(model, [[1, 2], [3]], SampleConfig(max_new_tokens=10), on_token=seen.append)
-    assert seen == out[0]
+    assert out == Engine(model).generate([prompt[-16:]], greedy(n=8))[0]  # the model only ever saw the last 16
 
 
 def test_text_stream_never_shows_what_it_takes_back():
