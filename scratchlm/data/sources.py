@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from scratchlm.errors import UserError
 from scratchlm.io import write_text
@@ -62,6 +63,33 @@ def read_text_file(path: str | os.PathLike) -> str:
     except PermissionError:
         raise UserError(f"{path}: permission denied") from None
     return _check_text(path, raw)
+
+
+def read_records(path: Path) -> list[tuple[int, Any]]:
+    """(line, record) pairs from a JSON list or JSONL file (SFT instructions, labelled examples)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file", fix="check the path") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder", fix="pass a JSON or JSONL file of examples") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    if not text.strip():
+        raise UserError(f"{path}: file is empty", fix="pass a file with examples")
+    if text.lstrip().startswith("["):
+        try:
+            return [(i + 1, r) for i, r in enumerate(json.loads(text))]  # "line" = record number
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})", fix="fix or remove that line") from None
+    return out
 
 
 def iter_jsonl(path: Path, field: str) -> Iterator[Document]:

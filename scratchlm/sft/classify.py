@@ -1,4 +1,8 @@
-"""`scratchlm classify`: classification fine-tuning, a class head on a pretrained LM.
+"""`scratchlm classify`: classification fine-tuning, a class head on a pretrained LM (the stage).
+
+The head is `scratchlm.model.classifier.ClassifierLM`; reading, splitting, encoding and batching
+the labelled texts is `scratchlm.data.labelled`; this module trains, evaluates (confusion matrix,
+accuracy, per-class scores, the heatmap) and predicts.
 
     text -> [EOT] ids [EOT] -> pretrained transformer body -> hidden state of the LAST real token
          -> Linear(C -> K) -> class logits
@@ -39,277 +43,29 @@ hypothesis) beyond what a single text holds, and resuming an interrupted classif
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
-import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from scratchlm import checkpoint as ckpt_io
 from scratchlm.config import Config, apply_overrides, get_preset
+from scratchlm.data.labelled import ClassifyLoader, collate, encode_text, label_names, read_labelled, stratified_split
 from scratchlm.errors import UserError
 from scratchlm.io import atomic_open, write_json, write_text
 from scratchlm.model import build_model
-from scratchlm.model.gpt import GPT
-from scratchlm.model.llama import Llama
+from scratchlm.model.classifier import ClassifierLM
 from scratchlm.model.lora import adapt_model
 from scratchlm.rundir import claim_run_dir
-from scratchlm.sft.data import read_records
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.device import pick_device
 from scratchlm.train.loop import Batches, RunResult, train_model
 
-PAD = -1  # the padding value in x: never a real id, so lengths are recoverable from x alone
 LABELS_FILE = "labels.json"
 LABELS_FORMAT = "scratchlm.classifier"
-
-
-# -- the model ------------------------------------------------------------------------------------
-
-
-class ClassifierLM(nn.Module):
-    """A pretrained GPT / Llama / MoE body with its LM head dropped and a K-way linear head on the
-    last real token. forward(idx (B, T) right-padded with -1, targets (B,) or (B, 1) class ids)
-    -> (logits (B, 1, K), mean cross-entropy or None)."""
-
-    def __init__(self, body: nn.Module, n_classes: int) -> None:
-        super().__init__()
-        if not isinstance(body, GPT | Llama):
-            raise UserError(f"model.arch={body.config.arch!r} has no transformer body to classify with",
-                            fix="start from a gpt, llama or moe checkpoint")
-        if n_classes < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
-        # The LM head becomes the identity: body(idx) then returns ln_f / norm of the last layer,
-        # (B, T, C), through each architecture's own forward (positions, RoPE, MoE routing).
-        setattr(body, "lm_head" if isinstance(body, GPT) else "output", nn.Identity())
-        self.body = body
-        self.config = body.config
-        self.n_classes = n_classes
-        self.drop = nn.Dropout(body.config.dropout)
-        self.head = nn.Linear(body.config.n_embd, n_classes)
-        nn.init.normal_(self.head.weight, 0.0, 0.02)  # the body's init scale: starts near uniform, loss ~ ln K
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if cache is not None:
-            raise ValueError("a classifier reads whole texts: no KV cache or document mask")
-        B, T = idx.shape
-        real = idx != PAD  # (B, T)
-        if bool((real[:, 1:] & ~real[:, :-1]).any()):
-            raise ValueError("ids must be right-padded: a real token follows padding")
-        lengths = real.sum(1)  # (B,)
-        if bool((lengths == 0).any()):
-            raise ValueError("a row is all padding")
-        h, _ = self.body(idx.masked_fill(~real, 0))  # (B, T, C); pads read id 0, seen by no real token
-        last = h[torch.arange(B, device=idx.device), lengths - 1]  # (B, C): the last real position
-        logits = self.head(self.drop(last))[:, None]  # (B, 1, K): a one-"token" sequence for the loop
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits[:, 0].float(), targets.reshape(-1), ignore_index=-1)
-            loss = loss + self.aux_loss()
-        return logits, loss
-
-    def aux_loss(self) -> torch.Tensor | float:
-        """An MoE body's load-balancing and z losses, as its own forward adds them to the LM loss
-        (the training loop reads this to average them per micro-batch)."""
-        return self.body.aux_loss() if hasattr(self.body, "aux_loss") else 0.0
-
-    # -- what the shared loop reads -------------------------------------------------------------
-    def num_params(self, non_embedding: bool = True) -> int:
-        return self.body.num_params(non_embedding) + sum(p.numel() for p in self.head.parameters())
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        """The body's 6N + attention, less 6x the token table (a lookup here: no LM-head matmul reads
-        it), plus the head's 6·C·K (charged per token, though it runs once per text: an upper bound)."""
-        emb = getattr(self.body, "wte", None) or self.body.tok_embeddings
-        head = sum(p.numel() for p in self.head.parameters())
-        return self.body.flops_per_token(seq_len) - 6 * emb.weight.numel() + 6 * head
-
-    def after_optimizer_step(self) -> None:
-        if hasattr(self.body, "after_optimizer_step"):  # MoE: the sigmoid router's balancing bias
-            self.body.after_optimizer_step()
-
-    def routing_metrics(self) -> dict[str, float]:
-        return self.body.routing_metrics() if hasattr(self.body, "routing_metrics") else {}
-
-
-# -- data -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Labelled:
-    text: str
-    label: str
-    where: str  # file:line, for error messages and predictions.jsonl
-
-
-def _field(rec: dict[str, Any], key: str, where: str) -> str:
-    if key not in rec or rec[key] is None:
-        raise UserError(f"{where}: missing field {key!r} (has: {', '.join(sorted(k for k in rec if k)) or 'nothing'})")
-    value = rec[key]
-    if key == "label" and isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)  # integer class ids are labels too; they sort as strings
-    if not isinstance(value, str):
-        raise UserError(f"{where}: field {key!r} is {type(value).__name__}, not a string")
-    if not value.strip():
-        raise UserError(f"{where}: field {key!r} is empty")
-    return value
-
-
-def _csv_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's byte-order mark is not part of "text"
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    if not text.strip():
-        raise UserError(f"{path}: file is empty", fix="pass a file with labelled examples")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
-    for key in ("text", "label"):
-        if key not in header:
-            raise UserError(f"{path}:1: the CSV header has no {key!r} column (has: {', '.join(header)})",
-                            fix="the first line must name the columns, e.g. text,label")
-    try:
-        return [(reader.line_num, row) for row in reader]  # line_num: the record's last line
-    except csv.Error as e:
-        raise UserError(f"{path}:{reader.line_num}: bad CSV ({e})") from None
-
-
-def read_labelled(path: str | Path) -> list[Labelled]:
-    """Labelled examples from JSONL / a JSON list (fields text, label) or CSV (header text,label)."""
-    path = Path(path)
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "no such file"
-        raise UserError(f"{path}: {what}", fix="pass a labelled JSONL or CSV file")
-    suffix = path.suffix.lower()
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        head = f.read(4096).lstrip()  # enough to tell JSON ({ or [) from CSV when the suffix does not say
-    if suffix == ".csv" or (suffix not in (".json", ".jsonl") and head and head[0] not in "[{"):
-        rows = _csv_rows(path)
-    else:
-        rows = read_records(path)
-    out = []
-    for lineno, rec in rows:
-        where = f"{path}:{lineno}"
-        if not isinstance(rec, dict):
-            raise UserError(f"{where}: a record must be a JSON object with text and label, got {type(rec).__name__}")
-        out.append(Labelled(_field(rec, "text", where), _field(rec, "label", where), where))
-    if not out:
-        raise UserError(f"{path}: no examples (only a header?)", fix="add rows of text,label")
-    return out
-
-
-def label_names(examples: list[Labelled], source: str) -> list[str]:
-    """The sorted distinct labels (id = position); at least two."""
-    names = sorted({e.label for e in examples})
-    if len(names) < 2:
-        raise UserError(f"{source}: every one of the {len(examples)} examples has the label {names[0]!r}",
-                        fix="a classifier needs examples of at least two labels")
-    return names
-
-
-def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, val) indices: each class contributes round(fraction x its count) to validation, at
-    least one example of each class stays in training; seeded, both lists sorted."""
-    if not 0 < fraction < 1:
-        raise UserError(f"sft.val_fraction={fraction} must be between 0 and 1")
-    rng = random.Random(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(y, []).append(i)
-    val: list[int] = []
-    for y in sorted(by_class):
-        members = by_class[y]
-        rng.shuffle(members)
-        val += members[: min(round(fraction * len(members)), len(members) - 1)]
-    if not val:
-        raise UserError(f"only {len(labels)} examples: too few to hold out sft.val_fraction={fraction} for validation",
-                        fix="add examples or raise --sft.val_fraction")
-    held = set(val)
-    return [i for i in range(len(labels)) if i not in held], sorted(val)
-
-
-def encode_text(tok: Tokenizer, text: str, block_size: int, overlong: str = "truncate"
-                ) -> tuple[list[int] | None, bool]:
-    """(ids, whether the text was cut): `EOT text EOT` (just the text without an EOT token) in at
-    most block_size ids; an overlong text keeps its start (truncate) or gives None (drop). The
-    trailing EOT always survives: it is where the classifier reads."""
-    body = tok.encode(text, disallowed_special=())  # a special typed in the text stays text
-    eot = tok.eot_id
-    room = block_size - (2 if eot is not None else 0)
-    cut = len(body) > room
-    if cut:
-        if overlong == "drop":
-            return None, True
-        body = body[:room]
-    return ([eot, *body, eot] if eot is not None else body), cut
-
-
-class ClassifyLoader:
-    """Batches of (x (B, L) ids right-padded with -1 to the batch's longest, y (B, 1) class ids).
-
-    Training (`fill=True`) keeps every batch full, running into the next epoch's order (reshuffled
-    by (seed, epoch)); validation (`fill=False`, unshuffled) ends an epoch with a short batch, so
-    ceil(n / B) batches see each example exactly once. Resumable through state_dict()."""
-
-    def __init__(self, ids: list[list[int]], labels: list[int], batch_size: int, *, shuffle: bool = True,
-                 fill: bool = True, seed: int = 0, device: str | torch.device = "cpu") -> None:
-        if not ids:
-            raise UserError("no examples to batch")
-        self.ids, self.labels = ids, labels
-        self.batch_size, self.shuffle, self.fill, self.seed, self.device = batch_size, shuffle, fill, seed, device
-        self.epoch, self.pos = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> list[int]:
-        order = list(range(len(self.ids)))
-        if self.shuffle:
-            random.Random(self.seed * 1000 + self.epoch).shuffle(order)
-        return order
-
-    def _next_epoch(self) -> None:
-        self.epoch, self.pos = self.epoch + 1, 0
-        self._order = self._make_order()
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pos >= len(self._order):
-            self._next_epoch()
-        picks: list[int] = []
-        while len(picks) < self.batch_size:
-            if self.pos >= len(self._order):
-                if not self.fill:
-                    break
-                self._next_epoch()
-            picks.append(self._order[self.pos])
-            self.pos += 1
-        return collate([self.ids[i] for i in picks], [self.labels[i] for i in picks], self.device)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos, "rows": len(self.ids)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("rows") != len(self.ids):
-            raise UserError("cannot resume: the classification data changed since the checkpoint",
-                            fix="use the same data")
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self._order = self._make_order()
-
-
-def collate(rows: list[list[int]], labels: list[int] | None = None, device: str | torch.device = "cpu"
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad with -1 to the longest row: x (B, L); y (B, 1) class ids (-1 when not given)."""
-    L = max(len(r) for r in rows)
-    x = torch.tensor([r + [PAD] * (L - len(r)) for r in rows], dtype=torch.long)
-    y = torch.tensor(labels if labels is not None else [-1] * len(rows), dtype=torch.long)[:, None]
-    return x.to(device), y.to(device)
 
 
 # -- evaluation -----------------------------------------------------------------------------------

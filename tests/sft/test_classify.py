@@ -12,19 +12,12 @@ import torch
 
 from scratchlm.cli import main
 from scratchlm.config import Config, ModelConfig
+from scratchlm.data.labelled import ClassifyLoader, collate, encode_text, read_labelled, stratified_split
 from scratchlm.data.prepare import prepare
 from scratchlm.errors import UserError
 from scratchlm.model import build_model
-from scratchlm.sft.classify import (
-    ClassifierLM,
-    ClassifyLoader,
-    classify_cli,
-    collate,
-    encode_text,
-    load_classifier,
-    read_labelled,
-    stratified_split,
-)
+from scratchlm.model.classifier import ClassifierLM
+from scratchlm.sft.classify import classify_cli, load_classifier
 from scratchlm.tokenizer import ByteTokenizer
 from scratchlm.train.pretrain import pretrain
 from tests.data.conftest import make_docs, write_corpus

@@ -1,0 +1,92 @@
+"""A classifier on a pretrained transformer: the GPT / Llama / MoE body with its LM head dropped and a
+K-way linear head on the last real token (`scratchlm classify`, the stage in scratchlm/sft/classify.py).
+
+- pooling = the last real token (GPT-1/2-style classifiers, HF's *ForSequenceClassification on
+  decoders): with causal attention position t only sees tokens <= t, so the last position is the
+  only one whose hidden state has read the whole text.
+- padding: input rows are right-padded with `PAD` (-1, never a real id; scratchlm/data/labelled.py).
+  forward finds each row's length from it and feeds the pads as id 0; causal attention keeps pads
+  (after the text) from changing any real position, so padding cannot change a row's logits. The
+  shared loop's `model(x, y)` carries no lengths, so they travel inside x.
+- the base LM head is replaced by an identity, so the body's own forward returns the final normed
+  hidden states (B, T, C) for every architecture; with tied embeddings the token table stays as the
+  input embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scratchlm.data.labelled import PAD
+from scratchlm.errors import UserError
+from scratchlm.model.gpt import GPT
+from scratchlm.model.llama import Llama
+
+
+class ClassifierLM(nn.Module):
+    """A pretrained GPT / Llama / MoE body with its LM head dropped and a K-way linear head on the
+    last real token. forward(idx (B, T) right-padded with -1, targets (B,) or (B, 1) class ids)
+    -> (logits (B, 1, K), mean cross-entropy or None)."""
+
+    def __init__(self, body: nn.Module, n_classes: int) -> None:
+        super().__init__()
+        if not isinstance(body, GPT | Llama):
+            raise UserError(f"model.arch={body.config.arch!r} has no transformer body to classify with",
+                            fix="start from a gpt, llama or moe checkpoint")
+        if n_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
+        # The LM head becomes the identity: body(idx) then returns ln_f / norm of the last layer,
+        # (B, T, C), through each architecture's own forward (positions, RoPE, MoE routing).
+        setattr(body, "lm_head" if isinstance(body, GPT) else "output", nn.Identity())
+        self.body = body
+        self.config = body.config
+        self.n_classes = n_classes
+        self.drop = nn.Dropout(body.config.dropout)
+        self.head = nn.Linear(body.config.n_embd, n_classes)
+        nn.init.normal_(self.head.weight, 0.0, 0.02)  # the body's init scale: starts near uniform, loss ~ ln K
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if cache is not None:
+            raise ValueError("a classifier reads whole texts: no KV cache or document mask")
+        B, T = idx.shape
+        real = idx != PAD  # (B, T)
+        if bool((real[:, 1:] & ~real[:, :-1]).any()):
+            raise ValueError("ids must be right-padded: a real token follows padding")
+        lengths = real.sum(1)  # (B,)
+        if bool((lengths == 0).any()):
+            raise ValueError("a row is all padding")
+        h, _ = self.body(idx.masked_fill(~real, 0))  # (B, T, C); pads read id 0, seen by no real token
+        last = h[torch.arange(B, device=idx.device), lengths - 1]  # (B, C): the last real position
+        logits = self.head(self.drop(last))[:, None]  # (B, 1, K): a one-"token" sequence for the loop
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits[:, 0].float(), targets.reshape(-1), ignore_index=-1)
+            loss = loss + self.aux_loss()
+        return logits, loss
+
+    def aux_loss(self) -> torch.Tensor | float:
+        """An MoE body's load-balancing and z losses, as its own forward adds them to the LM loss
+        (the training loop reads this to average them per micro-batch)."""
+        return self.body.aux_loss() if hasattr(self.body, "aux_loss") else 0.0
+
+    # -- what the shared loop reads -------------------------------------------------------------
+    def num_params(self, non_embedding: bool = True) -> int:
+        return self.body.num_params(non_embedding) + sum(p.numel() for p in self.head.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """The body's 6N + attention, less 6x the token table (a lookup here: no LM-head matmul reads
+        it), plus the head's 6·C·K (charged per token, though it runs once per text: an upper bound)."""
+        emb = getattr(self.body, "wte", None) or self.body.tok_embeddings
+        head = sum(p.numel() for p in self.head.parameters())
+        return self.body.flops_per_token(seq_len) - 6 * emb.weight.numel() + 6 * head
+
+    def after_optimizer_step(self) -> None:
+        if hasattr(self.body, "after_optimizer_step"):  # MoE: the sigmoid router's balancing bias
+            self.body.after_optimizer_step()
+
+    def routing_metrics(self) -> dict[str, float]:
+        return self.body.routing_metrics() if hasattr(self.body, "routing_metrics") else {}
