@@ -170,7 +170,7 @@ def cmd_tokenizer_export(args: argparse.Namespace, overrides: list[str]) -> None
 
 
 def cmd_tokenizer_compare(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.tokenizer.compare import compare, format_table, plot
+    from scratchlm.experiments.tokenizers import compare, format_table, plot
 
     cfg = _config(args, overrides)
     kinds = [k for k in args.kinds.split(",") if k]

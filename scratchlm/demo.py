@@ -18,13 +18,13 @@ from scratchlm.config import Config, get_preset
 from scratchlm.data.loader import BatchLoader, TokenShards
 from scratchlm.data.prepare import prepare
 from scratchlm.data.sources import read_corpus_text
+from scratchlm.experiments.tokenizers import compare, format_table, plot
 from scratchlm.infer.engine import Engine
 from scratchlm.infer.text import encode_prompt
 from scratchlm.io import write_text
 from scratchlm.sft.train import sft
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.tokenizer.base import KINDS
-from scratchlm.tokenizer.compare import compare, format_table, plot
 from scratchlm.train.pretrain import pretrain
 
 ARCH_NAMES = {"gpt": "GPT", "llama": "Llama-family model", "moe": "mixture-of-experts model (8 experts, top-2)"}

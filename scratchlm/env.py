@@ -46,8 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from scratchlm.data.sources import _cache_dir
-from scratchlm.io import write_json
+from scratchlm.io import cache_dir, write_json
 
 # Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s, by a substring of
 # torch.cuda.get_device_name; the first match wins, so more specific names come first.
@@ -248,7 +247,7 @@ def _read_cache() -> dict[str, dict[str, Any]]:
     """The cached records; an absent or corrupt file, or an entry in an older format, is left out
     (measured again and rewritten)."""
     try:
-        data = json.loads((_cache_dir() / CACHE_NAME).read_text(encoding="utf-8"))
+        data = json.loads((cache_dir() / CACHE_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     if not isinstance(data, dict):
@@ -261,7 +260,7 @@ def _write_records(records: dict[str, dict[str, Any]], drop: Callable[[str], boo
     cache = _read_cache()  # read again just before writing: another process may have added entries
     cache = {k: v for k, v in cache.items() if not drop(k)} | records
     with contextlib.suppress(OSError):  # a read-only cache folder costs a re-measurement next time, nothing more
-        write_json(_cache_dir() / CACHE_NAME, cache)
+        write_json(cache_dir() / CACHE_NAME, cache)
 
 
 def _measured(calls: int) -> dict[str, Any]:

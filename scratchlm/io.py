@@ -5,6 +5,9 @@ an interrupted run never leaves a file that loads as if it were whole: readers s
 old file, the new one, or none. Temporary names carry the writer's PID (`.NAME.tmp-PID`, and
 `.NAME.old-PID` for a folder being swapped out), so `remove_stale_temps` can tell the leftovers
 of a dead process (SIGKILL, power loss) from the work of a live one and remove only those.
+
+Also the one place that says where the scratchlm cache folder is (`cache_dir`), for every layer that
+caches (corpus parsing, device measurements).
 """
 
 from __future__ import annotations
@@ -41,6 +44,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
+
+
+def cache_dir() -> Path:
+    """The cache folder: `$SCRATCHLM_CACHE`, else `$XDG_CACHE_HOME/scratchlm`, else `~/.cache/scratchlm`."""
+    root = os.environ.get("SCRATCHLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "scratchlm"
+    )
+    return Path(root)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

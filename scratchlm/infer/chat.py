@@ -20,8 +20,8 @@ from scratchlm.errors import UserError
 from scratchlm.infer.engine import Engine
 from scratchlm.infer.sample import check_sample_config
 from scratchlm.infer.text import TextStream
-from scratchlm.sft.data import render
 from scratchlm.tokenizer import Tokenizer
+from scratchlm.tokenizer.chat import render
 from scratchlm.train.device import pick_device
 
 

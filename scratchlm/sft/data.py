@@ -1,4 +1,4 @@
-"""Instruction data for supervised fine-tuning: formats, the chat template, masked labels, packing.
+"""Instruction data for supervised fine-tuning: formats, masked labels, packing.
 
 Accepted formats (each record validated; errors name the file, line and field):
 - alpaca: `{"instruction", "input", "output"}` in a JSON list or JSONL (`input` may be empty);
@@ -11,7 +11,7 @@ Held-out data: exact duplicates are dropped, and the split is by prompt (`split_
 every conversation asking the same thing lands on the same side, so the gold evaluation never
 scores a prompt the model was trained on.
 
-The chat template uses our reserved special tokens (ids, never text):
+The chat template (`scratchlm.tokenizer.chat.render`) uses our reserved special tokens (ids, never text):
 
     [<|system|> system <|end|>] <|user|> question <|end|> <|assistant|> answer <|end|> ...
 
@@ -38,7 +38,9 @@ from typing import Any
 import torch
 
 from scratchlm.errors import UserError
+from scratchlm.tasks.families import generate_tasks
 from scratchlm.tokenizer import Tokenizer
+from scratchlm.tokenizer.chat import render
 
 ROLES = ("system", "user", "assistant")
 
@@ -147,8 +149,6 @@ def read_conversations(paths: list[str], fmt: str = "auto") -> list[Conversation
 
 def task_conversations(n: int, seed: int) -> list[Conversation]:
     """The embedded verifiable tasks as conversations (meta: family, difficulty, gold answer); distinct prompts."""
-    from scratchlm.sft.tasks import generate_tasks
-
     return [Conversation([("user", t.instruction), ("assistant", t.answer)], f"tasks:{i}",
                          {"family": t.family, "difficulty": t.difficulty, "gold": t.answer})
             for i, t in enumerate(generate_tasks(n, seed))]
@@ -188,30 +188,6 @@ def split_by_prompt(convs: list[Conversation], fraction: float, seed: int
                         fix="add examples or lower --sft.val_fraction")
     held = {i for k in keys[:n_val] for i in groups[k]}
     return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
-
-
-# -- the template ---------------------------------------------------------------------------------
-
-
-def render(tok: Tokenizer, turns: list[tuple[str, str]], *, add_generation_prompt: bool = False
-           ) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and their labels (-1 = not trained on)."""
-    sp = tok.special_tokens
-    ids: list[int] = []
-    labels: list[int] = []
-    for role, content in turns:
-        body = tok.encode(content, disallowed_special=())  # specials typed in content stay text
-        ids.append(sp[f"<|{role}|>"])
-        labels.append(-1)
-        ids.extend(body)
-        ids.append(sp["<|end|>"])
-        trained = role == "assistant"
-        labels.extend(body if trained else [-1] * len(body))
-        labels.append(sp["<|end|>"] if trained else -1)
-    if add_generation_prompt:
-        ids.append(sp["<|assistant|>"])
-        labels.append(-1)
-    return ids, labels
 
 
 @dataclass

@@ -23,7 +23,6 @@ from torch import nn
 from scratchlm import checkpoint as ckpt_io
 from scratchlm.config import Config, SampleConfig
 from scratchlm.errors import UserError
-from scratchlm.eval.gold import exact_match, format_summary, rouge_l, summarise, token_f1
 from scratchlm.infer.engine import Engine
 from scratchlm.io import write_text
 from scratchlm.model import build_model, resize_embeddings
@@ -35,13 +34,13 @@ from scratchlm.sft.data import (
     drop_duplicates,
     order_examples,
     read_conversations,
-    render,
     split_by_prompt,
     task_conversations,
 )
-from scratchlm.sft.tasks import check
+from scratchlm.tasks.families import check
+from scratchlm.tasks.metrics import exact_match, format_summary, rouge_l, summarise, token_f1
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.tokenizer.chat import ensure_chat_specials
+from scratchlm.tokenizer.chat import ensure_chat_specials, render
 from scratchlm.train.device import pick_device
 from scratchlm.train.loop import Batches, RunResult, train_model
 

@@ -19,13 +19,12 @@ from scratchlm.sft.data import (
     order_examples,
     prompt_key,
     read_conversations,
-    render,
     task_conversations,
 )
-from scratchlm.sft.tasks import FAMILIES
 from scratchlm.sft.train import split
+from scratchlm.tasks.families import FAMILIES
 from scratchlm.tokenizer import ByteTokenizer, CharTokenizer
-from scratchlm.tokenizer.chat import ensure_chat_specials
+from scratchlm.tokenizer.chat import ensure_chat_specials, render
 from tests.conftest import shared_file
 
 

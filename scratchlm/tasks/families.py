@@ -10,7 +10,7 @@ preference pairs, RL rewards and evaluation can all call `check(family, prompt_o
 - add:     "Add: 23 + 58" -> "81"                                          (the number's value)
 Answers are read leniently where the meaning is unchanged: surrounding whitespace, one trailing
 period, letter case for words, "81.0" for 81, commas between sorted numbers. The string metrics
-of eval/gold.py cannot: their exact match fails "81.0" and passes "8.1" (punctuation stripped) for
+of `scratchlm.tasks.metrics` cannot: their exact match fails "81.0" and passes "8.1" (punctuation stripped) for
 81, and passes "lord is" for "the lord is" (articles stripped); the checkers do the reverse.
 
 Difficulty runs from 1 (easy) to 3. Words come from a fixed list of common English words so any

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scratchlm.eval.gold import exact_match, format_summary, lcs_length, normalise, rouge_l, summarise, token_f1
+from scratchlm.tasks.metrics import exact_match, format_summary, lcs_length, normalise, rouge_l, summarise, token_f1
 
 
 def test_normalise_and_exact_match():

@@ -8,12 +8,12 @@ import random
 import pytest
 
 from scratchlm.errors import UserError
-from scratchlm.eval.gold import exact_match
-from scratchlm.sft import tasks
-from scratchlm.sft.tasks import FAMILIES, Family, Task, check, generate_tasks
+from scratchlm.tasks import families as tasks
+from scratchlm.tasks.families import FAMILIES, Family, Task, check, generate_tasks
+from scratchlm.tasks.metrics import exact_match
 
 # (family, prompt, gold, answer, checker's verdict): in every row the checker and the report's exact
-# match (eval/gold.py: lowercase, punctuation and articles removed) disagree.
+# match (tasks/metrics.py: lowercase, punctuation and articles removed) disagree.
 DISAGREE = [
     ("add", "Add: 23 + 58", "81", "81.0", True),  # the same number; exact match reads "810"
     ("add", "Add: 23 + 58", "81", "8.1", False),  # another number; exact match reads "81"

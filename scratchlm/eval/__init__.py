@@ -1,1 +1,0 @@
-"""The evaluation stage: scoring generated answers against gold ones (more evaluators join later)."""
