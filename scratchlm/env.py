@@ -1,9 +1,9 @@
 """What this machine can do (`scratchlm env`), the matmul peak that MFU is measured against, and
 how fast a linear layer runs in fp32 and under bf16 autocast (what `precision=auto` decides by).
 
-`env_cli` prints the device (CPU model and its vector/matrix extensions, CUDA GPUs, Apple MPS),
-the torch version and build, the thread count, the precisions that run here, and the peak
-matmul throughput in TFLOP/s with where each figure came from.
+`env_lines` yields the report `scratchlm env` prints: the device (CPU model and its vector/matrix
+extensions, CUDA GPUs, Apple MPS), the torch version and build, the thread count, the precisions
+that run here, and the peak matmul throughput in TFLOP/s with where each figure came from.
 
 `peak_flops(device, dtype)` is the denominator of model FLOPs utilisation. On a CPU there is no
 datasheet figure to trust (it depends on the cores we were given, the clock under load and the
@@ -39,7 +39,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -387,9 +387,10 @@ def _peak_line(device: str, dtype: torch.dtype, remeasure: bool) -> str:
     return f"{device} {DTYPE_NAMES[dtype]}: {flops / 1e12:.3g} TFLOP/s ({source})"
 
 
-def env_cli(remeasure: bool = False, threads: tuple[int, str] | None = None) -> None:
-    """`scratchlm env`: print the device, torch build, precisions and matmul peaks; `threads` is
-    what training would use and why (`train.device.pick_threads`, which builds on this module)."""
+def env_lines(remeasure: bool = False, threads: tuple[int, str] | None = None) -> Iterator[str]:
+    """The report's lines: the device, torch build, precisions, then the matmul peaks, each measured
+    only when its line is asked for (so a caller can show the facts first); `threads` is what
+    training would use and why (`train.device.pick_threads`, which builds on this module)."""
     rows: list[tuple[str, str]] = []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     rows.append(("cpu", f"{cpu_name()} ({cores} cores available)"))
@@ -426,7 +427,7 @@ def env_cli(remeasure: bool = False, threads: tuple[int, str] | None = None) -> 
 
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key:<{width}}  {value}", flush=True)
+        yield f"{key:<{width}}  {value}"
 
     # The peaks last: they may take a second to measure, and the facts above are already shown.
     peaks = [("cpu", torch.float32)]
@@ -440,4 +441,4 @@ def env_cli(remeasure: bool = False, threads: tuple[int, str] | None = None) -> 
     if remeasure:  # the fp32 / bf16 timings behind precision=auto are measured again when next needed
         _write_records({}, drop=lambda key: "|linear " in key)
     for i, (dev, dtype) in enumerate(peaks):
-        print(f"{'peak matmul' if i == 0 else '':<{width}}  {_peak_line(dev, dtype, remeasure)}", flush=True)
+        yield f"{'peak matmul' if i == 0 else '':<{width}}  {_peak_line(dev, dtype, remeasure)}"

@@ -2,12 +2,12 @@
 
 `import_hf` reads GPT-2, Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE and Qwen3-MoE folders into
 our GPT / Llama / MoE;
-`export_hf` writes our checkpoints as folders `AutoModelForCausalLM` loads; `convert_cli` is
-`scratchlm convert`. See `hf.py` for the flow and the family modules for the field mappings.
+`export_hf` writes our checkpoints as folders `AutoModelForCausalLM` loads; `convert` picks
+one by the formats (`scratchlm convert`). See `hf.py` for the flow and the family modules for the field mappings.
 """
 
 from __future__ import annotations
 
-from scratchlm.convert.hf import convert_cli, export_hf, import_hf
+from scratchlm.convert.hf import convert, export_hf, import_hf
 
-__all__ = ["convert_cli", "export_hf", "import_hf"]
+__all__ = ["convert", "export_hf", "import_hf"]

@@ -63,9 +63,10 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 MARK = "scratchlm_converted_from"  # in our outputs' trainer.json / config.json: safe to replace
 
 
-def convert_cli(src: str | Path, dst: str | Path, *, src_format: str, dst_format: str,
-                tokenizer: str | Path | None = None, adapters: str | Path | None = None) -> Path:
-    """`scratchlm convert SRC DST --from F --to G`: import or export, then say what was written."""
+def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: str,
+            tokenizer: str | Path | None = None, adapters: str | Path | None = None) -> Path:
+    """Import (`src_format="hf"`) or export (`dst_format="hf"`); returns the folder written. The
+    errors name the `scratchlm convert` flags (--from, --to, --tokenizer, --adapters)."""
     for flag, fmt in (("--from", src_format), ("--to", dst_format)):
         if fmt not in FORMATS:
             raise UserError(f"{flag} {fmt}: unknown format", fix=f"use one of {', '.join(FORMATS)}")

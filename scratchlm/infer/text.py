@@ -4,23 +4,18 @@ The engine (`engine.py`) works on token ids; this module is where text meets it:
 turns a prompt into ids (special tokens written in it count as specials, an empty prompt starts
 from the EOS token), `TextStream` writes a continuation as its tokens arrive without ever showing
 text it may have to take back (an incomplete UTF-8 character, the start of a stop string), and
-`sample_cli` loads a checkpoint (or a base + LoRA adapters), applies --sample.* settings and
-prints the samples, streaming row 0 when one sample is asked for.
+`sample_text` writes a prompt's samples (`scratchlm sample`), streaming row 0 when one sample is
+asked for.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from scratchlm.checkpoint import load_model_for_inference
-from scratchlm.config import Config, apply_overrides
+from scratchlm.config import SampleConfig
 from scratchlm.errors import UserError
 from scratchlm.infer.engine import Engine
-from scratchlm.infer.sample import check_sample_config
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.device import pick_device
 
 
 class TextStream:
@@ -90,43 +85,23 @@ def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:
 SAMPLE_BATCH = 32  # rows decoded together by `scratchlm sample`
 
 
-def sample_cli(ckpt: str | Path, prompt: str, overrides: list[str], device: str = "auto",
-               adapters: str | Path | None = None) -> None:
-    """`scratchlm sample`: load a checkpoint (or a base + LoRA `adapters`), apply --sample.* overrides,
-    print the samples."""
-    wrong = [o for o in overrides if not o.lstrip("-").startswith("sample.")]
-    if wrong:
-        raise UserError(f"{wrong[0].split('=')[0]}: sample takes only --sample.KEY=VALUE settings",
-                        fix="model and training settings come from the checkpoint")
-    check_sample_config(apply_overrides(Config(), overrides).sample)  # fail before loading weights
-    dev = str(pick_device(device, flag="--device"))
-    model, tok, cfg = load_model_for_inference(ckpt, dev, adapters=adapters)
-    sc = apply_overrides(cfg, overrides).sample
-
-    ids = encode_prompt(tok, prompt)
-    block = model.config.block_size
-    if len(ids) > block:
-        print(f"scratchlm: warning: the prompt is {len(ids)} tokens; the model sees only the last {block}",
-              file=sys.stderr)
-        ids = ids[-block:]
+def sample_text(engine: Engine, tok: Tokenizer, prompt: str, ids: list[int], sc: SampleConfig,
+                write: Callable[[str], object]) -> None:
+    """Write `sc.num_samples` continuations of `prompt` (encoded as `ids`), each as prompt + text and a
+    newline, separated by a line of dashes: streamed token by token when one sample is asked for and
+    `sc.stream` is on, else in batches of SAMPLE_BATCH rows (bounded memory), each written as it finishes."""
     rows = [ids] * sc.num_samples
-    engine = Engine(model, tok)
     kwargs = dict(cache=sc.cache, sink_tokens=sc.sink_tokens, window=sc.window)
-
     if sc.stream and sc.num_samples == 1:
-        def write(s: str) -> None:
-            sys.stdout.write(s)
-            sys.stdout.flush()
-
         stream = TextStream(tok.decode, write, sc.stop)
         write(prompt)
         outs = engine.generate(rows, sc, on_token=lambda row, t: stream.push(t), **kwargs)
         stream.close(outs[0])
         write("\n")
         return
-    for start in range(0, len(rows), SAMPLE_BATCH):  # bounded memory; each batch is printed as it finishes
+    for start in range(0, len(rows), SAMPLE_BATCH):
         outs = engine.generate(rows[start : start + SAMPLE_BATCH], sc, **kwargs)
         for i, out in enumerate(outs, start):
             if i:
-                print("-" * 40)
-            print(prompt + tok.decode(out), flush=True)
+                write("-" * 40 + "\n")
+            write(prompt + tok.decode(out) + "\n")

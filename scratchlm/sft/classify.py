@@ -52,14 +52,13 @@ from typing import Any
 import torch
 
 from scratchlm import checkpoint as ckpt_io
-from scratchlm.config import Config, apply_overrides, get_preset
+from scratchlm.config import Config
 from scratchlm.data.labelled import ClassifyLoader, collate, encode_text, label_names, read_labelled, stratified_split
 from scratchlm.errors import UserError
 from scratchlm.io import atomic_open, write_json, write_text
 from scratchlm.model import build_model
 from scratchlm.model.classifier import ClassifierLM
 from scratchlm.model.lora import adapt_model
-from scratchlm.rundir import claim_run_dir
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.device import pick_device
 from scratchlm.train.loop import Batches, RunResult, train_model
@@ -278,39 +277,8 @@ def train_classifier(cfg: Config, data: str | Path, *, progress: bool = True) ->
 
 def predict(path: str | Path, texts: list[str], device: str = "cpu") -> tuple[list[str], torch.Tensor]:
     """(labels, (N, K) probabilities) for texts, from a classifier run or checkpoint folder."""
+    if not texts or any(not t.strip() for t in texts):
+        raise UserError("nothing to classify", fix='pass --text "..."')
     model, tok, cfg, labels = load_classifier(path, device)
     rows = [encode_text(tok, t, cfg.model.block_size, "truncate")[0] or [] for t in texts]  # truncate: never None
     return labels, class_probs(model, rows)
-
-
-def classify_cli(action: str, data: str | None, *, base: str | None = None, ckpt: str | None = None,
-                 out: str | None = None, text: str | None = None, preset: str = "sft-tiny",
-                 overrides: list[str] | None = None, progress: bool = True,
-                 overwrite: bool = False) -> ClassifyResult | dict[str, float]:
-    """`scratchlm classify train DATA --base RUN --out DIR` or `scratchlm classify predict --ckpt DIR --text T`.
-    train returns the ClassifyResult; predict prints the label and each class's probability and
-    returns {label: probability}."""
-    if action == "train":
-        cfg = apply_overrides(get_preset(preset), overrides or [])
-        if not data:
-            raise UserError("classify train needs a labelled data file",
-                            fix="scratchlm classify train DATA.jsonl --base RUN --out DIR")
-        cfg.out_dir = out or str(Path(cfg.out_dir).parent / "classify")  # never the preset's sft run folder
-        cfg.sft.base = base or cfg.sft.base
-        cfg.sft.data = [str(data)]
-        with claim_run_dir(cfg.out_dir, overwrite=overwrite, inputs=[x for x in (cfg.sft.base, data) if x]):
-            return train_classifier(cfg, data, progress=progress)
-    if action == "predict":
-        if not ckpt:
-            raise UserError("classify predict needs --ckpt", fix="pass the folder `classify train --out` wrote")
-        if text is None or not text.strip():
-            raise UserError("nothing to classify", fix='pass --text "..."')
-        labels, probs = predict(ckpt, [text])
-        p = probs[0]
-        order = p.argsort(descending=True).tolist()
-        width = max(len(x) for x in labels)
-        print(f"label: {labels[order[0]]}")
-        for i in order:
-            print(f"  {labels[i]:<{width}}  {float(p[i]):.4f}")
-        return {labels[i]: float(p[i]) for i in order}
-    raise UserError(f"unknown classify action {action!r}", fix="use train or predict")

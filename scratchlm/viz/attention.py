@@ -4,7 +4,7 @@ The GPT's attention modules keep the (B, H, T, T) softmax weights of their last 
 `record` is on (they then take the explicit attention path, since the fused kernel never forms
 the weights). `attention_weights` runs one prompt and returns them, one (H, T, T) tensor per
 layer: row t is query position t's distribution over key positions 0..t, zero above the
-diagonal. `attention_cli` draws one T x T panel per head (a row per layer, or one row for
+diagonal. `draw_attention` draws a checkpoint's one T x T panel per head (a row per layer, or one row for
 `--layer`), with the prompt's tokens as tick labels, on one shared 0..1 colour scale.
 
 Choices: matplotlib's object API (`Figure`, Agg canvas), so no pyplot state or backend is
@@ -15,7 +15,6 @@ are refused).
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -24,7 +23,9 @@ from torch import nn
 
 from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.errors import UserError
+from scratchlm.infer.text import encode_prompt
 from scratchlm.io import atomic_open
+from scratchlm.model.gpt import GPT
 from scratchlm.tokenizer import Tokenizer
 
 MAX_LABELLED = 40  # more tokens than this: tick labels would overlap, so none are drawn
@@ -34,8 +35,6 @@ MAX_LABELLED = 40  # more tokens than this: tick labels would overlap, so none a
 def attention_weights(model: nn.Module, ids: list[int]) -> list[torch.Tensor]:
     """Run `ids` (cropped from the left to block_size) through a GPT; return each layer's
     attention weights as an (H, T, T) float tensor on the CPU."""
-    from scratchlm.model.gpt import GPT
-
     if not isinstance(model, GPT):
         arch = getattr(getattr(model, "config", None), "arch", type(model).__name__)
         raise UserError(f"a {arch} model has no attention to draw",
@@ -100,10 +99,9 @@ def draw(weights: list[torch.Tensor], labels: list[str], layers: list[int], out:
             fig.savefig(f, format="png", dpi=110)
 
 
-def attention_cli(ckpt: str | Path, prompt: str, out: str | Path, layer: int = -1) -> None:
-    """`scratchlm viz attention`: heatmaps of a checkpoint's attention on a prompt."""
-    from scratchlm.infer.text import encode_prompt
-
+def draw_attention(ckpt: str | Path, prompt: str, out: str | Path, layer: int = -1) -> tuple[int, int]:
+    """Heatmaps of a checkpoint's attention on a prompt (every layer, or `layer`), to `out`. Returns
+    (the prompt's tokens, the tokens drawn): only the last block_size fit the model."""
     model, tok, cfg = load_model_for_inference(ckpt, "cpu")
     if cfg.model.arch != "gpt":
         raise UserError(f"{ckpt}: a {cfg.model.arch} model has no attention to draw",
@@ -112,11 +110,9 @@ def attention_cli(ckpt: str | Path, prompt: str, out: str | Path, layer: int = -
     if layer != -1 and not 0 <= layer < n_layer:
         raise UserError(f"--layer {layer} is out of range", fix=f"use 0..{n_layer - 1}, or -1 for every layer")
     ids = encode_prompt(tok, prompt)
-    block = cfg.model.block_size
-    if len(ids) > block:
-        print(f"scratchlm: warning: the prompt is {len(ids)} tokens; showing its last {block}", file=sys.stderr)
-        ids = ids[-block:]
+    n_prompt = len(ids)
+    ids = ids[-cfg.model.block_size:]
     weights = attention_weights(model, ids)
     layers = list(range(n_layer)) if layer == -1 else [layer]
     draw([weights[i] for i in layers], token_labels(tok, ids), layers, out)
-    print(out)
+    return n_prompt, len(ids)

@@ -4,7 +4,7 @@ At every log step the pretraining loop writes each MoE layer's routing counters 
 RUN/metrics.jsonl: `moe/layer_{i}/load_{e}` is how many of that step's token-to-expert
 assignments went to expert e of layer i (B*T*k of them in all for the last micro-batch, counted
 before any capacity drop). `load_history` reads those back as one (S, E) matrix per layer, S the
-logged steps; `routing_cli` draws, per MoE layer, a heatmap of expert (y) against step (x)
+logged steps; `draw_routing` draws, per MoE layer, a heatmap of expert (y) against step (x)
 coloured by the expert's *share* of the layer's assignments (load / total), plus one line panel
 of the balance max/mean load per layer over steps (1 = perfectly even; E = everything on one
 expert).
@@ -156,12 +156,11 @@ def draw(history: dict[int, tuple[np.ndarray, np.ndarray]], out: str | Path, tit
         fig.savefig(f, format="png", dpi=110)
 
 
-def routing_cli(run_dir: Path, out: Path) -> None:
-    """`scratchlm viz routing`: the expert-load heatmaps of an MoE run's metrics."""
+def draw_routing(run_dir: Path, out: Path) -> None:
+    """The expert-load heatmaps of an MoE run's metrics, titled with the run's name and size, to `out`."""
     history = load_history(run_dir)
     steps = {int(s) for st, _ in history.values() for s in st}
     E = sorted({loads.shape[1] for _, loads in history.values()})
     title = (f"{Path(run_dir).name}: {len(history)} MoE layers, {'/'.join(map(str, E))} experts, "
              f"{len(steps)} logged steps")
     draw(history, out, title)
-    print(out)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from scratchlm.convert import convert_cli, export_hf, import_hf
+from scratchlm.convert import convert, export_hf, import_hf
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import CharTokenizer
 from tests.convert.helpers import VOCAB, hf_folder, our_checkpoint, randomize, tiny_bpe
@@ -142,9 +142,9 @@ def test_nonzero_o_proj_bias_is_refused(tmp_path):
 
 
 def test_cli_level_mistakes(gpt2_folder, tmp_path):
-    assert "nothing to convert" in refused(convert_cli, gpt2_folder, tmp_path / "o", src_format="hf", dst_format="hf")
+    assert "nothing to convert" in refused(convert, gpt2_folder, tmp_path / "o", src_format="hf", dst_format="hf")
     assert "--tokenizer applies to --from hf only" in refused(
-        convert_cli, gpt2_folder, tmp_path / "o", src_format="scratchlm", dst_format="hf", tokenizer="t.json")
+        convert, gpt2_folder, tmp_path / "o", src_format="scratchlm", dst_format="hf", tokenizer="t.json")
     assert "inside it" in refused(import_hf, gpt2_folder, gpt2_folder / "sub")
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from scratchlm.checkpoint import load_model_for_inference
-from scratchlm.convert import convert_cli, export_hf, import_hf
+from scratchlm.convert import convert, export_hf, import_hf
 from tests.convert.helpers import TEXT, ids, our_checkpoint
 from tests.infer.helpers import assert_logits_close
 
@@ -56,7 +56,7 @@ def test_exported_model_loads_in_transformers_with_equal_logits(case, tmp_path):
 
 def test_exported_tokenizer_encodes_like_ours(tmp_path):
     run, _, tok = our_checkpoint(tmp_path, arch="gpt")
-    out = convert_cli(run, tmp_path / "hf", src_format="scratchlm", dst_format="hf")
+    out = convert(run, tmp_path / "hf", src_format="scratchlm", dst_format="hf")
     auto = transformers.AutoTokenizer.from_pretrained(out)
     for text in ["The quick brown fox can't jump 32.5 feet, naïvely!", TEXT[:200], "  spaces\n\nand ünïcödé 🙂"]:
         assert auto.encode(text, add_special_tokens=False) == tok.encode(text)

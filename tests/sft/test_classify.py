@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from scratchlm.cli import main
-from scratchlm.config import Config, ModelConfig
+from scratchlm.config import Config, ModelConfig, apply_overrides, get_preset
 from scratchlm.data.labelled import ClassifyLoader, collate, encode_text, read_labelled, stratified_split
 from scratchlm.data.prepare import prepare
 from scratchlm.errors import UserError
 from scratchlm.model import build_model
 from scratchlm.model.classifier import ClassifierLM
-from scratchlm.sft.classify import classify_cli, load_classifier
+from scratchlm.sft.classify import ClassifyResult, load_classifier, predict, train_classifier
 from scratchlm.tokenizer import ByteTokenizer
 from scratchlm.train.pretrain import pretrain
 from tests.data.conftest import make_docs, write_corpus
@@ -33,6 +33,16 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     return [{"text": " ".join(rng.choice(POS if i % 2 else NEG) for _ in range(rng.randint(2, 6))),
              "label": "pos" if i % 2 else "neg"} for i in range(n)]
+
+
+def classify_train(data: str, *, base: str | None = None, out: str, preset: str = "sft-tiny",
+                   overrides: list[str] | None = None, progress: bool = False) -> ClassifyResult:
+    """The stage as `scratchlm classify train` calls it (each test's output folder is new: no run-folder claim)."""
+    cfg = apply_overrides(get_preset(preset), overrides or [])
+    cfg.out_dir = out
+    cfg.sft.base = base or cfg.sft.base
+    cfg.sft.data = [data]
+    return train_classifier(cfg, data, progress=progress)
 
 
 def write_jsonl(path, rows) -> str:
@@ -60,7 +70,7 @@ def base_run(tmp_path_factory):
 def trained(base_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("cls")
     data = write_jsonl(root / "sentiment.jsonl", sentiment_rows(160))
-    result = classify_cli("train", data, base=str(base_run), out=str(root / "run"), preset="sft-tiny",
+    result = classify_train(data, base=str(base_run), out=str(root / "run"), preset="sft-tiny",
                           overrides=["--train.max_steps=50", *FAST], progress=False)
     return root / "run", result
 
@@ -141,14 +151,14 @@ def test_bad_inputs(tmp_path, base_run):
 
     one = write_jsonl(tmp_path / "one.jsonl", [{"text": f"t{i}", "label": "same"} for i in range(5)])
     with pytest.raises(UserError, match="the label 'same'.*at least two labels"):
-        classify_cli("train", one, base=str(base_run), out=str(tmp_path / "r"), overrides=FAST, progress=False)
+        classify_train(one, base=str(base_run), out=str(tmp_path / "r"), overrides=FAST, progress=False)
     two = write_jsonl(tmp_path / "two.jsonl", sentiment_rows(20))
     with pytest.raises(UserError, match="no base model"):
-        classify_cli("train", two, out=str(tmp_path / "r"), progress=False)
+        classify_train(two, out=str(tmp_path / "r"), progress=False)
     with pytest.raises(UserError, match="not a classifier run"):
-        classify_cli("predict", None, ckpt=str(base_run), text="good")
+        predict(str(base_run), ["good"])
     with pytest.raises(UserError, match="nothing to classify"):
-        classify_cli("predict", None, ckpt=str(base_run), text="")
+        predict(str(base_run), [""])
 
 
 def test_stratified_split_and_loader():
@@ -209,7 +219,7 @@ def test_predict_through_the_cli(trained, capsys):
 
 def test_lora_trains_adapters_and_head(base_run, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(40))
-    result = classify_cli("train", data, base=str(base_run), out=str(tmp_path / "lora"),
+    result = classify_train(data, base=str(base_run), out=str(tmp_path / "lora"),
                           overrides=["--train.max_steps=3", "--sft.lora_r=4", *FAST], progress=False)
     assert result.scores["n"] == 10
     model, _, _, _ = load_classifier(tmp_path / "lora")  # rebuilds the LoRA structure from config.json

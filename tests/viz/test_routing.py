@@ -11,7 +11,7 @@ from scratchlm.cli import main
 from scratchlm.config import get_preset
 from scratchlm.errors import UserError
 from scratchlm.train.pretrain import pretrain
-from scratchlm.viz.routing import balance, load_history, routing_cli, shares
+from scratchlm.viz.routing import balance, draw_routing, load_history, shares
 from tests.data.conftest import make_docs, write_corpus
 
 BATCH, BLOCK, K, EXPERTS = 8, 16, 2, 4
@@ -66,18 +66,18 @@ def test_resumed_steps_keep_the_later_record(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')
     steps, loads = load_history(tmp_path)[3]  # the torn last line is skipped
     assert steps.tolist() == [2, 4] and loads.tolist() == [[4, 0], [2, 2]]
-    routing_cli(tmp_path, tmp_path / "r.png")  # a single layer, uneven step spacing: still draws
+    draw_routing(tmp_path, tmp_path / "r.png")  # a single layer, uneven step spacing: still draws
     assert (tmp_path / "r.png").stat().st_size > 0
 
 
 def test_bad_inputs(tmp_path, capsys):
     with pytest.raises(UserError, match=r"metrics\.jsonl: no such file"):
-        routing_cli(tmp_path / "nowhere", tmp_path / "r.png")
+        draw_routing(tmp_path / "nowhere", tmp_path / "r.png")
     assert main(["viz", "routing", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.png")]) == 2
     assert "nowhere/metrics.jsonl: no such file" in capsys.readouterr().err  # one line, no traceback
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 3.0}) + "\n")
     with pytest.raises(UserError, match=r"not an MoE run \(no routing metrics in .*metrics\.jsonl\)"):
-        routing_cli(tmp_path, tmp_path / "r.png")
+        draw_routing(tmp_path, tmp_path / "r.png")
     (tmp_path / "metrics.jsonl").write_text("{oops\n" + json.dumps({"step": 2, "loss": 3.0}) + "\n")
     with pytest.raises(UserError, match=r"metrics\.jsonl:1: not a JSON record"):
         load_history(tmp_path)

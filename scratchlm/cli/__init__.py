@@ -13,22 +13,40 @@ not create in this run unless `--overwrite` says so (`scratchlm.rundir`). A `Use
 filesystem error (`OSError`: a full disk, a read-only folder) prints one line and exits with status
 2, never a traceback; a training run stopped by SIGTERM or Ctrl-C saves a checkpoint and exits
 with 143 or 130.
+
+This package is the CLI layer, the top of the package with `demo.py`: the parser, the settings
+check and `main` here, one `cmd_*` per verb in `commands.py`; everything below it takes explicit
+arguments and returns results.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
-import json
 import os
 import sys
-import time
-from pathlib import Path
 
-from scratchlm.config import PRESETS, SECTIONS, Config, ModelConfig, apply_overrides, get_preset
+from scratchlm.cli.commands import (
+    cmd_chat,
+    cmd_classify,
+    cmd_convert,
+    cmd_data_prepare,
+    cmd_demo,
+    cmd_env,
+    cmd_experiment_norms,
+    cmd_merge,
+    cmd_pretrain,
+    cmd_sample,
+    cmd_sft,
+    cmd_tokenizer_compare,
+    cmd_tokenizer_decode,
+    cmd_tokenizer_encode,
+    cmd_tokenizer_export,
+    cmd_tokenizer_train,
+    cmd_viz_attention,
+    cmd_viz_routing,
+)
+from scratchlm.config import PRESETS, SECTIONS
 from scratchlm.errors import Interrupted, UserError
-from scratchlm.rundir import check_output_path, claim_run_dir
 
 # The config sections each verb reads: it takes --preset NAME and overrides of these sections. A verb
 # not listed takes no settings. sample and chat read the checkpoint's settings (no --preset), with
@@ -84,253 +102,6 @@ def check_settings(args: argparse.Namespace, overrides: list[str]) -> None:
                             fix=settings_help(verb))
     if takes_preset and args.preset is None:
         args.preset = args.default_preset
-
-
-def _config(args: argparse.Namespace, overrides: list[str]) -> Config:
-    cfg = get_preset(args.preset)
-    return apply_overrides(cfg, overrides)
-
-
-# ----------------------------------------------------------------------------------------------
-# tokenizer
-
-
-def cmd_tokenizer_train(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.data.sources import read_corpus_text
-    from scratchlm.tokenizer import train_tokenizer
-
-    cfg = _config(args, overrides)
-    out = Path(args.out)
-    settings = out.with_name(out.stem + ".config.json")
-    for path in (out, settings):
-        check_output_path(path, overwrite=args.overwrite, inputs=args.inputs)
-    texts = read_corpus_text(args.inputs, cfg.tokenizer.jsonl_field, cfg.tokenizer.max_chars)
-    t0 = time.perf_counter()
-    tok = train_tokenizer(texts, cfg.tokenizer, progress=not args.quiet)
-    seconds = time.perf_counter() - t0
-    tok.save(out)
-    cfg.save(settings)
-    chars = sum(map(len, texts))
-    print(f"trained {tok.kind} tokenizer: vocab {tok.vocab_size} on {chars:,} characters in {seconds:.2f}s -> {out}")
-
-
-def cmd_tokenizer_encode(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.data.sources import read_text_file
-    from scratchlm.tokenizer import SpecialTokenError, load_tokenizer
-
-    tok = load_tokenizer(args.tokenizer)
-    text = read_text_file(args.file) if args.file else args.text
-    if text is None:
-        raise UserError("nothing to encode", fix="pass TEXT or --file PATH")
-    allowed = "all" if args.specials == "allow" else ()
-    disallowed = "all" if args.specials == "raise" else ()
-    try:
-        ids = tok.encode(text, allowed_special=allowed, disallowed_special=disallowed)
-    except SpecialTokenError as e:
-        token = str(e).split("'")[1]
-        raise UserError(f"the text contains the special token {token!r}",
-                        fix="pass --specials allow to encode it as a special, or --specials text") from None
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if args.show:
-        print(" | ".join(tok.id_to_piece(i) for i in ids))
-    print(" ".join(map(str, ids)))
-
-
-def cmd_tokenizer_decode(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(args.tokenizer)
-    words = " ".join(args.ids).replace(",", " ").split()
-    not_ints = [w for w in words if not w.lstrip("-").isdigit()]
-    if not_ints:
-        raise UserError(f"id {not_ints[0]!r} is not an integer", fix="pass ids separated by spaces or commas")
-    ids = [int(x) for x in words]
-    bad = [i for i in ids if not 0 <= i < tok.vocab_size]
-    if bad:
-        raise UserError(f"id {bad[0]} is outside this tokenizer's vocabulary (0..{tok.vocab_size - 1})")
-    print(tok.decode(ids))
-
-
-def cmd_tokenizer_export(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.tokenizer import BPETokenizer, load_tokenizer
-
-    tok = load_tokenizer(args.tokenizer)
-    if not isinstance(tok, BPETokenizer):
-        raise UserError(f"{args.tokenizer}: export is for BPE tokenizers; this one is {tok.kind!r}")
-    if args.format == "hf":
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            check_output_path(Path(args.out) / name, overwrite=args.overwrite, inputs=[args.tokenizer])
-        tok.save_hf(args.out)
-        print(f"wrote {Path(args.out) / 'tokenizer.json'} (load with transformers.AutoTokenizer)")
-    else:
-        check_output_path(args.out, overwrite=args.overwrite, inputs=[args.tokenizer])
-        tok.save_tiktoken(args.out)
-        print(f"wrote {args.out} (tiktoken rank file; pattern: {tok.pattern!r})")
-
-
-def cmd_tokenizer_compare(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.experiments.tokenizers import compare, format_table, plot
-
-    cfg = _config(args, overrides)
-    kinds = [k for k in args.kinds.split(",") if k]
-    if not kinds:
-        raise UserError("--kinds: no tokenizer kinds given", fix="e.g. --kinds byte,char,bpe,wordpiece,unigram")
-    if args.plot:  # before the minutes of training, not after
-        check_output_path(args.plot, overwrite=args.overwrite, inputs=args.inputs)
-    rows = compare(args.inputs, cfg, kinds=kinds, sentence=args.sentence, progress=not args.quiet)
-    print(format_table(rows))
-    if args.plot:
-        plot(rows, args.plot)
-        print(f"wrote {args.plot}")
-
-
-# ----------------------------------------------------------------------------------------------
-# data
-
-
-def cmd_data_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.data.prepare import prepare
-    from scratchlm.tokenizer import load_tokenizer
-
-    cfg = _config(args, overrides)
-    check_output_path(args.out, overwrite=args.overwrite, inputs=[*args.inputs, args.tokenizer], folder=True)
-    tok = load_tokenizer(args.tokenizer)
-    manifest = prepare(args.inputs, tok, cfg, Path(args.out), progress=not args.quiet)
-    print(json.dumps({k: manifest[k] for k in ("tokens", "documents", "filtered")}, indent=2))
-
-
-# ----------------------------------------------------------------------------------------------
-# model: pretrain, sample, look inside
-
-
-def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.train.pretrain import pretrain
-
-    if args.resume:
-        # Continue with the run's own settings; overrides (e.g. more steps) still apply on top.
-        from scratchlm.config import load_config
-
-        run_dir = Path(args.out or get_preset(args.preset).out_dir)
-        run_cfg = load_config(run_dir / "config.json")
-        cfg = apply_overrides(copy.deepcopy(run_cfg), overrides)
-        changed = [f.name for f in dataclasses.fields(ModelConfig)
-                   if getattr(cfg.model, f.name) != getattr(run_cfg.model, f.name)]
-        if changed:  # pretrain() rebuilds the checkpoint's model: a model override would be ignored
-            name = changed[0]
-            raise UserError(f"pretrain --resume: --model.{name}={getattr(cfg.model, name)} cannot change the model, "
-                            f"which comes from the checkpoint (model.{name}={getattr(run_cfg.model, name)})",
-                            fix="drop the --model.* override, or start a new run with another --out")
-    else:
-        cfg = _config(args, overrides)
-    if args.out:
-        cfg.out_dir = args.out
-    with claim_run_dir(cfg.out_dir, resume=args.resume, overwrite=args.overwrite,
-                       inputs=[*args.inputs, *([args.data] if args.data else [])]):
-        pretrain(cfg, data_dir=Path(args.data) if args.data else None, inputs=args.inputs,
-                 resume=args.resume, progress=not args.quiet)
-
-
-def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.sft.train import sft
-
-    if args.resume:
-        # Continue with the run's own settings, as pretrain --resume does; overrides still apply on top.
-        from scratchlm.config import load_config
-
-        run_dir = Path(args.out or get_preset(args.preset).out_dir)
-        if not (run_dir / "config.json").is_file():
-            raise UserError(f"sft --resume: {run_dir} holds no run to resume (no config.json)",
-                            fix="pass the run's folder as --out, or start it without --resume")
-        cfg = apply_overrides(load_config(run_dir / "config.json"), overrides)
-    else:
-        cfg = _config(args, overrides)
-    if args.base:
-        cfg.sft.base = args.base
-    if args.inputs:
-        cfg.sft.data = args.inputs
-    if args.out:
-        cfg.out_dir = args.out
-    with claim_run_dir(cfg.out_dir, resume=args.resume, overwrite=args.overwrite,
-                       inputs=[x for x in (cfg.sft.base, *cfg.sft.data) if x]):
-        sft(cfg, progress=not args.quiet, resume=args.resume)
-
-
-def cmd_classify(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.sft.classify import classify_cli
-
-    classify_cli(args.action, args.data, base=args.base, ckpt=args.ckpt, out=args.out, text=args.text,
-                 preset=args.preset, overrides=overrides, progress=not args.quiet, overwrite=args.overwrite)
-
-
-def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.infer.chat import chat_cli
-
-    chat_cli(args.ckpt, overrides, device=args.device, system=args.system, adapters=args.adapters)
-
-
-def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.infer.text import sample_cli
-
-    sample_cli(args.ckpt, args.prompt, overrides, device=args.device, adapters=args.adapters)
-
-
-def cmd_viz_attention(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.viz.attention import attention_cli
-
-    check_output_path(args.out, overwrite=args.overwrite, inputs=[args.ckpt])
-    attention_cli(args.ckpt, args.prompt, Path(args.out), layer=args.layer)
-
-
-def cmd_viz_routing(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.viz.routing import routing_cli
-
-    check_output_path(args.out, overwrite=args.overwrite, inputs=[args.run])
-    routing_cli(Path(args.run), Path(args.out))
-
-
-def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.convert.hf import convert_cli
-
-    check_output_path(args.dst, overwrite=args.overwrite, inputs=[args.src, *filter(None, [args.adapters])],
-                      folder=True)
-    convert_cli(args.src, args.dst, src_format=args.from_, dst_format=args.to, tokenizer=args.tokenizer,
-                adapters=args.adapters)
-
-
-def cmd_merge(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.checkpoint import merge_adapters
-
-    check_output_path(args.out, overwrite=args.overwrite, inputs=[args.base, args.adapters], folder=True)
-    merge_adapters(args.base, args.adapters, args.out)
-
-
-def cmd_experiment_norms(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.experiments.norms import norms_experiment
-
-    cfg = _config(args, overrides)
-    with claim_run_dir(args.out, overwrite=args.overwrite, inputs=args.inputs):
-        norms_experiment(cfg, Path(args.out), inputs=args.inputs, progress=not args.quiet)
-
-
-def cmd_env(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.env import env_cli
-    from scratchlm.train.device import pick_threads
-
-    env_cli(remeasure=args.remeasure, threads=pick_threads())
-
-
-# ----------------------------------------------------------------------------------------------
-# demo
-
-
-def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> None:
-    from scratchlm.demo import run_demo
-
-    cfg = _config(args, overrides)
-    out = Path(args.out or cfg.out_dir)
-    with claim_run_dir(out, overwrite=args.overwrite):
-        run_demo(cfg, out, quick=args.quick, moe=args.moe)
 
 
 def build_parser() -> argparse.ArgumentParser:
