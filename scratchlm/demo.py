@@ -11,7 +11,10 @@ under the run folder, with the resolved config beside each artifact, and `report
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.config import Config, get_preset
@@ -22,6 +25,7 @@ from scratchlm.experiments.tokenizers import compare, format_table, plot
 from scratchlm.infer.engine import Engine
 from scratchlm.infer.text import encode_prompt
 from scratchlm.io import write_text
+from scratchlm.model import build_model, padded_vocab
 from scratchlm.sft.train import sft
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.tokenizer.base import KINDS
@@ -134,12 +138,6 @@ def _complete(model, tok, cfg: Config, prompt: str) -> str:
 
 def _sample_untrained(cfg: Config, tok, prompt: str) -> str:
     """What the same architecture says before any training: noise over the vocabulary."""
-    from dataclasses import replace
-
-    import torch
-
-    from scratchlm.model import build_model, padded_vocab
-
     torch.manual_seed(cfg.seed)
     mcfg = replace(cfg.model, vocab_size=padded_vocab(cfg.model, tok.vocab_size))
     return _complete(build_model(mcfg).eval(), tok, cfg, prompt)

@@ -40,7 +40,7 @@ import torch
 
 from scratchlm.data.prepare import FORMAT, FORMAT_VERSION
 from scratchlm.errors import UserError
-from scratchlm.tokenizer.base import Tokenizer
+from scratchlm.tokenizer.base import Tokenizer, load_tokenizer
 
 RERUN = "re-run `scratchlm data prepare`"
 MODES = ("random", "sequential")
@@ -161,8 +161,6 @@ class TokenShards:
 
     def tokenizer(self) -> Tokenizer:
         """The copy of the tokenizer saved beside the shards."""
-        from scratchlm.tokenizer import load_tokenizer
-
         return load_tokenizer(self.dir / "tokenizer.json")
 
     def __repr__(self) -> str:

@@ -83,6 +83,7 @@ from scratchlm.data.sources import DEFAULT_CORPUS, Document, iter_documents
 from scratchlm.errors import UserError
 from scratchlm.io import atomic_dir, write_json
 from scratchlm.tokenizer.base import Tokenizer, tokenizer_from_dict
+from scratchlm.tokenizer.bpe import BPETokenizer
 
 FORMAT = "scratchlm.shards"
 FORMAT_VERSION = 1
@@ -184,8 +185,6 @@ def _worker_encode(texts: list[str]) -> list[np.ndarray] | tuple[int, str]:
 
 def _batch_encoder(tok: Tokenizer, workers: int):
     """A function texts -> per-text arrays for the threaded BPE path, or None if it does not apply."""
-    from scratchlm.tokenizer.bpe import BPETokenizer
-
     if not (isinstance(tok, BPETokenizer) and tok._fast_ok()):
         return None
 

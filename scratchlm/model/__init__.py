@@ -8,6 +8,10 @@ from torch import nn
 
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
+from scratchlm.model.baselines import MLPLM, BigramLM
+from scratchlm.model.gpt import GPT
+from scratchlm.model.llama import Llama
+from scratchlm.model.moe import MoE
 
 
 def padded_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> int:
@@ -22,11 +26,6 @@ def padded_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> int:
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Instantiate `cfg.arch` (its `vocab_size` already resolved by `padded_vocab`)."""
-    from scratchlm.model.baselines import MLPLM, BigramLM
-    from scratchlm.model.gpt import GPT
-    from scratchlm.model.llama import Llama
-    from scratchlm.model.moe import MoE
-
     archs = {"gpt": GPT, "llama": Llama, "moe": MoE, "bigram": BigramLM, "mlp": MLPLM}
     if cfg.arch not in archs:
         raise UserError(f"model.arch={cfg.arch!r} is unknown", fix=f"use one of {', '.join(archs)}")

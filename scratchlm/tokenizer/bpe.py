@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from scratchlm.config import TokenizerConfig
 from scratchlm.errors import UserError
-from scratchlm.io import atomic_open
+from scratchlm.io import atomic_open, write_json
 from scratchlm.tokenizer.base import Tokenizer, register
 
 # Pre-tokenization regexes. GPT-2: contractions, letters, numbers, other symbols, each with an
@@ -435,8 +435,6 @@ class BPETokenizer(Tokenizer):
 
     def save_hf(self, out_dir: str | Path) -> None:
         """Write `tokenizer.json` + `tokenizer_config.json` that `AutoTokenizer` loads offline."""
-        from scratchlm.io import write_json
-
         out_dir = Path(out_dir)
         write_json(out_dir / "tokenizer.json", self.to_hf_json())
         eos = "<|endoftext|>" if "<|endoftext|>" in self.special_tokens else None
