@@ -29,7 +29,6 @@ no padding wasted. Curriculum: examples can be ordered by length or by a difficu
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 
 import torch
 
+from scratchlm.data.sources import read_records
 from scratchlm.errors import UserError
 from scratchlm.tasks.families import generate_tasks
 from scratchlm.tokenizer import Tokenizer
@@ -53,33 +53,6 @@ class Conversation:
 
 
 # -- reading --------------------------------------------------------------------------------------
-
-
-def read_records(path: Path) -> list[tuple[int, Any]]:
-    """(line, record) pairs from a JSON list or JSONL file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file", fix="check the path") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder", fix="pass a JSON or JSONL file of examples") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    if not text.strip():
-        raise UserError(f"{path}: file is empty", fix="pass a file with examples")
-    if text.lstrip().startswith("["):
-        try:
-            return [(i + 1, r) for i, r in enumerate(json.loads(text))]  # "line" = record number
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})", fix="fix or remove that line") from None
-    return out
 
 
 def detect_format(record: Any) -> str:
