@@ -8,6 +8,7 @@ from torch import nn
 
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
+from scratchlm.model.base import LanguageModel
 from scratchlm.model.baselines import MLPLM, BigramLM
 from scratchlm.model.gpt import GPT
 from scratchlm.model.llama import Llama
@@ -24,7 +25,7 @@ def padded_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> int:
     return (v + m - 1) // m * m
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig) -> LanguageModel:
     """Instantiate `cfg.arch` (its `vocab_size` already resolved by `padded_vocab`)."""
     archs = {"gpt": GPT, "llama": Llama, "moe": MoE, "bigram": BigramLM, "mlp": MLPLM}
     if cfg.arch not in archs:
@@ -34,18 +35,17 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return archs[cfg.arch](cfg)
 
 
-def resize_embeddings(model: nn.Module, new_vocab: int) -> bool:
+def resize_embeddings(model: LanguageModel, new_vocab: int) -> bool:
     """Grow the token embedding (and an untied output head) to `new_vocab` rows; new rows are the
     mean of the old ones, a neutral start that gives new tokens average logits. Returns whether it grew."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else (
-        getattr(model, "wte", None) or getattr(model, "tok_embeddings", None))
+    emb = model.embedding
     if emb is None or emb.num_embeddings >= new_vocab:
         return False
     old = emb.weight.data
     grown = torch.cat([old, old.mean(0, keepdim=True).expand(new_vocab - old.size(0), -1)])
     emb.weight = nn.Parameter(grown)
     emb.num_embeddings = new_vocab
-    head = getattr(model, "lm_head", None) or getattr(model, "output", None)
+    head = model.unembedding
     if head is not None:
         if model.config.tie_embeddings:
             head.weight = emb.weight

@@ -6,7 +6,8 @@
   concatenate, one tanh hidden layer, logits. The context is padded at the start of a sequence
   with a dedicated "no token" row, so the first positions are predicted too.
 
-Both take (B, T) ids and return (logits (B, T, V), loss), like the GPT.
+Both take (B, T) ids and return (logits (B, T, V), loss), like the GPT. Neither has a token embedding,
+blocks or output head in `LanguageModel`'s sense (its defaults: None, none, None).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.config import ModelConfig
+from scratchlm.model.base import LanguageModel
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
@@ -24,7 +26,7 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | 
     return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
 
-class BigramLM(nn.Module):
+class BigramLM(LanguageModel):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -42,7 +44,7 @@ class BigramLM(nn.Module):
         return 6.0 * self.config.vocab_size  # a lookup, but the backward touches a row of V
 
 
-class MLPLM(nn.Module):
+class MLPLM(LanguageModel):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config, self.k = cfg, cfg.mlp_context

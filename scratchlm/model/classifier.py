@@ -21,11 +21,12 @@ from torch import nn
 
 from scratchlm.data.labelled import PAD
 from scratchlm.errors import UserError
+from scratchlm.model.base import LanguageModel
 from scratchlm.model.gpt import GPT
 from scratchlm.model.llama import Llama
 
 
-class ClassifierLM(nn.Module):
+class ClassifierLM(LanguageModel):
     """A pretrained GPT / Llama / MoE body with its LM head dropped and a K-way linear head on the
     last real token. forward(idx (B, T) right-padded with -1, targets (B,) or (B, 1) class ids)
     -> (logits (B, 1, K), mean cross-entropy or None)."""
@@ -71,7 +72,7 @@ class ClassifierLM(nn.Module):
     def aux_loss(self) -> torch.Tensor | float:
         """An MoE body's load-balancing and z losses, as its own forward adds them to the LM loss
         (the training loop reads this to average them per micro-batch)."""
-        return self.body.aux_loss() if hasattr(self.body, "aux_loss") else 0.0
+        return self.body.aux_loss()
 
     # -- what the shared loop reads -------------------------------------------------------------
     def num_params(self, non_embedding: bool = True) -> int:
@@ -80,13 +81,21 @@ class ClassifierLM(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """The body's 6N + attention, less 6x the token table (a lookup here: no LM-head matmul reads
         it), plus the head's 6·C·K (charged per token, though it runs once per text: an upper bound)."""
-        emb = getattr(self.body, "wte", None) or self.body.tok_embeddings
         head = sum(p.numel() for p in self.head.parameters())
-        return self.body.flops_per_token(seq_len) - 6 * emb.weight.numel() + 6 * head
+        return self.body.flops_per_token(seq_len) - 6 * self.body.embedding.weight.numel() + 6 * head
 
     def after_optimizer_step(self) -> None:
-        if hasattr(self.body, "after_optimizer_step"):  # MoE: the sigmoid router's balancing bias
-            self.body.after_optimizer_step()
+        self.body.after_optimizer_step()  # MoE: the sigmoid router's balancing bias
 
     def routing_metrics(self) -> dict[str, float]:
-        return self.body.routing_metrics() if hasattr(self.body, "routing_metrics") else {}
+        return self.body.routing_metrics()
+
+    # The token table and blocks are the body's; the vocabulary head is dropped (`unembedding` stays None),
+    # so no token rows of an output head exist to grow or train.
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.body.embedding
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.body.blocks

@@ -28,6 +28,7 @@ from torch import nn
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.losses import fusable_head, linear_cross_entropy
+from scratchlm.model.base import LanguageModel
 from scratchlm.model.layers import DocumentMask, explicit_attention, sdpa_attention, sinusoidal_positions
 
 
@@ -87,7 +88,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(LanguageModel):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.n_embd % cfg.n_head:
@@ -109,6 +110,18 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # one (V, C) matrix reads tokens in and writes logits out
         self.init_weights()
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.wte
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.h
+
+    @property
+    def unembedding(self) -> nn.Module:
+        return self.lm_head
 
     def init_weights(self) -> None:
         """Every tensor's initialisation, in one place (GPT-2's scheme; see the module docstring)."""

@@ -30,6 +30,7 @@ from torch import nn
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.losses import fusable_head, linear_cross_entropy
+from scratchlm.model.base import LanguageModel
 from scratchlm.model.layers import DocumentMask, RMSNorm, RoPE, explicit_attention, sdpa_attention
 
 
@@ -114,7 +115,7 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class Llama(nn.Module):
+class Llama(LanguageModel):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         check_config(cfg)
@@ -128,6 +129,18 @@ class Llama(nn.Module):
         self.rope = RoPE(cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
                          cfg.rope_original_context or cfg.block_size)
         self.init_weights()
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.tok_embeddings
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.layers
+
+    @property
+    def unembedding(self) -> nn.Module:
+        return self.output
 
     def init_weights(self) -> None:
         """N(0, 0.02) for matrices and embeddings, the residual-writing projections (wo, w2) scaled

@@ -73,6 +73,7 @@ from scratchlm.config import Config
 from scratchlm.errors import UserError
 from scratchlm.io import atomic_open, write_json
 from scratchlm.model import resize_embeddings
+from scratchlm.model.base import LanguageModel
 from scratchlm.model.gpt import GPT
 from scratchlm.model.llama import Llama
 from scratchlm.model.quant import DEFAULT_SKIP, QuantLinear, name_matches, quantize_model
@@ -265,12 +266,11 @@ def adapt_model(model: nn.Module, cfg: Config, tok: Tokenizer | None = None) -> 
 
 
 # -- token rows: the chat markers ----------------------------------------------------------------
-def token_tables(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def token_tables(model: LanguageModel) -> list[tuple[str, nn.Parameter]]:
     """(name, (V, C) weight) of the token embedding and of a plain output head not tied to it."""
-    emb = getattr(model, "wte", None) or getattr(model, "tok_embeddings", None)
-    head = getattr(model, "lm_head", None) or getattr(model, "output", None)
-    if not isinstance(emb, nn.Embedding):
-        raise UserError(f"{type(model).__name__} has no token embedding (wte or tok_embeddings) to train rows of")
+    emb, head = model.embedding, model.unembedding
+    if emb is None:
+        raise UserError(f"{type(model).__name__} has no token embedding to train rows of")
     wanted = [emb.weight] + ([head.weight] if type(head) is nn.Linear and head.weight is not emb.weight else [])
     return [(n, p) for n, p in model.named_parameters(remove_duplicate=True) if any(p is w for w in wanted)]
 

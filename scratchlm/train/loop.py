@@ -45,6 +45,7 @@ from scratchlm import checkpoint as ckpt_io
 from scratchlm.config import Config, TrainConfig
 from scratchlm.data.loader import BatchLoader
 from scratchlm.errors import Interrupted, UserError
+from scratchlm.model.base import LanguageModel
 from scratchlm.model.layers import DocumentMask
 from scratchlm.rundir import trim_metrics
 from scratchlm.tokenizer import Tokenizer
@@ -87,18 +88,18 @@ def token_bytes(tok: Tokenizer, vocab: int) -> torch.Tensor:
     return out
 
 
-def block_grad_norms(model: nn.Module) -> dict[str, float]:
-    """{"grad_norm/layer_i": norm} over the parameters of each transformer block (`h.i.*` or
-    `layers.i.*`), read before the optimizer zeroes the gradients (after clipping)."""
-    sq: dict[int, float] = {}
-    for name, p in model.named_parameters():
-        parts = name.split(".")
-        if p.grad is not None and parts[0] in ("h", "layers"):
-            sq[int(parts[1])] = sq.get(int(parts[1]), 0.0) + p.grad.float().pow(2).sum().item()
-    return {f"grad_norm/layer_{i}": v**0.5 for i, v in sorted(sq.items())}
+def block_grad_norms(model: LanguageModel) -> dict[str, float]:
+    """{"grad_norm/layer_i": norm} over the parameters of each transformer block (`model.blocks`) that
+    have a gradient, read before the optimizer zeroes the gradients (after clipping)."""
+    out: dict[str, float] = {}
+    for i, block in enumerate(model.blocks):
+        grads = [p.grad for p in block.parameters() if p.grad is not None]
+        if grads:
+            out[f"grad_norm/layer_{i}"] = sum(g.float().pow(2).sum().item() for g in grads) ** 0.5
+    return out
 
 
-def forward_backward(model: nn.Module, micro_batches: list[tuple[torch.Tensor, ...]],
+def forward_backward(model: LanguageModel, micro_batches: list[tuple[torch.Tensor, ...]],
                      amp: contextlib.AbstractContextManager, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
     """Accumulate the gradient of the step's loss over `micro_batches`; return that loss (detached).
 
@@ -114,7 +115,7 @@ def forward_backward(model: nn.Module, micro_batches: list[tuple[torch.Tensor, .
     for (x, y, *doc), n in zip(micro_batches, counts):
         with amp:
             _, loss = model(x, y, cache=DocumentMask(doc[0]) if doc else None)
-        aux = model.aux_loss() if hasattr(model, "aux_loss") else 0.0
+        aux = model.aux_loss()
         share = n / n_valid if n_valid else float("nan")  # all targets masked: a NaN loss, as one batch gives
         # loss = cross-entropy + aux; without targets the cross-entropy is NaN and weighs nothing
         part = aux / n_micro if n == 0 and n_valid else loss * share + aux * (1 / n_micro - share)
@@ -203,7 +204,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)  # e.g. LoRA's adapters, see optim.param_groups
 
 
-def _step_loss(model: nn.Module, micro: list[tuple[torch.Tensor, ...]], amp: contextlib.AbstractContextManager,
+def _step_loss(model: LanguageModel, micro: list[tuple[torch.Tensor, ...]], amp: contextlib.AbstractContextManager,
                scaler: torch.amp.GradScaler | None, t: TrainConfig, block_size: int) -> float:
     """The step's forward and backward (`forward_backward`); running out of memory names the settings."""
     try:
@@ -218,7 +219,7 @@ def _step_loss(model: nn.Module, micro: list[tuple[torch.Tensor, ...]], amp: con
     return loss.item()
 
 
-def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+def _optimizer_step(model: LanguageModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                     grad_clip: float) -> torch.Tensor:
     """Clip the global gradient norm (after unscaling fp16's gradients), step; returns the norm before clipping."""
     if scaler:
@@ -229,8 +230,7 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
         scaler.update()
     else:
         optimizer.step()
-    if hasattr(model, "after_optimizer_step"):  # e.g. MoE routers' balancing bias
-        model.after_optimizer_step()
+    model.after_optimizer_step()  # e.g. MoE routers' balancing bias
     return norm
 
 
@@ -263,7 +263,7 @@ def _header(cfg: Config, model: nn.Module, device: torch.device, precision: str,
 
 def train_model(
     cfg: Config,
-    model: nn.Module,
+    model: LanguageModel,
     tok: Tokenizer,
     batches: Batches,
     *,
@@ -347,7 +347,7 @@ def train_model(
                     tps = tokens_per_step * window_steps / dt
                     mfu, peak = observe_mfu(flops_per_step * window_steps / dt, peak, device, precision)
                     window_t, window_steps = time.perf_counter(), 0
-                    routing = model.routing_metrics() if hasattr(model, "routing_metrics") else {}
+                    routing = model.routing_metrics()
                     runlog.log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": norm.item(), "tokens_per_s": tps,
                                 **({"mfu": mfu} if mfu is not None else {}), **layer_norms, **routing})
                     bar.set_postfix_str(f"loss {loss_val:.4f} lr {lr:.2e} {tps / 1e3:.1f}k tok/s"

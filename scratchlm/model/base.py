@@ -1,0 +1,44 @@
+"""The surface every model offers the stages, declared once so no caller guesses at attribute names.
+
+- `embedding`: the token table (nn.Embedding, V rows), or None for a model without one (the baselines:
+  the bigram's table holds logits, the MLP's has an extra "no token" row).
+- `blocks`: the transformer blocks in order (empty for the baselines): per-layer metrics read them.
+- `unembedding`: the output nn.Linear that writes vocabulary logits, or None where there is none.
+- hooks the training loop calls on every model, with neutral defaults: `aux_loss()` (a loss term added
+  to the cross-entropy, 0.0 here), `after_optimizer_step()` (nothing here), `routing_metrics()` ({}).
+  The MoE overrides the three; the classifier forwards them to its body.
+
+State-dict names stay each architecture's own (`wte`, `tok_embeddings`, ...): the accessors are
+properties over them, so checkpoints and the HF conversions are untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class LanguageModel(nn.Module):
+    @property
+    def embedding(self) -> nn.Embedding | None:
+        return None
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return ()
+
+    @property
+    def unembedding(self) -> nn.Module | None:
+        """The output head (an nn.Linear, or a LoRA / quantized wrapper of one after `adapt_model`)."""
+        return None
+
+    def aux_loss(self) -> torch.Tensor | float:
+        return 0.0
+
+    def after_optimizer_step(self) -> None:
+        """Called after each optimizer step (the MoE's sigmoid router moves its balancing bias here)."""
+
+    def routing_metrics(self) -> dict[str, float]:
+        return {}
