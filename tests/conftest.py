@@ -1,5 +1,5 @@
-"""Shared test settings and helpers: the torch thread count, a private cache folder, a fixed start
-for every test, where the public test data lives, and what may skip.
+"""Shared test settings: the torch thread count, a private cache folder, a fixed start for every
+test, and what may skip (helpers that tests import live in tests/helpers.py, never in a conftest).
 
 - Threads: `SCRATCHLM_TEST_THREADS` (default 1). The test models' matmuls are far too small to split,
   and when another process holds the second core, two spinning threads make a forward many times
@@ -18,31 +18,16 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 
 import hypothesis
 import numpy as np
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.helpers import in_ci, shared_file
+
 THREADS_VAR = "SCRATCHLM_TEST_THREADS"
 pytest_plugins = ["pytester"]  # tests/test_conftest.py runs an inner suite under these rules
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def shared_file(name: str) -> Path:
-    """A file from ../shared/data; without it the test skips, or fails in CI (the parity tests must run there)."""
-    path = SHARED_DATA / name
-    if not path.exists():
-        reason = f"{path} is absent (public test data lives in ../shared/data beside the repository)"
-        if in_ci():
-            pytest.fail(f"CI=true: {reason}", pytrace=False)
-        pytest.skip(reason)
-    return path
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ INNER = '''
 import pytest
 import torch
 
-from conftest import shared_file
+from tests.helpers import shared_file
 
 
 def test_parity_data():

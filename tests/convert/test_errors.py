@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from scratchlm.convert import convert, export_hf, import_hf
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import CharTokenizer
-from tests.convert.helpers import VOCAB, hf_folder, our_checkpoint, randomize, tiny_bpe
+from tests.helpers import VOCAB, hf_folder, our_checkpoint, randomize, tiny_bpe
 
 transformers = pytest.importorskip("transformers")
 
@@ -161,7 +161,7 @@ def test_export_refusals(fields, words, tmp_path):
 
 
 def test_non_bpe_tokenizer_exports_the_model_only(tmp_path, capsys, monkeypatch):
-    import tests.convert.helpers as helpers
+    import tests.helpers as helpers
 
     chars = sorted(set(helpers.TEXT))
     monkeypatch.setattr(helpers, "tiny_bpe", lambda: CharTokenizer(chars, {"<|endoftext|>": len(chars)}))

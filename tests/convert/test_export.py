@@ -8,8 +8,7 @@ import torch
 
 from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.convert import convert, export_hf, import_hf
-from tests.convert.helpers import TEXT, ids, our_checkpoint
-from tests.infer.helpers import assert_logits_close
+from tests.helpers import TEXT, assert_logits_close, ids, our_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

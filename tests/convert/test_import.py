@@ -12,8 +12,7 @@ import torch
 from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.cli import main
 from scratchlm.convert import import_hf
-from tests.convert.helpers import VOCAB, hf_folder, ids, randomize, tiny_bpe
-from tests.infer.helpers import assert_logits_close
+from tests.helpers import VOCAB, assert_logits_close, hf_folder, ids, randomize, tiny_bpe
 
 transformers = pytest.importorskip("transformers")
 

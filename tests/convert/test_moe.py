@@ -15,8 +15,7 @@ from safetensors.torch import load_file, save_file
 from scratchlm.checkpoint import find_checkpoint, load_model_for_inference
 from scratchlm.convert import export_hf, import_hf
 from scratchlm.errors import UserError
-from tests.convert.helpers import VOCAB, hf_folder, ids, our_checkpoint, randomize
-from tests.infer.helpers import assert_logits_close
+from tests.helpers import VOCAB, assert_logits_close, hf_folder, ids, our_checkpoint, randomize
 
 transformers = pytest.importorskip("transformers")
 # HF builds the zero-width shared expert a Qwen2-MoE export has when our model has none

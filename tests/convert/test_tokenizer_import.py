@@ -10,8 +10,7 @@ import pytest
 from scratchlm.convert.hf_tokenizer import load_hf_tokenizer
 from scratchlm.errors import UserError
 from scratchlm.tokenizer.bpe import PATTERNS
-from tests.conftest import shared_file
-from tests.convert.helpers import TEXT
+from tests.helpers import TEXT, shared_file
 
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")

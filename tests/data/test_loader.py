@@ -11,7 +11,7 @@ import torch
 from scratchlm.data.loader import BatchLoader, TokenShards
 from scratchlm.data.prepare import prepare
 from scratchlm.errors import UserError
-from tests.data.conftest import byte_tok, make_cfg, make_docs, read_split, write_corpus
+from tests.helpers import byte_tok, make_cfg, make_docs, read_split, write_corpus
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from scratchlm.data.prepare import (
 )
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import CharTokenizer
-from tests.data.conftest import byte_tok, make_cfg, make_docs, read_split, write_corpus
+from tests.helpers import byte_tok, make_cfg, make_docs, read_split, write_corpus
 
 
 def split_docs(stream: np.ndarray, eot: int, tok) -> list[str]:

@@ -6,7 +6,7 @@ import json
 
 from scratchlm.config import get_preset
 from scratchlm.experiments.norms import norms_experiment
-from tests.data.conftest import make_docs, write_corpus
+from tests.helpers import make_docs, write_corpus
 
 
 def test_norms_experiment_end_to_end(tmp_path):

@@ -15,7 +15,7 @@ from scratchlm.config import SampleConfig
 from scratchlm.errors import UserError
 from scratchlm.infer.engine import SLIDE_KEEP, Engine
 from scratchlm.infer.kv_cache import KVCache
-from tests.infer.helpers import LOGITS_ATOL, assert_logits_close, char_tokenizer, tiny_model
+from tests.helpers import LOGITS_ATOL, assert_logits_close, char_tokenizer, tiny_model
 
 VARIANTS = {
     "gpt": dict(std=0.2),

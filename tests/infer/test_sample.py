@@ -24,7 +24,7 @@ from scratchlm.infer.sample import (
     top_p_filter,
 )
 from scratchlm.infer.text import TextStream
-from tests.infer.helpers import make_checkpoint, tiny_model
+from tests.helpers import make_checkpoint, tiny_model
 
 PROBS = [0.5, 0.3, 0.15, 0.05]
 # The same distribution with the vocabulary order shuffled, so filters must map sorted order back.

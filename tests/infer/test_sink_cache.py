@@ -16,7 +16,7 @@ from scratchlm.errors import UserError
 from scratchlm.infer.engine import Engine
 from scratchlm.infer.sink_cache import SinkCache
 from scratchlm.model.layers import repeat_kv
-from tests.infer.helpers import assert_logits_close, tiny_model
+from tests.helpers import assert_logits_close, tiny_model
 
 # std 0.2 keeps the logits near +-5, far from ties, so greedy tokens compare exactly.
 LLAMA = dict(arch="llama", bias=False, n_head=4, n_kv_head=2, block_size=32, std=0.2)

@@ -20,7 +20,7 @@ from scratchlm.model.classifier import ClassifierLM
 from scratchlm.sft.classify import ClassifyResult, load_classifier, predict, train_classifier
 from scratchlm.tokenizer import ByteTokenizer
 from scratchlm.train.pretrain import pretrain
-from tests.data.conftest import make_docs, write_corpus
+from tests.helpers import make_docs, write_corpus
 
 POS = ("good", "great", "happy", "love", "nice", "fine", "best")
 NEG = ("bad", "awful", "sad", "hate", "poor", "worst", "ugly")

@@ -25,7 +25,7 @@ from scratchlm.sft.train import split
 from scratchlm.tasks.families import FAMILIES
 from scratchlm.tokenizer import ByteTokenizer, CharTokenizer
 from scratchlm.tokenizer.chat import ensure_chat_specials, render
-from tests.conftest import shared_file
+from tests.helpers import shared_file
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from scratchlm.sft.train import sft
 from scratchlm.tokenizer import ByteTokenizer
 from scratchlm.tokenizer.chat import CHAT_SPECIALS
 from scratchlm.train.pretrain import pretrain
-from tests.data.conftest import make_docs, write_corpus
+from tests.helpers import make_docs, write_corpus
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import BPETokenizer, SpecialTokenError, load_tokenizer, train_bpe
 from scratchlm.tokenizer.bpe import PATTERNS
-from tests.conftest import shared_file
+from tests.helpers import shared_file
 
 ADVERSARIAL = [
     "",

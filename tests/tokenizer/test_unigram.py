@@ -23,7 +23,7 @@ from scratchlm.errors import UserError
 from scratchlm.tokenizer import UnigramTokenizer, load_tokenizer, train_tokenizer
 from scratchlm.tokenizer.base import tokenizer_from_dict
 from scratchlm.tokenizer.unigram import SPACE, UNK, _digamma, train_unigram
-from tests.conftest import shared_file
+from tests.helpers import shared_file
 
 ADVERSARIAL = [
     "",

@@ -16,7 +16,7 @@ from scratchlm.config import TokenizerConfig
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import WordPieceTokenizer, load_tokenizer, train_tokenizer
 from scratchlm.tokenizer.wordpiece import BERT_SPECIALS, _is_punct, normalize, pre_tokenize, train_wordpiece
-from tests.conftest import shared_file
+from tests.helpers import shared_file
 
 ADVERSARIAL = [
     "",

@@ -23,7 +23,7 @@ from scratchlm.tokenizer import ByteTokenizer
 from scratchlm.train import loop as pretrain_mod
 from scratchlm.train.loop import forward_backward
 from scratchlm.train.pretrain import pretrain
-from tests.data.conftest import make_docs, write_corpus
+from tests.helpers import make_docs, write_corpus
 
 
 def tiny_cfg(run_dir: Path, **train) -> Config:

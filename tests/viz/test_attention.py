@@ -8,7 +8,7 @@ import torch
 from scratchlm.cli import main
 from scratchlm.errors import UserError
 from scratchlm.viz.attention import attention_weights, token_labels
-from tests.infer.helpers import char_tokenizer, make_checkpoint, tiny_model
+from tests.helpers import char_tokenizer, make_checkpoint, tiny_model
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "explicit"])

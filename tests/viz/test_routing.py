@@ -12,7 +12,7 @@ from scratchlm.config import get_preset
 from scratchlm.errors import UserError
 from scratchlm.train.pretrain import pretrain
 from scratchlm.viz.routing import balance, draw_routing, load_history, shares
-from tests.data.conftest import make_docs, write_corpus
+from tests.helpers import make_docs, write_corpus
 
 BATCH, BLOCK, K, EXPERTS = 8, 16, 2, 4
 

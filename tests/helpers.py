@@ -1,0 +1,187 @@
+"""Helpers shared by the test packages (not a test module; fixtures stay in the conftest.py files,
+which import from here, and no test imports a conftest):
+
+- public test data: `shared_file` and the CI rule that it may not be missing (`in_ci`);
+- data: small generated corpora, tokenizers and configs for the data, training and SFT tests;
+- inference: tiny models, checkpoints and the fp32 logits tolerance, for the inference,
+  visualisation and convert tests;
+- convert: tiny random HF models, tokenizers and scratchlm checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from scratchlm.checkpoint import save_checkpoint
+from scratchlm.config import Config, ModelConfig, TokenizerConfig
+from scratchlm.model import build_model, padded_vocab
+from scratchlm.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, train_bpe
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def shared_file(name: str) -> Path:
+    """A file from ../shared/data; without it the test skips, or fails in CI (the parity tests must run there)."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        reason = f"{path} is absent (public test data lives in ../shared/data beside the repository)"
+        if in_ci():
+            pytest.fail(f"CI=true: {reason}", pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
+# Data: small generated corpora, tokenizers and configs.
+
+WORDS = (
+    "the", "lord", "said", "unto", "moses", "and", "aaron", "go", "forth", "into", "land", "which", "I", "give",
+    "you", "behold", "a", "sower", "went", "out", "to", "sow", "seed", "upon", "stony", "places", "where", "they",
+    "had", "not", "much", "earth",
+)
+
+
+def make_docs(n: int, seed: int = 0, lines: int = 4) -> list[str]:
+    """n distinct documents of a few lines each (the doc number keeps them distinct)."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        body = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) for _ in range(lines)]
+        docs.append(f"Document {i}.\n" + "\n".join(body))
+    return docs
+
+
+def write_corpus(folder: Path, docs: list[str]) -> Path:
+    """One file per document, named so the folder's sorted order is the list's order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(docs):
+        (folder / f"{i:05d}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+def make_cfg(**data) -> Config:
+    cfg = Config()
+    cfg.data.workers = 1
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    return cfg
+
+
+def byte_tok() -> ByteTokenizer:
+    return ByteTokenizer({"<|endoftext|>": 256})
+
+
+def read_split(out: Path, manifest: dict, split: str) -> np.ndarray:
+    """A split's whole token stream, read straight from its shard files."""
+    dtype = np.dtype(manifest["dtype"])
+    parts = [np.fromfile(out / s["file"], dtype=dtype) for s in manifest["splits"][split]["shards"]]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+# Inference: tiny models and checkpoints.
+
+CHARS = sorted(set("abcdefgh ijklmnop.\n"))
+
+# Two computations of the same fp32 logits (cached vs uncached, batched vs alone, by hand vs the
+# cache, ours vs transformers') sum in different orders: different shapes take different GEMM paths,
+# and those differ per CPU. The test models' logits reach about +-6 after 2-3 layers of ~100-term
+# sums, each rounding at ~6e-8 relative; measured differences are up to 1.4e-5 (an AMD EPYC, the MoE
+# model). A wrong mask, position or cache slot moves logits by 1e-2 or more, so this bound still
+# catches every real bug.
+LOGITS_ATOL, LOGITS_RTOL = 1e-4, 1e-5
+
+
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, msg: str | None = None) -> None:
+    torch.testing.assert_close(actual, expected, atol=LOGITS_ATOL, rtol=LOGITS_RTOL, msg=msg)
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_model(seed: int = 0, std: float = 0.3, **kw) -> nn.Module:
+    """A random tiny GPT in eval mode. Weights wider than GPT-2's init (std 0.3, not 0.02) spread
+    the logits, so greedy choices are far from ties and sampled text varies with the seed."""
+    torch.manual_seed(seed)
+    model = build_model(tiny_config(**kw))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+    return model.eval()
+
+
+def char_tokenizer() -> CharTokenizer:
+    return CharTokenizer(CHARS, {"<|endoftext|>": len(CHARS)})
+
+
+def make_checkpoint(run_dir: Path, **model_kw) -> Path:
+    """A run folder with one checkpoint of a tiny random model and a char tokenizer."""
+    tok = char_tokenizer()
+    cfg = Config()
+    cfg.tokenizer.kind = "char"
+    cfg.model = tiny_config(**model_kw)
+    model = tiny_model(**model_kw)
+    save_checkpoint(run_dir, 1, model, torch.optim.AdamW(model.parameters()), cfg, tok, trainer={}, keep_last=1)
+    return run_dir
+
+
+# Convert: tiny random HF models, tokenizers and scratchlm checkpoints.
+
+TEXT = "The quick brown fox jumps over the lazy dog. It can't be 32.5 feet, naïvely!\n" * 8
+VOCAB = 320  # HF models' vocab_size: the tiny tokenizer's 287 tokens fit
+T = 12  # test sequence length; the sliding windows below are smaller
+
+
+def tiny_bpe() -> BPETokenizer:
+    return train_bpe([TEXT], 280, "gpt4", ["<|endoftext|>", "<|pad|>"], progress=False)
+
+
+def randomize(model: nn.Module, seed: int, std: float = 0.2) -> nn.Module:
+    """Weights far from HF's N(0, 0.02) init, norm gains far from 1 and non-zero biases, so the
+    logits are O(1) and every tensor (and any transposition or mix-up of them) shows in them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            is_gain = p.dim() == 1 and name.endswith("weight")
+            p.copy_(1 + 0.3 * noise if is_gain else std * noise)
+    return model.eval()
+
+
+def hf_folder(tmp: Path, hf_model: nn.Module, tok: BPETokenizer | None = None, **save_kw) -> Path:
+    """save_pretrained a random HF model (and our tokenizer in HF's format) into tmp/hf."""
+    out = tmp / "hf"
+    hf_model.save_pretrained(out, **save_kw)
+    (tok or tiny_bpe()).save_hf(out)
+    return out
+
+
+def our_checkpoint(tmp: Path, seed: int = 0, **model_kw) -> tuple[Path, nn.Module, BPETokenizer]:
+    """A random scratchlm model saved as a run folder (vocab padded to a multiple of 64)."""
+    tok = tiny_bpe()
+    cfg = Config(name="t", out_dir=str(tmp / "run"))
+    cfg.tokenizer = TokenizerConfig(kind=tok.kind, vocab_size=tok.vocab_size, special_tokens=list(tok.special_tokens))
+    cfg.model = ModelConfig(**{"block_size": 16, "n_layer": 2, "n_head": 4, "n_embd": 32, **model_kw})
+    cfg.model.vocab_size = padded_vocab(cfg.model, tok.vocab_size)
+    torch.manual_seed(seed)
+    model = randomize(build_model(cfg.model), seed)
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(Path(cfg.out_dir), 0, model, opt, cfg, tok, {"best_val_loss": None})
+    return Path(cfg.out_dir), model, tok
+
+
+def ids(seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(seed))
