@@ -18,6 +18,7 @@ from torch import nn
 
 from scratchlm.config import ModelConfig
 from scratchlm.model.base import LanguageModel
+from scratchlm.model.layers import DocumentMask
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
@@ -33,7 +34,9 @@ class BigramLM(LanguageModel):
         self.table = nn.Embedding(cfg.vocab_size, cfg.vocab_size)  # row i: logits of the token after i
         nn.init.zeros_(self.table.weight)  # start from the uniform distribution
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                doc_mask: DocumentMask | None = None):
+        """`doc_mask` changes nothing: a prediction reads one token, so no document sees another."""
         logits = self.table(idx)  # (B, T, V)
         return logits, _loss(logits, targets)
 
@@ -57,10 +60,16 @@ class MLPLM(LanguageModel):
         nn.init.normal_(self.out.weight, 0.0, 0.01)  # small: start near uniform predictions
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                doc_mask: DocumentMask | None = None):
+        """With a `doc_mask` (packed documents), context from before a token's document reads "no token",
+        as at the start of a sequence, so each document is predicted as if alone."""
         B, T = idx.shape
         padded = F.pad(idx, (self.k - 1, 0), value=self.config.vocab_size)  # (B, T + k - 1)
         ctx = padded.unfold(1, self.k, 1)  # (B, T, k): the k tokens ending at each position
+        if doc_mask is not None:
+            back = torch.arange(self.k - 1, -1, -1, device=idx.device)  # slot j holds the token k-1-j back
+            ctx = ctx.masked_fill(back > doc_mask.positions(T)[..., None], self.config.vocab_size)
         x = self.emb(ctx).view(B, T, -1)  # (B, T, k*C)
         logits = self.out(torch.tanh(self.hidden(x)))  # (B, T, V)
         return logits, _loss(logits, targets)

@@ -23,6 +23,7 @@ from scratchlm.data.labelled import PAD
 from scratchlm.errors import UserError
 from scratchlm.model.base import LanguageModel
 from scratchlm.model.gpt import GPT
+from scratchlm.model.layers import DocumentMask
 from scratchlm.model.llama import Llama
 
 
@@ -49,9 +50,9 @@ class ClassifierLM(LanguageModel):
         nn.init.normal_(self.head.weight, 0.0, 0.02)  # the body's init scale: starts near uniform, loss ~ ln K
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if cache is not None:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None,
+                doc_mask: DocumentMask | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if cache is not None or doc_mask is not None:
             raise ValueError("a classifier reads whole texts: no KV cache or document mask")
         B, T = idx.shape
         real = idx != PAD  # (B, T)

@@ -29,7 +29,7 @@ from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.losses import fusable_head, linear_cross_entropy
 from scratchlm.model.base import LanguageModel
-from scratchlm.model.layers import DocumentMask, explicit_attention, sdpa_attention, sinusoidal_positions
+from scratchlm.model.layers import DocumentMask, check_context, explicit_attention, sdpa_attention, sinusoidal_positions
 
 
 class CausalSelfAttention(nn.Module):
@@ -44,14 +44,15 @@ class CausalSelfAttention(nn.Module):
         self.record = False  # keep the attention weights of the last forward (explicit path only)
         self.weights: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, layer: int = 0, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int = 0, cache=None, doc_mask: DocumentMask | None = None
+                ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         # split heads: (B, T, C) -> (B, H, T, D)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if isinstance(cache, DocumentMask):  # packed training: documents apart, this layer's window and dropout
-            y = cache.attend(layer, q, k, v, None, window=self.window,
-                             dropout_p=self.dropout if self.training else 0.0)
+        if doc_mask is not None:  # packed training: documents apart, this layer's window and dropout
+            y = doc_mask.attend(layer, q, k, v, None, window=self.window,
+                                dropout_p=self.dropout if self.training else 0.0)
         elif cache is not None:  # inference: the cache stores k, v and attends over the past (infer/kv_cache.py)
             y = cache.attend(layer, q, k, v, None)
         elif self.impl == "explicit" or self.record:
@@ -83,8 +84,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, layer: int = 0, cache=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), layer, cache)
+    def forward(self, x: torch.Tensor, layer: int = 0, cache=None, doc_mask: DocumentMask | None = None
+                ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layer, cache, doc_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -137,7 +139,8 @@ class GPT(LanguageModel):
                 nn.init.ones_(p)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None, last_only: bool = False
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None,
+        doc_mask: DocumentMask | None = None, last_only: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx: (B, T) token ids. Returns logits (B, T, V) and, given targets (B, T), the mean
         cross-entropy of predicting targets[:, t] from idx[:, :t+1] (targets -1 are ignored).
@@ -145,18 +148,22 @@ class GPT(LanguageModel):
         are never built: (None, loss). A call that wants both asks for the logits without targets.
 
         With a `cache` (inference), idx holds only the new tokens; positions come from the cache.
-        `last_only` computes logits for the last position only (all that decoding needs)."""
+        With a `doc_mask` (training on packed sequences), each token attends within its own document
+        and positions restart at each document's start. `last_only` computes logits for the last
+        position only (all that decoding needs)."""
         B, T = idx.shape
-        if cache is None:
+        check_context(cache, doc_mask)
+        context = cache if cache is not None else doc_mask  # either hands out each token's position
+        if context is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
             pos = self.wpe.weight[:T] if self.config.pos_emb == "learned" else self.pe[:T]  # (T, C)
         else:
-            positions = cache.positions(T)  # (B, T)
+            positions = context.positions(T)  # (B, T)
             pos = self.wpe(positions) if self.config.pos_emb == "learned" else self.pe[positions]  # (B, T, C)
         x = self.drop(self.wte(idx) + pos)  # (B, T, C)
         for i, block in enumerate(self.h):
-            x = block(x, i, cache)
+            x = block(x, i, cache, doc_mask)
         if cache is not None:
             cache.advance(T)
         if last_only:

@@ -154,9 +154,9 @@ class RoPE(nn.Module):
 class DocumentMask:
     """Attention confined to each document of a packed sequence (for training on packed examples).
 
-    It speaks the models' attention-context protocol (see scratchlm/infer/kv_cache.py:
-    `positions`, `attend`, `advance`), so `model(x, y, cache=DocumentMask(doc_ids))` trains on
-    sequences that hold several examples: a token attends only to earlier tokens of its own
+    `model(x, y, doc_mask=DocumentMask(doc_ids))` trains on sequences that hold several examples
+    (the models' `doc_mask`, apart from the inference `cache`, though it hands out `positions` and
+    `attend`s as the caches do, see scratchlm/infer/kv_cache.py): a token attends only to earlier tokens of its own
     document, and positions restart at 0 at each document start, so every example is computed
     exactly as if it were alone. doc_ids: (B, T) ints, equal within a document.
 
@@ -195,5 +195,8 @@ class DocumentMask:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(window), dropout_p=dropout_p,
                                               enable_gqa=k.size(1) != q.size(1))
 
-    def advance(self, T: int) -> None:
-        pass
+
+def check_context(cache, doc_mask: DocumentMask | None) -> None:
+    """A forward either decodes with a KV cache (inference) or trains on packed documents, not both."""
+    if cache is not None and doc_mask is not None:
+        raise ValueError("a forward takes a KV cache (inference) or a document mask (training), not both")

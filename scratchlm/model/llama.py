@@ -31,7 +31,7 @@ from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.losses import fusable_head, linear_cross_entropy
 from scratchlm.model.base import LanguageModel
-from scratchlm.model.layers import DocumentMask, RMSNorm, RoPE, explicit_attention, sdpa_attention
+from scratchlm.model.layers import DocumentMask, RMSNorm, RoPE, check_context, explicit_attention, sdpa_attention
 
 
 def ffn_hidden(cfg: ModelConfig) -> int:
@@ -69,15 +69,16 @@ class Attention(nn.Module):
         self.record = False
         self.weights: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, rope: RoPE, positions: torch.Tensor | None, layer: int, cache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RoPE, positions: torch.Tensor | None, layer: int, cache,
+                doc_mask: DocumentMask | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if isinstance(cache, DocumentMask):  # packed training: documents apart, this layer's window
-            y = cache.attend(layer, q, k, v, rope, window=self.window)
+        if doc_mask is not None:  # packed training: documents apart, this layer's window
+            y = doc_mask.attend(layer, q, k, v, rope, window=self.window)
         elif cache is not None:  # the cache rotates, stores and attends (infer/kv_cache.py)
             y = cache.attend(layer, q, k, v, rope)
         else:
@@ -110,8 +111,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, rope: RoPE, positions, layer: int, cache) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope, positions, layer, cache)
+    def forward(self, x: torch.Tensor, rope: RoPE, positions, layer: int, cache,
+                doc_mask: DocumentMask | None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, positions, layer, cache, doc_mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -157,18 +159,21 @@ class Llama(LanguageModel):
                 nn.init.ones_(p)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None, last_only: bool = False
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None,
+        doc_mask: DocumentMask | None = None, last_only: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """As `GPT.forward`: idx (B, T) -> logits (B, T, V); given targets, (None, loss) (fused loss)."""
+        """As `GPT.forward`: idx (B, T) -> logits (B, T, V); given targets, (None, loss) (fused loss).
+        With a cache or a doc_mask, RoPE's positions come from it (in its `attend`)."""
         B, T = idx.shape
+        check_context(cache, doc_mask)
         positions = None
-        if cache is None:
+        if cache is None and doc_mask is None:
             if T > self.config.block_size and self.config.rope_scaling == "none":
                 raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
             positions = torch.arange(T, device=idx.device)[None]  # (1, T), shared by the batch
         x = self.tok_embeddings(idx)  # (B, T, C)
         for i, layer in enumerate(self.layers):
-            x = layer(x, self.rope, positions, i, cache)
+            x = layer(x, self.rope, positions, i, cache, doc_mask)
         if cache is not None:
             cache.advance(T)
         if last_only:

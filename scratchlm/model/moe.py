@@ -42,6 +42,7 @@ from torch import nn
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.losses import load_balancing_loss, router_z_loss, routing_entropy
+from scratchlm.model.layers import DocumentMask
 from scratchlm.model.llama import FeedForward, Llama, ffn_hidden
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -251,8 +252,8 @@ class MoE(Llama):
     def moe_layers(self) -> list[tuple[int, MoELayer]]:
         return [(i, b.feed_forward) for i, b in enumerate(self.layers) if isinstance(b.feed_forward, MoELayer)]
 
-    def forward(self, idx, targets=None, *, cache=None, last_only: bool = False):
-        logits, loss = super().forward(idx, targets, cache=cache, last_only=last_only)
+    def forward(self, idx, targets=None, *, cache=None, doc_mask: DocumentMask | None = None, last_only: bool = False):
+        logits, loss = super().forward(idx, targets, cache=cache, doc_mask=doc_mask, last_only=last_only)
         if loss is not None:
             loss = loss + self.aux_loss()
         return logits, loss

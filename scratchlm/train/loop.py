@@ -114,7 +114,7 @@ def forward_backward(model: LanguageModel, micro_batches: list[tuple[torch.Tenso
     total = torch.zeros((), dtype=torch.float64)
     for (x, y, *doc), n in zip(micro_batches, counts):
         with amp:
-            _, loss = model(x, y, cache=DocumentMask(doc[0]) if doc else None)
+            _, loss = model(x, y, doc_mask=DocumentMask(doc[0]) if doc else None)
         aux = model.aux_loss()
         share = n / n_valid if n_valid else float("nan")  # all targets masked: a NaN loss, as one batch gives
         # loss = cross-entropy + aux; without targets the cross-entropy is NaN and weighs nothing
@@ -133,7 +133,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, iters: int, amp, tbytes: tor
     for _ in range(iters):
         x, y, *doc = loader.next_batch()
         with amp:
-            logits, _ = model(x, cache=DocumentMask(doc[0]) if doc else None)
+            logits, _ = model(x, doc_mask=DocumentMask(doc[0]) if doc else None)
         losses = nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none",
                                              ignore_index=-1)  # masked targets (-1) add 0
         counted = y.flatten() >= 0

@@ -1,8 +1,9 @@
 """The GPT and the baselines: shapes, causality, explicit attention ≡ SDPA, sinusoidal values,
-GPT-2 init, parameter and FLOP accounting."""
+GPT-2 init, parameter and FLOP accounting; the baselines in the shared loop and with a document mask."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -12,9 +13,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
+from scratchlm.infer.kv_cache import KVCache
 from scratchlm.model import build_model, padded_vocab
 from scratchlm.model.gpt import GPT
-from scratchlm.model.layers import explicit_attention, sdpa_attention, sinusoidal_positions
+from scratchlm.model.layers import DocumentMask, explicit_attention, sdpa_attention, sinusoidal_positions
+from scratchlm.train.loop import forward_backward
 
 
 def tiny(**kw) -> ModelConfig:
@@ -66,7 +69,7 @@ def test_explicit_model_equals_sdpa_model():
     b = build_model(tiny(attn_impl="explicit"))
     b.load_state_dict(a.state_dict())
     idx = torch.randint(0, 64, (2, 16))
-    # fp32 logits of about +-1 after 2 layers, two summation orders: see tests/infer/helpers.py.
+    # fp32 logits of about +-1 after 2 layers, two summation orders: see tests/helpers.py.
     torch.testing.assert_close(a(idx)[0], b(idx)[0], atol=1e-4, rtol=1e-5)
 
 
@@ -158,3 +161,33 @@ def test_bad_model_settings():
     with pytest.raises(UserError, match="smaller than the tokenizer"):
         padded_vocab(tiny(vocab_size=10), 65)
     assert padded_vocab(tiny(vocab_size=0), 65) == 128
+
+
+@pytest.mark.parametrize("arch", ["bigram", "mlp"])
+def test_baselines_take_a_step_of_the_shared_training_loop(arch):
+    # The loop calls model(x, y, doc_mask=...) on every model; the baselines once took no such keyword.
+    torch.manual_seed(0)
+    model = build_model(tiny(arch=arch))
+    x, y = torch.randint(0, 64, (2, 3, 16))
+    loss = forward_backward(model, [(x, y)], contextlib.nullcontext(), None)
+    assert math.isfinite(loss.item())
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_mlp_baseline_with_a_document_mask_predicts_each_document_as_alone():
+    # float64: the packed and the lone forward multiply matrices of different heights, so their
+    # roundings may differ by a few ulps; 1e-12 is far below any context leak (logits ~ 1e-2).
+    torch.manual_seed(0)
+    model = build_model(tiny(arch="mlp", mlp_context=3)).double()
+    a, b = torch.randint(0, 64, (5,)), torch.randint(0, 64, (7,))
+    packed = model(torch.cat([a, b])[None], doc_mask=DocumentMask(torch.tensor([[0] * 5 + [1] * 7])))[0]
+    torch.testing.assert_close(packed[0, :5], model(a[None])[0][0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(packed[0, 5:], model(b[None])[0][0], atol=1e-12, rtol=0)
+    assert not torch.allclose(model(torch.cat([a, b])[None])[0][0, 5:], packed[0, 5:])  # unmasked, b reads a
+
+
+def test_a_forward_takes_a_cache_or_a_document_mask_not_both():
+    model = build_model(tiny())
+    idx = torch.randint(0, 64, (1, 4))
+    with pytest.raises(ValueError, match="not both"):
+        model(idx, cache=KVCache.for_model(model, 1), doc_mask=DocumentMask(torch.zeros(1, 4, dtype=torch.long)))

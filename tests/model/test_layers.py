@@ -42,13 +42,14 @@ def test_gpt_attention_dropout_applies_through_document_mask_in_training_only():
     docs = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
     model = gpt_with_attention_dropout(0.5)
     torch.manual_seed(2)
-    train = model.train()(idx, cache=DocumentMask(docs))[0]
-    evaluated = model.eval()(idx, cache=DocumentMask(docs))[0]
+    train = model.train()(idx, doc_mask=DocumentMask(docs))[0]
+    evaluated = model.eval()(idx, doc_mask=DocumentMask(docs))[0]
     # Half the attention weights dropped (the rest doubled) moves the logits far beyond rounding.
     assert (train - evaluated).abs().max() > 1e-3
     # Eval mode is deterministic: the same call twice gives the same bits.
-    assert torch.equal(evaluated, model(idx, cache=DocumentMask(docs))[0])
+    assert torch.equal(evaluated, model(idx, doc_mask=DocumentMask(docs))[0])
 
     # With dropout 0, train and eval run the same operations in the same order: equal bits.
     model = gpt_with_attention_dropout(0.0)
-    assert torch.equal(model.train()(idx, cache=DocumentMask(docs))[0], model.eval()(idx, cache=DocumentMask(docs))[0])
+    assert torch.equal(model.train()(idx, doc_mask=DocumentMask(docs))[0],
+                       model.eval()(idx, doc_mask=DocumentMask(docs))[0])

@@ -117,7 +117,7 @@ def test_packing_trains_like_one_by_one(tok, arch_kw):
     loader = SFTLoader(examples, 160, batch_size=1, shuffle=False)
     x, y, docs = loader.next_batch()
     assert len(set(docs[0].tolist()) - {-2}) >= 2  # several examples in one row
-    packed_logits = model(x, cache=DocumentMask(docs))[0]
+    packed_logits = model(x, doc_mask=DocumentMask(docs))[0]
     packed_loss = torch.nn.functional.cross_entropy(packed_logits.flatten(0, 1), y.flatten(), ignore_index=-1,
                                                     reduction="sum")
     alone_loss = torch.zeros(())
