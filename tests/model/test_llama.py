@@ -1,5 +1,5 @@
-"""The Llama-family model: RMSNorm, RoPE's relative-position property, GQA, sliding window,
-QK-norm, causality, FLOP accounting, and the LayerNorm-vs-RMSNorm swap of the norms experiment."""
+"""The Llama-family model: RMSNorm, GQA, sliding window, QK-norm, causality, FLOP accounting, and the
+LayerNorm-vs-RMSNorm swap of the norms experiment (RoPE is tested in tests/model/test_layers.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.experiments.norms import with_layernorm
 from scratchlm.model import build_model
-from scratchlm.model.layers import RMSNorm, RoPE, causal_mask, explicit_attention, sdpa_attention
+from scratchlm.model.layers import RMSNorm, causal_mask, explicit_attention, sdpa_attention
 from scratchlm.model.llama import Llama, ffn_hidden
 from tests.model.test_gpt import counted_training_flops
 
@@ -31,37 +31,6 @@ def test_rmsnorm_matches_its_formula():
         norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
     expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6) * norm.weight
     torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-6)  # fp32, values ~4, mean of 8 squares
-
-
-def test_rope_score_depends_only_on_the_offset():
-    torch.manual_seed(0)
-    rope = RoPE(16, theta=10000.0)
-    q, k = torch.randn(2, 1, 1, 1, 16).unbind(0)  # (B, H, T, D) each
-
-    def score(m: int, n: int) -> float:
-        pq = rope(q, torch.tensor([[m]]))
-        pk = rope(k, torch.tensor([[n]]))
-        return (pq * pk).sum().item()
-
-    base = score(7, 3)
-    for shift in (1, 10, 100, 1000):
-        # fp32 angles m·θ are rounded to ~m·2⁻²⁴ rad (plus cos/sin's own rounding): with two rotated
-        # vectors the score may move by about |q||k|·2·m·2⁻²³ at position m (4e-3 at m = 1007).
-        bound = q.norm().item() * k.norm().item() * 2 * (7 + shift) * 2**-23
-        assert score(7 + shift, 3 + shift) == pytest.approx(base, abs=bound)
-    assert abs(score(9, 3) - base) > 0.1  # a different offset gives a different score
-    # Rotation keeps the length of every vector.
-    assert rope(q, torch.tensor([[5]])).norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
-
-
-def test_rope_context_extension_schemes():
-    plain = RoPE(16, 10000.0).inv_freq
-    torch.testing.assert_close(RoPE(16, 10000.0, "linear", 4.0).inv_freq, plain / 4, atol=0, rtol=1e-6)
-    ntk = RoPE(16, 10000.0, "ntk", 4.0).inv_freq
-    assert ntk[0] == plain[0] and ntk[-1] == pytest.approx(plain[-1].item() / 4, rel=1e-4)  # lowest freq x1/4
-    yarn = RoPE(16, 10000.0, "yarn", 4.0, original_context=64)
-    assert yarn.attn_scale == pytest.approx(0.1 * math.log(4) + 1, rel=1e-12)  # a Python float
-    assert yarn.inv_freq[0] == plain[0] and yarn.inv_freq[-1] == pytest.approx(plain[-1].item() / 4, rel=1e-6)
 
 
 @pytest.mark.parametrize("kw", [{}, {"n_kv_head": 1}, {"n_kv_head": 4}, {"qk_norm": True}, {"sliding_window": 5},
