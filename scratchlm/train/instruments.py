@@ -67,11 +67,12 @@ def wandb_run(cfg: Config):
                       mode=os.environ.get("WANDB_MODE", "offline"))
 
 
-def start_profiler(run_dir: Path, steps: int):
-    """A started torch.profiler recording `steps` steps after one warm-up step (`step()` after each)."""
+def start_profiler(run_dir: Path, steps: int, device: torch.device):
+    """A started torch.profiler recording `steps` steps after one warm-up step (`step()` after each);
+    GPU kernels too when the run is on `device` cuda (the run's device, from `pick_device`)."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1),
                    record_shapes=False)
     prof.start()

@@ -308,7 +308,7 @@ def train_model(
     print(_header(cfg, model, device, precision, why, threads, threads_why, tokens_per_step, start), flush=True)
 
     runlog = RunLog(cfg, run_dir)
-    profiler = start_profiler(run_dir, t.profile_steps) if t.profile_steps > 0 else None
+    profiler = start_profiler(run_dir, t.profile_steps, device) if t.profile_steps > 0 else None
     model.train()
     stop_at = min(stop_at_step or t.max_steps, t.max_steps)
     bar = tqdm(total=stop_at, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
