@@ -1,8 +1,8 @@
 """The inference engine: cached generation ≡ uncached generation (tokens identical, fp32 logits close at
 every step: helpers.LOGITS_ATOL/RTOL say why) for the GPT and Llama variants (GQA, multi-query +
-QK-norm, sliding window), alone and in batches of different lengths; the KV cache's mask against an
-explicit loop; sliding past the context; finished rows leaving the batch; and the errors a user can
-meet."""
+QK-norm, sliding window), alone and in batches of different lengths; sliding past the context;
+finished rows leaving the batch; and the errors a user can meet. The caches' own operations are
+tested in test_kv_cache.py."""
 
 from __future__ import annotations
 
@@ -84,27 +84,6 @@ def test_sliding_window_model_past_its_window():
     ref_tokens, ref_logits = uncached_greedy(model, prompt, 20)
     assert tokens[0] == ref_tokens
     assert_logits_close(logits[0], ref_logits)
-
-
-@pytest.mark.parametrize("window", [0, 3])
-def test_kv_cache_mask_with_padding_matches_explicit_loops(window):
-    pad = torch.tensor([0, 3, 5])
-    cache = KVCache(1, 3, 1, 2, 12, window=window, pad=pad)
-    for T in (7, 1, 1, 3):  # a prefill, two decode steps, a chunk
-        start = cache.len
-        positions, mask = cache._prepare(T)
-        for b in range(3):
-            for t in range(T):
-                i = start + t - pad[b].item()  # the query's position in its row's text
-                assert positions[b, t].item() == max(i, 0)
-                for s in range(start + T):
-                    j = s - pad[b].item()  # the key's position (negative: a padding slot)
-                    allowed = j >= 0 and i >= 0 and j <= i and (window == 0 or i - j < window)
-                    # A padding query sees nothing (its output is never used); the cache passes no
-                    # mask at all when every query sees every slot.
-                    got = True if mask is None else mask[b, 0, t, s].item()
-                    assert got == allowed or i < 0, (b, t, s)
-        cache.advance(T)
 
 
 def test_prefill_and_decode_match_the_full_forward():
