@@ -39,13 +39,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from scratchlm.config import SampleConfig
 from scratchlm.errors import UserError
 from scratchlm.infer.kv_cache import KVCache
 from scratchlm.infer.sample import check_sample_config, sample_next
 from scratchlm.infer.sink_cache import SinkCache, check_sink_settings
+from scratchlm.model.base import LanguageModel
 
 Cache = KVCache | SinkCache
 CACHE_KINDS = ("kv", "sink", "none")
@@ -91,7 +91,7 @@ class Engine:
     its size over a long stream.
     """
 
-    def __init__(self, model: nn.Module, tokenizer=None) -> None:
+    def __init__(self, model: LanguageModel, tokenizer=None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.cache: Cache | None = None
         # The bigram and MLP baselines have no cache protocol: they are run uncached.
@@ -109,7 +109,7 @@ class Engine:
             return c.block_size
         if max_len < 1:
             raise UserError(f"max_len={max_len} must be >= 1")
-        stretchable = hasattr(self.model, "rope") and getattr(c, "rope_scaling", "none") != "none"
+        stretchable = self.model.rotary is not None and c.rope_scaling != "none"
         if max_len > c.block_size and not stretchable:
             raise UserError(f"max_len={max_len} is longer than model.block_size={c.block_size}",
                             fix="only a RoPE model with model.rope_scaling set reaches past its block")

@@ -44,7 +44,8 @@ from torch import nn
 
 from scratchlm.errors import UserError
 from scratchlm.infer.kv_cache import CacheMemory, Rope
-from scratchlm.model.layers import RoPE, rotate_half
+from scratchlm.model.base import LanguageModel
+from scratchlm.model.layers import rotate_half
 
 
 class _Step(NamedTuple):
@@ -64,12 +65,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
 
 
-def check_sink_settings(model: nn.Module, sink_tokens: int, window: int) -> int:
+def check_sink_settings(model: LanguageModel, sink_tokens: int, window: int) -> int:
     """Refuse what the sink cache cannot do, naming the setting; returns the window to use
     (window 0 = the rest of the context: block_size - sink_tokens, at most the model's own
     sliding window)."""
     c = model.config
-    if not isinstance(getattr(model, "rope", None), RoPE):
+    if model.rotary is None:
         raise UserError(
             f"the sink cache needs rotary positions (RoPE, model.arch=llama); this model.arch={c.arch} adds "
             "absolute position embeddings to its tokens, so cached keys cannot be moved to new positions",

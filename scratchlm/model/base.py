@@ -4,12 +4,15 @@
   the bigram's table holds logits, the MLP's has an extra "no token" row).
 - `blocks`: the transformer blocks in order (empty for the baselines): per-layer metrics read them.
 - `unembedding`: the output nn.Linear that writes vocabulary logits, or None where there is none.
+- `rotary`: the model's RoPE when positions enter as rotations (the Llama family), else None: only then
+  can cached keys move to new positions (the sink cache) or the context stretch (`rope_scaling`).
 - hooks the training loop calls on every model, with neutral defaults: `aux_loss()` (a loss term added
   to the cross-entropy, 0.0 here), `after_optimizer_step()` (nothing here), `routing_metrics()` ({}).
   The MoE overrides the three; the classifier forwards them to its body.
 
-State-dict names stay each architecture's own (`wte`, `tok_embeddings`, ...): the accessors are
-properties over them, so checkpoints and the HF conversions are untouched.
+State-dict and attribute names stay each architecture's own (`wte`, `tok_embeddings`, `rope`, ...): the
+accessors are properties over them (named apart from them: nn.Module would file a submodule assigned to
+a same-named attribute away from a property), so checkpoints and the HF conversions are untouched.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from scratchlm.model.layers import RoPE
 
 
 class LanguageModel(nn.Module):
@@ -32,6 +37,10 @@ class LanguageModel(nn.Module):
     @property
     def unembedding(self) -> nn.Module | None:
         """The output head (an nn.Linear, or a LoRA / quantized wrapper of one after `adapt_model`)."""
+        return None
+
+    @property
+    def rotary(self) -> RoPE | None:
         return None
 
     def aux_loss(self) -> torch.Tensor | float:

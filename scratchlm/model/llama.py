@@ -144,6 +144,10 @@ class Llama(LanguageModel):
     def unembedding(self) -> nn.Module:
         return self.output
 
+    @property
+    def rotary(self) -> RoPE:
+        return self.rope
+
     def init_weights(self) -> None:
         """N(0, 0.02) for matrices and embeddings, the residual-writing projections (wo, w2) scaled
         by 1/√(2·n_layer) as in GPT-2, norm gains 1, biases 0."""
