@@ -3,8 +3,9 @@ which import from here, and no test imports a conftest):
 
 - public test data: `shared_file` and the CI rule that it may not be missing (`in_ci`);
 - data: small generated corpora, tokenizers and configs for the data, training and SFT tests;
-- inference: tiny models, checkpoints and the fp32 logits tolerance, for the inference,
-  visualisation and convert tests;
+- models and training: a tiny MoE config, counted matmul FLOPs, a tiny pretraining run's config;
+- inference: tiny models, checkpoints, the fp32 logits tolerance and greedy generation with and
+  without the engine, for the inference, visualisation and convert tests;
 - convert: tiny random HF models, tokenizers and scratchlm checkpoints.
 """
 
@@ -17,10 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from scratchlm.checkpoint import save_checkpoint
-from scratchlm.config import Config, ModelConfig, TokenizerConfig
+from scratchlm.config import Config, ModelConfig, SampleConfig, TokenizerConfig
+from scratchlm.infer.engine import Engine
 from scratchlm.model import build_model, padded_vocab
 from scratchlm.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, train_bpe
 
@@ -88,7 +92,44 @@ def read_split(out: Path, manifest: dict, split: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-# Inference: tiny models and checkpoints.
+# Models and training.
+
+def moe_cfg(**kw) -> ModelConfig:
+    """A tiny MoE config (4 experts, 2 active, GQA)."""
+    base = dict(arch="moe", vocab_size=64, block_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bias=False,
+                n_experts=4, n_active_experts=2)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def counted_training_flops(model: torch.nn.Module, T: int) -> tuple[int, int]:
+    """(forward, forward + backward) matmul FLOPs of one length-T sequence, counted by torch's
+    FlopCounterMode (every mm / addmm / bmm the dispatcher runs, nothing taken from the model)."""
+    idx, targets = torch.randint(0, model.config.vocab_size, (2, 1, T))
+    with FlopCounterMode(display=False) as forward:
+        model(idx)
+    with FlopCounterMode(display=False) as both:
+        logits, _ = model(idx)  # an unfused loss outside the model: the count sees the plain head
+        F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+    return forward.get_total_flops(), both.get_total_flops()
+
+
+def tiny_run_cfg(run_dir: Path, **train) -> Config:
+    """A tiny GPT pretraining run of 12 steps into run_dir, fp32; `train` overrides train settings."""
+    cfg = Config(name="test", out_dir=str(run_dir))
+    cfg.model = ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+    t = cfg.train
+    t.batch_size, t.max_steps, t.warmup_steps, t.lr = 4, 12, 2, 3e-3
+    t.eval_interval, t.eval_iters, t.log_interval, t.ckpt_interval = 4, 2, 1, 0
+    t.tensorboard = False
+    t.precision = "fp32"  # the tests compare numbers: "auto" may choose bf16 on some CPUs
+    for k, v in train.items():
+        setattr(t, k, v)
+    cfg.data.workers = 1
+    return cfg
+
+
+# Inference: tiny models and checkpoints, greedy generation.
 
 CHARS = sorted(set("abcdefgh ijklmnop.\n"))
 
@@ -185,3 +226,40 @@ def our_checkpoint(tmp: Path, seed: int = 0, **model_kw) -> tuple[Path, nn.Modul
 
 def ids(seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
     return torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(n: int, **kw) -> SampleConfig:
+    return SampleConfig(temperature=0.0, max_new_tokens=n, **kw)
+
+
+def uncached_greedy(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """The reference: every step recomputes the logits of the whole sequence with a plain forward
+    (the model's own causal / sliding-window mask). Returns the n tokens and their logits (n, V).
+    Every choice is clear (top two logits 10x the logit tolerance apart), so the tokens of two
+    computations compare exactly on any CPU."""
+    seq, steps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(torch.tensor([seq]))  # (1, T, V)
+            top = logits[0, -1].topk(2).values
+            assert top[0] - top[1] > 10 * LOGITS_ATOL, f"a near tie at step {len(steps)}: pick another seed"
+            steps.append(logits[0, -1])
+            seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt):], torch.stack(steps)
+
+
+def engine_greedy(model, prompts: list[list[int]], n: int, **kw) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy generation through the engine, with each row's logits at every step (n_steps, V)."""
+    seen: dict[int, list[torch.Tensor]] = {r: [] for r in range(len(prompts))}
+
+    def record(rows: list[int], logits: torch.Tensor) -> None:
+        for pos, r in enumerate(rows):
+            seen[r].append(logits[pos].clone())
+
+    outs = Engine(model).generate(prompts, greedy(n), on_logits=record, **kw)
+    return outs, [torch.stack(seen[r]) for r in range(len(prompts))]
+
+
+def prompts_of(lengths, vocab: int = 64, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]

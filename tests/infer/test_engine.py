@@ -15,7 +15,15 @@ from scratchlm.config import SampleConfig
 from scratchlm.errors import UserError
 from scratchlm.infer.engine import SLIDE_KEEP, Engine
 from scratchlm.infer.kv_cache import KVCache
-from tests.helpers import LOGITS_ATOL, assert_logits_close, char_tokenizer, tiny_model
+from tests.helpers import (
+    assert_logits_close,
+    char_tokenizer,
+    engine_greedy,
+    greedy,
+    prompts_of,
+    tiny_model,
+    uncached_greedy,
+)
 
 VARIANTS = {
     "gpt": dict(std=0.2),
@@ -23,43 +31,6 @@ VARIANTS = {
     "llama-mqa-qknorm": dict(arch="llama", bias=False, n_head=4, n_kv_head=1, qk_norm=True, std=0.2),
     "llama-window": dict(arch="llama", bias=False, n_head=4, n_kv_head=2, sliding_window=5, std=0.2),
 }
-
-
-def greedy(n: int, **kw) -> SampleConfig:
-    return SampleConfig(temperature=0.0, max_new_tokens=n, **kw)
-
-
-def uncached_greedy(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """The reference: every step recomputes the logits of the whole sequence with a plain forward
-    (the model's own causal / sliding-window mask). Returns the n tokens and their logits (n, V).
-    Every choice is clear (top two logits 10x the logit tolerance apart), so the tokens of two
-    computations compare exactly on any CPU."""
-    seq, steps = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            logits, _ = model(torch.tensor([seq]))  # (1, T, V)
-            top = logits[0, -1].topk(2).values
-            assert top[0] - top[1] > 10 * LOGITS_ATOL, f"a near tie at step {len(steps)}: pick another seed"
-            steps.append(logits[0, -1])
-            seq.append(int(logits[0, -1].argmax()))
-    return seq[len(prompt):], torch.stack(steps)
-
-
-def engine_greedy(model, prompts: list[list[int]], n: int, **kw) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Greedy generation through the engine, with each row's logits at every step (n_steps, V)."""
-    seen: dict[int, list[torch.Tensor]] = {r: [] for r in range(len(prompts))}
-
-    def record(rows: list[int], logits: torch.Tensor) -> None:
-        for pos, r in enumerate(rows):
-            seen[r].append(logits[pos].clone())
-
-    outs = Engine(model).generate(prompts, greedy(n), on_logits=record, **kw)
-    return outs, [torch.stack(seen[r]) for r in range(len(prompts))]
-
-
-def prompts_of(lengths, vocab: int = 64, seed: int = 1) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import assert_logits_close, tiny_model
-from tests.infer.test_engine import engine_greedy, prompts_of, uncached_greedy
+from tests.helpers import assert_logits_close, engine_greedy, prompts_of, tiny_model, uncached_greedy
 
 MOE = dict(arch="moe", bias=False, n_head=4, dropless=True, std=0.3)
 VARIANTS = {

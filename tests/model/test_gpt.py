@@ -8,8 +8,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
@@ -18,6 +16,7 @@ from scratchlm.model import build_model, padded_vocab
 from scratchlm.model.gpt import GPT
 from scratchlm.model.layers import DocumentMask, explicit_attention, sdpa_attention, sinusoidal_positions
 from scratchlm.train.loop import forward_backward
+from tests.helpers import counted_training_flops
 
 
 def tiny(**kw) -> ModelConfig:
@@ -111,18 +110,6 @@ def test_param_count_matches_the_formula():
     per_block = (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C) + 4 * C
     assert model.num_params() == V * C + L * per_block + 2 * C  # wte (tied head) + blocks + ln_f
     assert model.num_params(non_embedding=False) == model.num_params() + T * C
-
-
-def counted_training_flops(model: torch.nn.Module, T: int) -> tuple[int, int]:
-    """(forward, forward + backward) matmul FLOPs of one length-T sequence, counted by torch's
-    FlopCounterMode (every mm / addmm / bmm the dispatcher runs, nothing taken from the model)."""
-    idx, targets = torch.randint(0, model.config.vocab_size, (2, 1, T))
-    with FlopCounterMode(display=False) as forward:
-        model(idx)
-    with FlopCounterMode(display=False) as both:
-        logits, _ = model(idx)  # an unfused loss outside the model: the count sees the plain head
-        F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
-    return forward.get_total_flops(), both.get_total_flops()
 
 
 @pytest.mark.parametrize("kw", [{}, {"bias": False, "n_layer": 3, "block_size": 8},

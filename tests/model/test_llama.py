@@ -15,7 +15,7 @@ from scratchlm.experiments.norms import with_layernorm
 from scratchlm.model import build_model
 from scratchlm.model.layers import RMSNorm, causal_mask, explicit_attention, sdpa_attention
 from scratchlm.model.llama import Llama, ffn_hidden
-from tests.model.test_gpt import counted_training_flops
+from tests.helpers import counted_training_flops
 
 
 def cfg(**kw) -> ModelConfig:

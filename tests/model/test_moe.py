@@ -10,18 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.losses import load_balancing_loss, router_z_loss, routing_entropy
 from scratchlm.model import build_model
 from scratchlm.model.moe import MoE, MoELayer, grouped_mm, swiglu
-
-
-def cfg(**kw) -> ModelConfig:
-    base = dict(arch="moe", vocab_size=64, block_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bias=False,
-                n_experts=4, n_active_experts=2)
-    base.update(kw)
-    return ModelConfig(**base)
+from tests.helpers import moe_cfg
 
 
 def test_load_balancing_loss_by_hand():
@@ -100,7 +93,7 @@ def reference_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
                                 {"n_active_experts": 1}, {"router": "sigmoid", "n_experts": 8, "n_active_experts": 3}])
 def test_layer_equals_token_by_token_reference(kw):
     torch.manual_seed(0)
-    model = MoE(cfg(**kw))
+    model = MoE(moe_cfg(**kw))
     layer = model.layers[0].feed_forward
     with torch.no_grad():
         layer.gate.weight.normal_(0.0, 0.3)  # clear preferences (the init's are near-uniform: near-ties)
@@ -115,7 +108,7 @@ def test_layer_equals_token_by_token_reference(kw):
 
 def test_capacity_drops_overflow_and_reports_it():
     torch.manual_seed(0)
-    layer = MoE(cfg(dropless=False, capacity_factor=0.5)).layers[0].feed_forward
+    layer = MoE(moe_cfg(dropless=False, capacity_factor=0.5)).layers[0].feed_forward
     with torch.no_grad():  # send every token to experts 0 and 1
         layer.gate.weight.zero_()
         layer.gate.weight[0] += 1.0
@@ -128,9 +121,9 @@ def test_capacity_drops_overflow_and_reports_it():
 
 
 def test_hybrid_layout_and_active_parameters():
-    model = MoE(cfg(n_layer=5, moe_first_dense=1, moe_every=2))
+    model = MoE(moe_cfg(n_layer=5, moe_first_dense=1, moe_every=2))
     assert [i for i, _ in model.moe_layers()] == [1, 3]
-    dense = build_model(replace(cfg(n_layer=5), arch="llama"))
+    dense = build_model(replace(moe_cfg(n_layer=5), arch="llama"))
     # experts are half the dense FFN and top-2: the active parameters match the dense model's,
     # plus the routers (2 layers x E x C).
     assert model.active_params() == dense.num_params() + 2 * 4 * 32
@@ -138,7 +131,7 @@ def test_hybrid_layout_and_active_parameters():
 
 def test_training_step_gives_gradients_and_routing_metrics():
     torch.manual_seed(0)
-    model = MoE(cfg(router="sigmoid"))
+    model = MoE(moe_cfg(router="sigmoid"))
     idx, targets = torch.randint(0, 64, (2, 4, 16))
     _, loss = model(idx, targets)
     loss.backward()
@@ -161,7 +154,7 @@ def test_selection_bias_balances_a_skewed_router_over_steps():
     # the bias moves by `bias_update_rate` against each expert's load. The load must even out, and
     # stay even (the fixed-size sign step leaves an oscillation of a few assignments).
     torch.manual_seed(0)
-    model = MoE(cfg(router="sigmoid", n_experts=8, n_active_experts=2, bias_update_rate=0.01))
+    model = MoE(moe_cfg(router="sigmoid", n_experts=8, n_active_experts=2, bias_update_rate=0.01))
     layer = model.layers[0].feed_forward
     shared = F.normalize(torch.randn(32), dim=0)
     x = torch.randn(1, 64, 32) + 2 * shared  # (B, T, C): every token has a component along `shared`
@@ -189,7 +182,7 @@ def test_selection_bias_balances_a_skewed_router_over_steps():
 ])
 def test_bad_moe_settings(kw, message):
     with pytest.raises(UserError, match=message):
-        MoE(cfg(**kw))
+        MoE(moe_cfg(**kw))
 
 
 def test_swiglu_and_its_hand_written_backward_match_autograd():

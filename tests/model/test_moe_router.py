@@ -8,21 +8,21 @@ import torch
 from scratchlm.model.llama import Llama
 from scratchlm.model.moe import MoE, balance_loss_coef
 from scratchlm.train.loop import forward_backward
-from tests.model.test_moe import cfg
+from tests.helpers import moe_cfg
 
 
 def test_balance_loss_weight_follows_the_router():
-    assert balance_loss_coef(cfg()) == 0.01
-    assert balance_loss_coef(cfg(router="sigmoid")) == 0.0
-    assert balance_loss_coef(cfg(router="sigmoid", aux_loss_coef=1e-4)) == 1e-4  # an explicit weight is honoured
-    assert balance_loss_coef(cfg(aux_loss_coef=0.0)) == 0.0
+    assert balance_loss_coef(moe_cfg()) == 0.01
+    assert balance_loss_coef(moe_cfg(router="sigmoid")) == 0.0
+    assert balance_loss_coef(moe_cfg(router="sigmoid", aux_loss_coef=1e-4)) == 1e-4  # an explicit weight is honoured
+    assert balance_loss_coef(moe_cfg(aux_loss_coef=0.0)) == 0.0
 
 
 def test_sigmoid_router_adds_no_balance_loss():
     """Regression: the 'aux-loss-free' router added 0.01 x the balance loss. With the z-loss off,
     its loss is the plain cross-entropy (same operations, so exactly equal)."""
     torch.manual_seed(0)
-    model = MoE(cfg(router="sigmoid", z_loss_coef=0.0))
+    model = MoE(moe_cfg(router="sigmoid", z_loss_coef=0.0))
     idx, targets = torch.randint(0, 64, (2, 4, 16))
     _, loss = model(idx, targets)
     _, ce = Llama.forward(model, idx, targets)
@@ -35,7 +35,7 @@ def test_bias_update_is_the_same_for_1x4_and_4x1_micro_batches():
     Loads are exact counts; the models run in float64 so that routing (a top-k) cannot flip between
     the batch shapes, making the comparison exact (torch.equal)."""
     torch.manual_seed(0)
-    a, b = MoE(cfg(router="sigmoid")).double(), MoE(cfg(router="sigmoid")).double()
+    a, b = MoE(moe_cfg(router="sigmoid")).double(), MoE(moe_cfg(router="sigmoid")).double()
     b.load_state_dict(a.state_dict())
     x, y = torch.randint(0, 64, (2, 4, 16))
     amp = torch.autocast("cpu", enabled=False)
@@ -60,7 +60,7 @@ def test_router_losses_average_per_micro_batch_while_cross_entropy_weighs_by_tok
     """forward_backward's loss: the cross-entropy over all valid targets of the step, plus the mean
     of the micro-batches' router losses (float64, so sums in another order agree to ~1e-12)."""
     torch.manual_seed(0)
-    model = MoE(cfg(aux_loss_coef=0.1)).double()
+    model = MoE(moe_cfg(aux_loss_coef=0.1)).double()
     x, y = torch.randint(0, 64, (2, 3, 16))
     y[0, :10] = -1  # micro-batch 0 keeps 22 targets, micro-batch 1 all 16
     micro = [(x[:2], y[:2]), (x[2:], y[2:])]

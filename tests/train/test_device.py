@@ -17,7 +17,7 @@ from scratchlm.errors import UserError
 from scratchlm.model.gpt import GPT
 from scratchlm.train import device as dev
 from scratchlm.train.pretrain import pretrain
-from tests.train.test_pretrain import data_dir, tiny_cfg  # noqa: F401 (data_dir is a fixture)
+from tests.helpers import tiny_run_cfg
 
 CPU = torch.device("cpu")
 
@@ -89,7 +89,7 @@ def test_thread_settings_win_over_auto(monkeypatch, two_threads):
     assert dev.pick_threads(0) == (1, "auto: torch is set to 1")
 
 
-def test_the_run_uses_and_reports_the_free_cores(tmp_path, data_dir, cache, monkeypatch, two_threads,  # noqa: F811
+def test_the_run_uses_and_reports_the_free_cores(tmp_path, data_dir, cache, monkeypatch, two_threads,
                                                    capsys):
     fake_cores(monkeypatch, busy=[0.0, 1.0])
     seen = []
@@ -99,7 +99,7 @@ def test_the_run_uses_and_reports_the_free_cores(tmp_path, data_dir, cache, monk
         model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
         return model
 
-    pretrain(tiny_cfg(tmp_path / "run", max_steps=2, precision="fp32"), data_dir, progress=False, build=build)
+    pretrain(tiny_run_cfg(tmp_path / "run", max_steps=2, precision="fp32"), data_dir, progress=False, build=build)
     assert "precision fp32 (set), 1 threads (auto: 1 of 2 cores free)" in capsys.readouterr().out
     assert seen and set(seen) == {1}
     assert torch.get_num_threads() == 2  # the count from before the run is back
@@ -165,7 +165,7 @@ def test_auto_precision_measures_once_per_shape(cache, monkeypatch):
 # MFU
 
 
-def test_mfu_never_passes_100_percent_and_a_faster_run_raises_the_peak(tmp_path, data_dir, cache,  # noqa: F811
+def test_mfu_never_passes_100_percent_and_a_faster_run_raises_the_peak(tmp_path, data_dir, cache,
                                                                        monkeypatch):
     """Regression: a peak measured on a busy machine was trusted forever and the bar showed MFU 174%."""
     before = torch.get_num_threads()
@@ -173,7 +173,8 @@ def test_mfu_never_passes_100_percent_and_a_faster_run_raises_the_peak(tmp_path,
     key = env._cache_key("cpu", torch.float32)
     torch.set_num_threads(before)
     env._write_records({key: {"flops": 1e3, **env._measured(5)}})  # far below what any CPU does
-    result = pretrain(tiny_cfg(tmp_path / "run", max_steps=3, precision="fp32", threads=1), data_dir, progress=False)
+    cfg = tiny_run_cfg(tmp_path / "run", max_steps=3, precision="fp32", threads=1)
+    result = pretrain(cfg, data_dir, progress=False)
     mfus = [r["mfu"] for r in result.history if "mfu" in r]
     assert len(mfus) == 3 and all(0 < m <= 1 for m in mfus), mfus
     record = env._read_cache()[key]

@@ -23,31 +23,7 @@ from scratchlm.tokenizer import ByteTokenizer
 from scratchlm.train import loop as pretrain_mod
 from scratchlm.train.loop import forward_backward
 from scratchlm.train.pretrain import pretrain
-from tests.helpers import make_docs, write_corpus
-
-
-def tiny_cfg(run_dir: Path, **train) -> Config:
-    cfg = Config(name="test", out_dir=str(run_dir))
-    cfg.model = ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
-    t = cfg.train
-    t.batch_size, t.max_steps, t.warmup_steps, t.lr = 4, 12, 2, 3e-3
-    t.eval_interval, t.eval_iters, t.log_interval, t.ckpt_interval = 4, 2, 1, 0
-    t.tensorboard = False
-    t.precision = "fp32"  # the tests compare numbers: "auto" may choose bf16 on some CPUs
-    for k, v in train.items():
-        setattr(t, k, v)
-    cfg.data.workers = 1
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pretrain")
-    corpus = write_corpus(root / "corpus", make_docs(60, seed=1))
-    cfg = Config()
-    cfg.data.workers = 1
-    prepare([str(corpus)], ByteTokenizer({"<|endoftext|>": 256}), cfg, root / "data", progress=False)
-    return root / "data"
+from tests.helpers import make_docs, tiny_run_cfg, write_corpus
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -89,7 +65,7 @@ def test_grad_accumulation_1x8_equals_8x1(split, masked):
 
 
 def test_training_lowers_the_loss_and_writes_its_artifacts(tmp_path, data_dir):
-    cfg = tiny_cfg(tmp_path / "run", max_steps=40, eval_interval=20, tensorboard=True, dropout=0.0)
+    cfg = tiny_run_cfg(tmp_path / "run", max_steps=40, eval_interval=20, tensorboard=True, dropout=0.0)
     result = pretrain(cfg, data_dir, progress=False)
     first, last = losses(tmp_path / "run")[0][1], result.train_loss
     assert last < first - 1.0, (first, last)
@@ -103,10 +79,10 @@ def test_training_lowers_the_loss_and_writes_its_artifacts(tmp_path, data_dir):
 
 
 def test_resume_continues_exactly(tmp_path, data_dir):
-    whole = pretrain(tiny_cfg(tmp_path / "whole"), data_dir, progress=False)
-    pretrain(tiny_cfg(tmp_path / "split"), data_dir, progress=False, stop_at_step=6)
+    whole = pretrain(tiny_run_cfg(tmp_path / "whole"), data_dir, progress=False)
+    pretrain(tiny_run_cfg(tmp_path / "split"), data_dir, progress=False, stop_at_step=6)
     assert (tmp_path / "split" / "ckpt" / "step_0000006").exists()
-    resumed = pretrain(tiny_cfg(tmp_path / "split"), data_dir, progress=False, resume=True)
+    resumed = pretrain(tiny_run_cfg(tmp_path / "split"), data_dir, progress=False, resume=True)
     # Compared exactly: the resumed run repeats the uninterrupted one's operations in the same order
     # (same shapes, batches, threads, restored weights, optimizer and RNG state), so fp32 rounds alike.
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")  # dropout on: RNG state matters
@@ -130,9 +106,9 @@ def nan_on_call(monkeypatch, bad_call: int) -> dict[str, int]:
 def test_nan_loss_stops_or_skips(tmp_path, data_dir, monkeypatch):
     calls = nan_on_call(monkeypatch, 3)
     with pytest.raises(UserError, match="loss became nan at step 2"):
-        pretrain(tiny_cfg(tmp_path / "a"), data_dir, progress=False)
+        pretrain(tiny_run_cfg(tmp_path / "a"), data_dir, progress=False)
     calls["n"] = 0
-    result = pretrain(tiny_cfg(tmp_path / "b", on_nan="skip"), data_dir, progress=False)
+    result = pretrain(tiny_run_cfg(tmp_path / "b", on_nan="skip"), data_dir, progress=False)
     assert result.steps == 12
     assert any(json.loads(line).get("skipped") for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
 
@@ -141,7 +117,7 @@ def test_nan_skipped_on_the_last_step_still_evaluates_and_saves(tmp_path, data_d
     """Regression: the skip jumped past the end-of-run evaluation and checkpoint."""
     nan_on_call(monkeypatch, 6)
     run = tmp_path / "run"
-    result = pretrain(tiny_cfg(run, on_nan="skip", max_steps=6, eval_interval=100), data_dir, progress=False)
+    result = pretrain(tiny_run_cfg(run, on_nan="skip", max_steps=6, eval_interval=100), data_dir, progress=False)
     assert result.steps == 6 and result.val_loss == result.val_loss  # validated at the end: not NaN
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"step": 5, "skipped": 1, "loss": "nan"} in rows
@@ -158,7 +134,7 @@ def test_no_validation_split_skips_validation(tmp_path, capsys):
     prepare([str(write_corpus(tmp_path / "c", make_docs(20, seed=3)))], ByteTokenizer({"<|endoftext|>": 256}), cfg,
             data, progress=False)
     run = tmp_path / "run"
-    result = pretrain(tiny_cfg(run, max_steps=4, eval_interval=2, ckpt_interval=2), data, progress=False)
+    result = pretrain(tiny_run_cfg(run, max_steps=4, eval_interval=2, ckpt_interval=2), data, progress=False)
     out = capsys.readouterr().out
     assert "validation skipped" in out and "0 validation tokens" in out
     assert "done: 4 steps" in out and "validation skipped (no validation split)" in out
@@ -209,7 +185,7 @@ def test_gradient_scaler_state_is_saved_and_restored(tmp_path):
 def test_fp16_resume_continues_exactly_on_cuda(tmp_path, data_dir):
     if not torch.cuda.is_available():
         pytest.skip("fp16 training needs a CUDA GPU")
-    cfg = lambda run: tiny_cfg(run, precision="fp16", device="cuda", dropout=0.0)  # noqa: E731
+    cfg = lambda run: tiny_run_cfg(run, precision="fp16", device="cuda", dropout=0.0)  # noqa: E731
     pretrain(cfg(tmp_path / "whole"), data_dir, progress=False)
     pretrain(cfg(tmp_path / "split"), data_dir, progress=False, stop_at_step=6)
     pretrain(cfg(tmp_path / "split"), data_dir, progress=False, resume=True)
@@ -225,7 +201,7 @@ def test_fp16_resume_continues_exactly_on_cuda(tmp_path, data_dir):
 
 def test_bad_checkpoints_are_refused(tmp_path, data_dir):
     run = tmp_path / "run"
-    pretrain(tiny_cfg(run, max_steps=2), data_dir, progress=False)
+    pretrain(tiny_run_cfg(run, max_steps=2), data_dir, progress=False)
     ckpt = ckpt_io.find_checkpoint(run)
     model, tok, cfg = ckpt_io.load_model_for_inference(run)
     assert tok.vocab_size == 257 and cfg.model.n_layer == 2
@@ -245,23 +221,23 @@ def test_bad_checkpoints_are_refused(tmp_path, data_dir):
 
 def test_resume_with_other_data_is_refused(tmp_path, data_dir):
     run = tmp_path / "run"
-    pretrain(tiny_cfg(run, max_steps=2), data_dir, progress=False)
+    pretrain(tiny_run_cfg(run, max_steps=2), data_dir, progress=False)
     other = tmp_path / "other"
     cfg = Config()
     cfg.data.workers = 1
     prepare([str(write_corpus(tmp_path / "c2", make_docs(20, seed=5)))], ByteTokenizer({"<|x|>": 256}), cfg, other,
             progress=False)
     with pytest.raises(UserError, match="tokenizer"):
-        pretrain(tiny_cfg(run, max_steps=4), other, progress=False, resume=True)
+        pretrain(tiny_run_cfg(run, max_steps=4), other, progress=False, resume=True)
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path, data_dir):
-    result = pretrain(tiny_cfg(tmp_path / "bf16", precision="bf16", max_steps=4), data_dir, progress=False)
+    result = pretrain(tiny_run_cfg(tmp_path / "bf16", precision="bf16", max_steps=4), data_dir, progress=False)
     assert torch.isfinite(torch.tensor(result.train_loss))
 
 
 def test_profile_writes_a_trace(tmp_path, data_dir, capsys):
-    pretrain(tiny_cfg(tmp_path / "p", profile_steps=2, max_steps=5), data_dir, progress=False)
+    pretrain(tiny_run_cfg(tmp_path / "p", profile_steps=2, max_steps=5), data_dir, progress=False)
     assert (tmp_path / "p" / "profile" / "trace.json").stat().st_size > 1000
     assert "aten::" in capsys.readouterr().out  # the top-operators table
 
@@ -297,4 +273,4 @@ def test_out_of_memory_names_the_setting(tmp_path, data_dir, monkeypatch):
 
     monkeypatch.setattr(pretrain_mod, "forward_backward", oom)
     with pytest.raises(UserError, match=r"micro-batch of 4x16 tokens does not fit.*--train.batch_size"):
-        pretrain(tiny_cfg(tmp_path / "oom"), data_dir, progress=False)
+        pretrain(tiny_run_cfg(tmp_path / "oom"), data_dir, progress=False)
