@@ -220,7 +220,7 @@ def import_hf(src: str | Path, dst: str | Path, *, tokenizer: str | Path | None 
     with torch.device("meta"):  # shapes and names only: no memory, no init cost
         expected = build_model(m)
     tensors = map_weights(hf, expected, family, where)
-    buffers = family.extra_tensors(m) if hasattr(family, "extra_tensors") else {}
+    buffers = family.extra_tensors(m)
 
     cfg = Config(name=src.name, out_dir=str(dst))
     cfg.model = m
@@ -258,8 +258,7 @@ def export_hf(src: str | Path, dst: str | Path, adapters: str | Path | None = No
         t = p.detach().float()
         tensors[hf_name] = (t.transpose(-2, -1) if transposed else t).contiguous()
     tensors.update(family.extra_hf_tensors(m))
-    if hasattr(family, "finish_hf"):
-        family.finish_hf(tensors, m)
+    family.finish_hf(tensors, m)
     with atomic_dir(dst) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", hf_cfg)

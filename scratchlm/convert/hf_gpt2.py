@@ -95,3 +95,12 @@ def prepare_hf(sd: dict[str, torch.Tensor], m: ModelConfig, where: str) -> None:
 
 def extra_hf_tensors(m: ModelConfig) -> dict[str, torch.Tensor]:
     return {}
+
+
+def extra_tensors(m: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our persistent buffers with no HF counterpart: none."""
+    return {}
+
+
+def finish_hf(tensors: dict[str, torch.Tensor], m: ModelConfig) -> None:
+    """The exported tensors are already in HF's layout."""

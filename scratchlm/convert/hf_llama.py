@@ -259,3 +259,12 @@ def extra_hf_tensors(m: ModelConfig) -> dict[str, torch.Tensor]:
     if hf_model_type(m) == "qwen3" and m.bias:
         return {f"model.layers.{i}.self_attn.o_proj.bias": torch.zeros(m.n_embd) for i in range(m.n_layer)}
     return {}
+
+
+def extra_tensors(m: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our persistent buffers with no HF counterpart: none (RoPE's tables are not persistent)."""
+    return {}
+
+
+def finish_hf(tensors: dict[str, torch.Tensor], m: ModelConfig) -> None:
+    """The exported tensors are already in HF's layout."""
