@@ -190,18 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--text", help="predict: the text to classify")
     sp.set_defaults(fn=cmd_classify)
 
-    sp = with_common(verbs.add_parser("chat", help="interactive chat with a fine-tuned checkpoint"))
-    sp.add_argument("--ckpt", required=True, help="a run folder or a checkpoint folder (an SFT model)")
+    def generating(sp: argparse.ArgumentParser, ckpt_help: str) -> argparse.ArgumentParser:
+        """The options of a verb that loads a model to generate with (chat, sample)."""
+        sp.add_argument("--ckpt", required=True, help=ckpt_help)
+        sp.add_argument("--device", default="auto")
+        sp.add_argument("--adapters", help=ADAPTERS_HELP)
+        return sp
+
+    sp = generating(with_common(verbs.add_parser("chat", help="interactive chat with a fine-tuned checkpoint")),
+                    "a run folder or a checkpoint folder (an SFT model)")
     sp.add_argument("--system", default="", help="a system prompt")
-    sp.add_argument("--device", default="auto")
-    sp.add_argument("--adapters", help=ADAPTERS_HELP)
     sp.set_defaults(fn=cmd_chat)
 
-    sp = with_common(verbs.add_parser("sample", help="generate text from a checkpoint"))
-    sp.add_argument("--ckpt", required=True, help="a run folder or a checkpoint folder")
+    sp = generating(with_common(verbs.add_parser("sample", help="generate text from a checkpoint")),
+                    "a run folder or a checkpoint folder")
     sp.add_argument("--prompt", default="", help="text to continue (default: start from the EOS token)")
-    sp.add_argument("--device", default="auto")
-    sp.add_argument("--adapters", help=ADAPTERS_HELP)
     sp.set_defaults(fn=cmd_sample)
 
     viz = verbs.add_parser("viz", help="pictures of a model's insides")

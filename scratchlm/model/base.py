@@ -51,3 +51,12 @@ class LanguageModel(nn.Module):
 
     def routing_metrics(self) -> dict[str, float]:
         return {}
+
+    def transformer_flops(self, weights: int, seq_len: int | None = None) -> float:
+        """Training FLOPs per token of a transformer with `weights` parameters in use per token:
+        6 per weight that multiplies (forward + backward; untied, the token table is a lookup and is
+        left out) plus attention's QKᵀ and AV, 2 matmuls x 2 FLOPs x T x C per layer, x3 for the
+        backward: 12·L·C·T (T the full context; causal masking is not credited, as in PaLM's MFU)."""
+        c = self.config
+        lookup = 0 if c.tie_embeddings else self.embedding.weight.numel()
+        return 6 * (weights - lookup) + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)

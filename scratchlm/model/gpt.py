@@ -187,10 +187,5 @@ class GPT(LanguageModel):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6N for the matmuls with weights, plus
-        attention's QKᵀ and AV: 2 matmuls x 2 FLOPs x T x C per layer, x3 for forward+backward,
-        so 12·L·C·T (T the full context: causal masking is not credited, as in PaLM's MFU)."""
-        c = self.config
-        T = seq_len or c.block_size
-        lookup = 0 if c.tie_embeddings else self.wte.weight.numel()  # untied, the token table does no matmul
-        return 6 * (self.num_params() - lookup) + 12 * c.n_layer * c.n_embd * T
+        """Training FLOPs per token (forward + backward): 6N + 12·L·C·T (`transformer_flops`)."""
+        return self.transformer_flops(self.num_params(), seq_len)

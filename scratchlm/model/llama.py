@@ -196,9 +196,5 @@ class Llama(LanguageModel):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """6N + attention's 12·L·H·D·T (as GPT.flops_per_token; the window, if any, not credited).
-        N counts the weights that multiply: untied, the token table is a lookup and is left out."""
-        c = self.config
-        T = seq_len or c.block_size
-        lookup = 0 if c.tie_embeddings else self.tok_embeddings.weight.numel()
-        return 6 * (self.num_params() - lookup) + 12 * c.n_layer * c.n_embd * T
+        """6N + attention's 12·L·H·D·T (`transformer_flops`; the window, if any, not credited)."""
+        return self.transformer_flops(self.num_params(), seq_len)

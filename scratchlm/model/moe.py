@@ -295,7 +295,4 @@ class MoE(Llama):
         return self.num_params() - len(self.moe_layers()) * (c.n_experts - c.n_active_experts) * per_expert
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        c = self.config
-        T = seq_len or c.block_size
-        lookup = 0 if c.tie_embeddings else self.tok_embeddings.weight.numel()  # a lookup, not a matmul
-        return 6 * (self.active_params() - lookup) + 12 * c.n_layer * c.n_embd * T
+        return self.transformer_flops(self.active_params(), seq_len)  # the experts a token uses
