@@ -33,7 +33,6 @@ speculative decoding, beam search, and torch.compile / CUDA graphs for the decod
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -95,7 +94,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.cache: Cache | None = None
         # The bigram and MLP baselines have no cache protocol: they are run uncached.
-        self.cacheable = "cache" in inspect.signature(model.forward).parameters
+        self.cacheable = model.attention_shape() is not None
 
     @property
     def device(self) -> torch.device:
@@ -109,8 +108,7 @@ class Engine:
             return c.block_size
         if max_len < 1:
             raise UserError(f"max_len={max_len} must be >= 1")
-        stretchable = self.model.rotary is not None and c.rope_scaling != "none"
-        if max_len > c.block_size and not stretchable:
+        if max_len > c.block_size and not self.model.can_stretch:
             raise UserError(f"max_len={max_len} is longer than model.block_size={c.block_size}",
                             fix="only a RoPE model with model.rope_scaling set reaches past its block")
         return max_len

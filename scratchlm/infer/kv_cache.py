@@ -68,11 +68,10 @@ class KVCache(CacheMemory):
     @classmethod
     def for_model(cls, model: nn.Module, batch: int, max_len: int | None = None, *, pad: torch.Tensor | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
-        c = model.config
+        a = model.attention_shape()
         p = next(model.parameters())
-        return cls(c.n_layer, batch, getattr(c, "n_kv_head", 0) or c.n_head, c.n_embd // c.n_head,
-                   max_len or c.block_size, window=getattr(c, "sliding_window", 0), pad=pad, device=p.device,
-                   dtype=dtype or p.dtype)
+        return cls(a.n_layer, batch, a.n_kv_head, a.head_dim, max_len or a.context, window=a.window, pad=pad,
+                   device=p.device, dtype=dtype or p.dtype)
 
     def room(self) -> int:
         """How many new tokens the next forward may add before the cache is full."""

@@ -79,10 +79,11 @@ def check_sink_settings(model: LanguageModel, sink_tokens: int, window: int) -> 
         raise UserError(f"sample.sink_tokens={sink_tokens} must be >= 0")
     if window < 0:
         raise UserError(f"sample.window={window} must be >= 1 (0 = the rest of the context)")
+    own = model.attention_shape().window  # the model's own sliding window, 0 = none
     if window == 0:
         window = c.block_size - sink_tokens
-        if c.sliding_window > 0:
-            window = min(window, c.sliding_window)
+        if own > 0:
+            window = min(window, own)
         if window < 1:
             raise UserError(f"sample.sink_tokens={sink_tokens} leaves no room for a window in "
                             f"model.block_size={c.block_size}", fix="use fewer sink tokens")
@@ -90,9 +91,9 @@ def check_sink_settings(model: LanguageModel, sink_tokens: int, window: int) -> 
         raise UserError(f"sample.sink_tokens={sink_tokens} + sample.window={window} = {sink_tokens + window} "
                         f"slots do not fit the model's context, model.block_size={c.block_size}",
                         fix="shrink sample.window: positions past the context were never trained")
-    if c.sliding_window > 0 and window > c.sliding_window:
-        raise UserError(f"sample.window={window} is wider than model.sliding_window={c.sliding_window}, "
-                        "which is all the model ever attended to", fix=f"use sample.window<={c.sliding_window}")
+    if own > 0 and window > own:
+        raise UserError(f"sample.window={window} is wider than model.sliding_window={own}, "
+                        "which is all the model ever attended to", fix=f"use sample.window<={own}")
     return window
 
 
@@ -124,9 +125,9 @@ class SinkCache(CacheMemory):
     def for_model(cls, model: nn.Module, batch: int, *, sink_tokens: int = 4, window: int = 0,
                   dtype: torch.dtype | None = None) -> SinkCache:
         window = check_sink_settings(model, sink_tokens, window)
-        c = model.config
+        a = model.attention_shape()
         p = next(model.parameters())
-        return cls(c.n_layer, batch, c.n_kv_head or c.n_head, c.n_embd // c.n_head, sink_tokens=sink_tokens,
+        return cls(a.n_layer, batch, a.n_kv_head, a.head_dim, sink_tokens=sink_tokens,
                    window=window, device=p.device, dtype=dtype or p.dtype)
 
     def room(self) -> int:

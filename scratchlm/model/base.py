@@ -6,6 +6,9 @@
 - `unembedding`: the output nn.Linear that writes vocabulary logits, or None where there is none.
 - `rotary`: the model's RoPE when positions enter as rotations (the Llama family), else None: only then
   can cached keys move to new positions (the sink cache) or the context stretch (`rope_scaling`).
+- `attention_shape()`: what a cache must hold for this model (layers, key/value heads, head dim, sliding
+  window, trained context), or None for a model that cannot decode with one (the baselines); `can_stretch`:
+  whether the context may reach past block_size (RoPE with a scaling scheme set).
 - hooks the training loop calls on every model, with neutral defaults: `aux_loss()` (a loss term added
   to the cross-entropy, 0.0 here), `after_optimizer_step()` (nothing here), `routing_metrics()` ({}).
   The MoE overrides the three; the classifier forwards them to its body.
@@ -18,11 +21,24 @@ a same-named attribute away from a property), so checkpoints and the HF conversi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from scratchlm.model.layers import RoPE
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What a cache needs to know about a model: per layer, n_kv_head heads of head_dim keys and values;
+    `window` > 0 limits each query to that many latest positions; `context` is block_size."""
+
+    n_layer: int
+    n_kv_head: int
+    head_dim: int
+    window: int
+    context: int
 
 
 class LanguageModel(nn.Module):
@@ -42,6 +58,16 @@ class LanguageModel(nn.Module):
     @property
     def rotary(self) -> RoPE | None:
         return None
+
+    def attention_shape(self) -> AttentionShape | None:
+        """None: this model has no attention to cache (its forward takes no `cache`)."""
+        return None
+
+    @property
+    def can_stretch(self) -> bool:
+        """Whether generation may run past block_size: only RoPE with a scaling scheme (a learned position
+        table, or unscaled RoPE, ends at the trained context)."""
+        return self.rotary is not None and self.rotary.scaling != "none"
 
     def aux_loss(self) -> torch.Tensor | float:
         return 0.0

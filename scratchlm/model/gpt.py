@@ -28,7 +28,7 @@ from torch import nn
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.losses import fusable_head, linear_cross_entropy
-from scratchlm.model.base import LanguageModel
+from scratchlm.model.base import AttentionShape, LanguageModel
 from scratchlm.model.layers import DocumentMask, check_context, explicit_attention, sdpa_attention, sinusoidal_positions
 
 
@@ -124,6 +124,10 @@ class GPT(LanguageModel):
     @property
     def unembedding(self) -> nn.Module:
         return self.lm_head
+
+    def attention_shape(self) -> AttentionShape:
+        c = self.config
+        return AttentionShape(c.n_layer, c.n_head, c.n_embd // c.n_head, c.sliding_window, c.block_size)
 
     def init_weights(self) -> None:
         """Every tensor's initialisation, in one place (GPT-2's scheme; see the module docstring)."""

@@ -130,6 +130,7 @@ class RoPE(nn.Module):
                  original_context: int = 0) -> None:
         super().__init__()
         inv_freq, self.attn_scale = rope_frequencies(head_dim, theta, scaling, factor, original_context)
+        self.scaling = scaling  # the context-extension scheme ("none": positions end at the trained context)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 

@@ -30,7 +30,7 @@ from torch import nn
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.losses import fusable_head, linear_cross_entropy
-from scratchlm.model.base import LanguageModel
+from scratchlm.model.base import AttentionShape, LanguageModel
 from scratchlm.model.layers import DocumentMask, RMSNorm, RoPE, check_context, explicit_attention, sdpa_attention
 
 
@@ -147,6 +147,11 @@ class Llama(LanguageModel):
     @property
     def rotary(self) -> RoPE:
         return self.rope
+
+    def attention_shape(self) -> AttentionShape:
+        c = self.config
+        return AttentionShape(c.n_layer, c.n_kv_head or c.n_head, c.n_embd // c.n_head, c.sliding_window,
+                              c.block_size)
 
     def init_weights(self) -> None:
         """N(0, 0.02) for matrices and embeddings, the residual-writing projections (wo, w2) scaled
