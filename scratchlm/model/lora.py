@@ -32,14 +32,9 @@ head) train beside the adapters, every other row frozen: all of them is PEFT's `
 on the embedding (the `sft` default, `sft.lora_embedding=all`), the chat markers' alone its
 `trainable_token_indices` (`chat`: a few hundred numbers, for bases whose embedding is too big).
 
-Adapters are saved as one file plus its record (`save_adapters`): `RUN/adapters.safetensors` holds
-A and B of each wrapped layer and the token rows that differ from the base (the trained ones, and
-any the fine-tune appended when the base tokenizer lacked the chat specials); `RUN/adapters.json`
-holds r, alpha, dropout, the wrapped layer names, the base's quantization, the base's path and
-fingerprint (`base_fingerprint`: a SHA-256 of its state dict), the tokens added to its tokenizer,
-and the tensors file's own SHA-256. `load_adapters` turns a fresh base into exactly the fine-tuned
-model (same structure, same numbers) and refuses another base; `scratchlm.checkpoint.merge_adapters`
-writes the merged weights as a plain checkpoint (`scratchlm merge`).
+Saving and loading the adapters is the checkpoint layer's (scratchlm/checkpoint/adapters.py: one
+file of A, B and the trained token rows, a record beside it, `load_adapters` onto a fresh base);
+`lora_layers` and `lora_state_dict` are what it reads here.
 
 LoRA and the quantized linears are model parts: `adapt_model` applies a config's LoRA (QLoRA) to a
 freshly built model, for the sft stage and for every loader of a LoRA checkpoint alike.
@@ -55,35 +50,21 @@ variants, and several adapters on one base.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from scratchlm.config import Config
 from scratchlm.errors import UserError
-from scratchlm.io import atomic_open, write_json
-from scratchlm.model import resize_embeddings
 from scratchlm.model.base import LanguageModel
 from scratchlm.model.gpt import GPT
 from scratchlm.model.llama import Llama
 from scratchlm.model.quant import DEFAULT_SKIP, QuantLinear, name_matches, quantize_model
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.tokenizer.base import with_specials
 from scratchlm.tokenizer.chat import CHAT_SPECIALS
-
-ADAPTER_TENSORS = "adapters.safetensors"  # in an sft run folder, beside its record adapters.json
-FORMAT = "scratchlm-lora"
-VERSION = 2  # 1 was a folder of adapters.safetensors + adapters.json, without the base's fingerprint
 
 
 class LoRALinear(nn.Module):
@@ -173,7 +154,9 @@ def _match(model: nn.Module, targets: Sequence[str]) -> list[str]:
     return names
 
 
-def _wrap(model: nn.Module, names: Sequence[str], r: int, alpha: float, dropout: float) -> None:
+def wrap_layers(model: nn.Module, names: Sequence[str], r: int, alpha: float, dropout: float) -> None:
+    """Freeze the whole model and wrap (in place) the linear layers `names` with LoRA: `apply_lora`
+    after matching its patterns, and `load_adapters` with the names a saved record lists."""
     model.requires_grad_(False)  # everything frozen; the new A and B are created trainable
     for name in names:
         model.set_submodule(name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
@@ -190,7 +173,7 @@ def apply_lora(
     projections (the paper's choice), or `default_targets(model)` for all projections."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     names = _match(model, targets)
-    _wrap(model, names, r, alpha, dropout)
+    wrap_layers(model, names, r, alpha, dropout)
     return names
 
 
@@ -313,195 +296,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of a base model's state dict (names, dtypes, shapes, bytes). Take it right after
-    loading the base, before resizing, quantizing or applying LoRA; `save_adapters` records it and
-    `load_adapters` refuses a base whose fingerprint differs."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-# -- saving and loading adapters -----------------------------------------------------------------
-def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+# -- the adapters --------------------------------------------------------------------------------
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """(name, layer) of every LoRA layer, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapters: `<layer>.lora_A` (r, in) and `<layer>.lora_B` (out, r) for each LoRA layer."""
     out: dict[str, torch.Tensor] = {}
-    for name, m in _lora_layers(model):
+    for name, m in lora_layers(model):
         out[f"{name}.lora_A"] = m.lora_A.detach()
         out[f"{name}.lora_B"] = m.lora_B.detach()
     return out
-
-
-def _quantized_layers(model: nn.Module) -> dict[str, list[int]]:
-    """Name (as in the unwrapped base) -> [bits, group_size] of every QuantLinear."""
-    wrapped = {f"{n}.base": n for n, _ in _lora_layers(model)}
-    return {wrapped.get(n, n): [m.bits, m.group_size] for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
-def adapter_files(path: str | Path) -> tuple[Path, Path]:
-    """(tensors, record) for adapters named by `RUN`, `RUN/adapters.safetensors` or `RUN/adapters.json`."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / ADAPTER_TENSORS
-    if path.suffix not in (".safetensors", ".json"):
-        raise UserError(f"{path}: adapters are a .safetensors file with a .json record beside it",
-                        fix=f"pass e.g. RUN/{ADAPTER_TENSORS}")
-    return path.with_suffix(".safetensors"), path.with_suffix(".json")
-
-
-def save_adapters(
-    model: nn.Module, path: str | Path, *, base: str = "", base_fingerprint: str | None = None,
-    base_vocab_size: int | None = None, added_tokens: dict[str, int] | None = None, meta: dict[str, Any] | None = None,
-) -> Path:
-    """Write the adapters as `path` (a `.safetensors` file) and their record beside it (`.json`).
-
-    Tensors: every `<layer>.lora_A` / `.lora_B`, and `tokens.<table>` (k, C): the rows `token_ids`
-    of each token table that differ from the base's, i.e. those trained (`train_token_rows`) and
-    those the fine-tune appended (ids >= `base_vocab_size`, when the tokenizer gained specials).
-    Record: format, r, alpha, dropout, targets (the wrapped layer names), quant_bits and the
-    quantized layers, token_ids, vocab_size, base_vocab_size, added_tokens ({name: id} the base
-    tokenizer lacked), base (where it was), base_fingerprint, the tensors file's SHA-256 (so a
-    record never pairs with another run's tensors), and `meta`. Each file is written atomically,
-    the tensors first. Returns the tensors path."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise UserError(f"{path}: the adapters file must end in .safetensors")
-    layers = _lora_layers(model)
-    if not layers:
-        raise UserError("the model has no LoRA layers to save", fix="apply_lora or prepare_qlora first")
-    settings = {(m.r, m.alpha, m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0) for _, m in layers}
-    if len(settings) > 1:
-        raise UserError(f"LoRA layers with different settings {sorted(settings)} cannot be saved as one adapter")
-    if any(m.merged for _, m in layers):
-        raise UserError("cannot save adapters while merged", fix="unmerge() the LoRA layers first")
-    tables = token_tables(model)
-    vocab = tables[0][1].size(0)
-    base_vocab = vocab if base_vocab_size is None else base_vocab_size
-    trained = {int(i) for _, p in tables for i in getattr(p, "trainable_rows", [])}
-    token_ids = sorted(trained | set(range(base_vocab, vocab)))
-    tensors = {k: v.cpu().contiguous() for k, v in lora_state_dict(model).items()}
-    if token_ids:
-        tensors.update({f"tokens.{n}": p.detach()[token_ids].cpu().contiguous() for n, p in tables})
-    blob = safetensors_save(tensors)
-    quantized = _quantized_layers(model)
-    r, alpha, dropout = next(iter(settings))
-    record = {"format": FORMAT, "version": VERSION, "r": r, "alpha": alpha, "dropout": dropout,
-              "targets": [n for n, _ in layers], "quant_bits": max((b for b, _ in quantized.values()), default=0),
-              "quantized": quantized, "token_ids": token_ids, "vocab_size": vocab, "base_vocab_size": base_vocab,
-              "added_tokens": dict(added_tokens or {}), "base": base, "base_fingerprint": base_fingerprint,
-              "tensors_sha256": hashlib.sha256(blob).hexdigest(), "meta": dict(meta or {})}
-    tensors_path, record_path = adapter_files(path)
-    with atomic_open(tensors_path, "wb") as f:
-        f.write(blob)
-    write_json(record_path, record)
-    return tensors_path
-
-
-def read_adapters(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
-    """(record, tensors, tensors path) of saved adapters, checked to belong together."""
-    tensors_path, record_path = adapter_files(path)
-    missing = [f.name for f in (tensors_path, record_path) if not f.is_file()]
-    if missing:
-        raise UserError(f"{tensors_path}: no LoRA adapters here (missing {', '.join(missing)})",
-                        fix="pass the adapters.safetensors an `sft` run with --sft.lora_r wrote")
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        blob = tensors_path.read_bytes()
-        tensors = safetensors_load(blob)
-    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as e:
-        raise UserError(f"{tensors_path}: corrupt adapter files ({type(e).__name__}: {e})",
-                        fix="save the adapters again") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
-        raise UserError(f"{record_path}: not a {FORMAT} v{VERSION} adapter record",
-                        fix="save the adapters again with this version")
-    fields = ("r", "alpha", "dropout", "targets", "quantized", "token_ids", "vocab_size", "base_vocab_size",
-              "added_tokens", "base_fingerprint", "tensors_sha256", "meta")
-    absent = [k for k in fields if k not in record]
-    if absent:
-        raise UserError(f"{record_path}: adapter record lacks {', '.join(absent)}", fix="save the adapters again")
-    if hashlib.sha256(blob).hexdigest() != record["tensors_sha256"]:
-        raise UserError(f"{tensors_path}: these tensors are not the ones {record_path.name} describes (SHA-256 "
-                        "mismatch)", fix="keep the two files of one save together")
-    return record, tensors, tensors_path
-
-
-def load_adapters(model: nn.Module, path: str | Path) -> dict[str, Any]:
-    """Turn a freshly loaded base `model` into the fine-tuned one, in place: check the base's
-    fingerprint, grow its token tables to the fine-tune's vocabulary, put back the saved token
-    rows, quantize the layers the adapters were trained on quantized (QLoRA), wrap the targets and
-    load A and B. Returns the record; `adapter_tokenizer` gives the matching tokenizer."""
-    record, tensors, file = read_adapters(path)
-    if _lora_layers(model):
-        raise UserError("the model already has LoRA layers", fix="load adapters onto a fresh base model")
-    expected_fp = record["base_fingerprint"]
-    if expected_fp and base_fingerprint(model) != expected_fp:
-        raise UserError(f"{file}: these adapters were trained on another base model (fingerprint mismatch)",
-                        fix=f"pass the base they were trained from ({record.get('base') or 'see adapters.json'})")
-
-    def module(name: str) -> nn.Module:
-        try:
-            return model.get_submodule(name)
-        except AttributeError:
-            raise UserError(f"{file}: this model has no layer {name!r}",
-                            fix="the adapters were trained on a different architecture") from None
-
-    tables = token_tables(model)
-    if tables[0][1].size(0) != record["base_vocab_size"]:
-        raise UserError(f"{file}: the base has {tables[0][1].size(0)} token rows, the adapters were trained on "
-                        f"{record['base_vocab_size']}", fix="pass the base they were trained from")
-    if record["vocab_size"] > record["base_vocab_size"]:
-        resize_embeddings(model, record["vocab_size"])
-        tables = token_tables(model)
-    for name, (bits, group_size) in record["quantized"].items():  # reproduce the QLoRA base first
-        m = module(name)
-        if isinstance(m, QuantLinear):
-            if (m.bits, m.group_size) != (bits, group_size):
-                raise UserError(f"{file}: layer {name} is quantized as {m.bits}-bit/{m.group_size}, the adapters "
-                                f"were trained on {bits}-bit/{group_size}", fix="load onto the unquantized base")
-        elif isinstance(m, nn.Linear):
-            model.set_submodule(name, QuantLinear.from_linear(m, bits, group_size))
-        else:
-            raise UserError(f"{file}: layer {name} is a {type(m).__name__}, not a linear layer")
-    for name in record["targets"]:
-        if not isinstance(module(name), nn.Linear | QuantLinear):
-            raise UserError(f"{file}: layer {name} is a {type(module(name)).__name__}, not a linear layer")
-    _wrap(model, record["targets"], record["r"], record["alpha"], record["dropout"])
-
-    params = dict(model.named_parameters())
-    wanted = {k: v.shape for k, v in lora_state_dict(model).items()}
-    if record["token_ids"]:
-        wanted.update({f"tokens.{n}": (len(record["token_ids"]), p.size(1)) for n, p in tables})
-    for key in sorted(wanted.keys() | tensors.keys()):
-        if key not in tensors:
-            raise UserError(f"{file}: missing tensor {key}", fix="the adapter file is incomplete; save it again")
-        if key not in wanted:
-            raise UserError(f"{file}: unexpected tensor {key}", fix="the adapters were trained on another model")
-        if tensors[key].shape != wanted[key]:
-            raise UserError(f"{file}: tensor {key} has shape {tuple(tensors[key].shape)}, this model needs "
-                            f"{tuple(wanted[key])}", fix="the adapters were trained on a different model size")
-    with torch.no_grad():
-        for key in wanted:
-            if key.startswith("tokens."):
-                params[key[len("tokens."):]][record["token_ids"]] = tensors[key].to(params[key[len("tokens."):]])
-            else:
-                params[key].copy_(tensors[key])
-    return record
-
-
-def adapter_tokenizer(tok: Tokenizer, record: dict[str, Any], where: str | Path = "adapters") -> Tokenizer:
-    """The base tokenizer with the special tokens the fine-tune added (`record["added_tokens"]`)."""
-    added = record["added_tokens"]
-    if added:
-        tok = with_specials(tok, list(added))
-    wrong = {n: i for n, i in added.items() if tok.special_tokens.get(n) != i}
-    if wrong or tok.vocab_size > record["vocab_size"]:
-        raise UserError(f"{where}: the base tokenizer does not give the fine-tune's token ids {wrong or ''}",
-                        fix="pass the base checkpoint the adapters were trained from")
-    return tok

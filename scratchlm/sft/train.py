@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from scratchlm import checkpoint as ckpt_io
+from scratchlm.checkpoint import ADAPTER_TENSORS, base_fingerprint, save_adapters
 from scratchlm.config import Config, SampleConfig
 from scratchlm.errors import UserError
 from scratchlm.infer.engine import Engine
 from scratchlm.io import write_text
 from scratchlm.model import build_model, resize_embeddings
-from scratchlm.model.lora import ADAPTER_TENSORS, adapt_model, base_fingerprint, save_adapters
+from scratchlm.model.lora import adapt_model
 from scratchlm.sft.data import (
     Conversation,
     SFTLoader,

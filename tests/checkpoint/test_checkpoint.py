@@ -7,7 +7,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from scratchlm import checkpoint as ckpt_io
+from scratchlm.checkpoint import folder as ckpt_io
 from scratchlm.config import Config, ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.model.gpt import GPT

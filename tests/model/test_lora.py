@@ -10,20 +10,18 @@ import pytest
 import torch
 from torch import nn
 
+from scratchlm.checkpoint import base_fingerprint, load_adapters, save_adapters
 from scratchlm.config import ModelConfig, TrainConfig
 from scratchlm.errors import UserError
 from scratchlm.model import build_model, resize_embeddings
 from scratchlm.model.lora import (
     LoRALinear,
     apply_lora,
-    base_fingerprint,
     count_parameters,
     default_targets,
-    load_adapters,
     lora_state_dict,
     merge_lora,
     prepare_qlora,
-    save_adapters,
     train_token_rows,
 )
 from scratchlm.model.quant import QuantLinear, weight_bytes

@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors for tensors, JSON for everything else, written atomically.
+"""A checkpoint folder: safetensors for tensors, JSON for everything else, written atomically.
 
 A checkpoint is a folder `RUN/ckpt/step_000500/` holding
 - `model.safetensors`: the weights (tied tensors stored once);
@@ -15,9 +15,9 @@ written. Loading refuses weights holding NaN or inf, naming the tensor.
 `RUN/ckpt/best/` is a copy of the checkpoint with the lowest validation loss. Nothing here uses
 pickle: loading cannot run code.
 
-Layering: this module sits above the model layer (it builds models, applies a LoRA checkpoint's
-adapter structure, merges adapters) and below training, inference and every stage, which all
-save and load through it.
+Loading for inference builds the model, applies a LoRA checkpoint's adapter structure, and puts
+adapter files (scratchlm/checkpoint/adapters.py) on top when asked; `merge_adapters` writes base +
+adapters as a plain checkpoint.
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from scratchlm.checkpoint.adapters import adapter_files, adapter_tokenizer, load_adapters
 from scratchlm.config import Config, SFTConfig, load_config
 from scratchlm.errors import UserError
 from scratchlm.io import atomic_dir, write_json, write_text
 from scratchlm.model import build_model
-from scratchlm.model.lora import adapt_model, adapter_files, adapter_tokenizer, load_adapters, merge_lora
+from scratchlm.model.lora import adapt_model, merge_lora
 from scratchlm.model.quant import dequantize_model
 from scratchlm.tokenizer import Tokenizer, load_tokenizer
 
