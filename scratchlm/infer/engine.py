@@ -27,8 +27,13 @@ Choices:
   length. `cache="none"` (and any model without the cache protocol, e.g. the bigram) recomputes
   the full forward over each row's last `block_size` tokens every step, as the plain loop did.
 
-Left out: continuous batching (rows joining a running batch), paged KV memory, prefix sharing,
-speculative decoding, beam search, and torch.compile / CUDA graphs for the decode step.
+The caches follow one protocol (`cache.py`): besides what a forward needs, rows leave (`select_rows`),
+join a running batch (`join`) and roll back (`truncate`), and a layer may keep a recurrent state; the
+serving, speculative-decoding and SSM stages build on those.
+
+Left out: a scheduler that admits new requests into a running batch (continuous batching; the caches
+can `join`, `generate` does not yet), paged KV memory, prefix sharing, beam search, and torch.compile /
+CUDA graphs for the decode step.
 """
 
 from __future__ import annotations
@@ -41,12 +46,12 @@ import torch
 
 from scratchlm.config import SampleConfig
 from scratchlm.errors import UserError
+from scratchlm.infer.cache import Cache
 from scratchlm.infer.kv_cache import KVCache
 from scratchlm.infer.sample import check_sample_config, sample_next
 from scratchlm.infer.sink_cache import SinkCache, check_sink_settings
 from scratchlm.model.base import LanguageModel
 
-Cache = KVCache | SinkCache
 CACHE_KINDS = ("kv", "sink", "none")
 SLIDE_KEEP = 0.5  # fraction of the context a row keeps when the KV cache is full (see the module docstring)
 

@@ -6,45 +6,30 @@ token runs alone ("decode"), reading the stored keys and values of every layer.
 
 The model does not know how keys are stored: it hands each layer's un-rotated q, k, v and its
 RoPE to `cache.attend(layer, q, k, v, rope)`, and asks `cache.positions(T)` for the position ids of
-the T new tokens (for embeddings and RoPE). That is the whole protocol, so a different cache
-(e.g. the rolling buffer with attention sinks, `sink_cache.py`) is a different class, not a flag
-in the model. The engine (`engine.py`) also asks a cache for its `room()` (how many tokens the
-next forward may add) and, when rows of a batch finish, to `select_rows` the ones still running.
+the T new tokens (for embeddings and RoPE). That protocol, with what the engine asks between
+forwards, is `cache.py`'s `Cache`; a different cache (the rolling buffer with attention sinks,
+`sink_cache.py`) is a different class, not a flag in the model.
 
 `KVCache` preallocates (B, H_kv, max_len, D) per layer. Batched prompts of different lengths are
 left-padded: row b's first `pad[b]` slots are padding, never attended to, and its positions start
-at 0 after them. An optional sliding window limits each query to the last `window` positions.
+at 0 after them. Every row's newest token sits in the last filled slot (`len - 1`); joining rows and
+rolling rows back keep that invariant by shifting a row right and growing its padding, so one write
+slot and one mask serve the whole batch. An optional sliding window limits each query to the last
+`window` positions.
 
 Shapes: L layers, B batch, H_kv key/value heads, S slots filled, T new tokens, D head dim.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Rope = Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+from scratchlm.infer.cache import Cache, Rope
 
 
-class CacheMemory:
-    """Memory accounting shared by the caches: both hold `k` and `v` of shape (L, B, H_kv, S, D)."""
-
-    k: torch.Tensor
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nelement() * self.k.element_size() * 2
-
-    def bytes_per_token(self) -> int:
-        """Cache memory one token (slot) costs: 2 (K and V) x layers x kv heads x head dim x element size."""
-        L, B, H, S, D = self.k.shape
-        return 2 * L * H * D * self.k.element_size()
-
-
-class KVCache(CacheMemory):
+class KVCache(Cache):
     def __init__(
         self,
         n_layer: int,
@@ -58,6 +43,7 @@ class KVCache(CacheMemory):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
+        super().__init__()
         shape = (n_layer, batch, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -77,12 +63,49 @@ class KVCache(CacheMemory):
         """How many new tokens the next forward may add before the cache is full."""
         return self.max_len - self.len
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only these batch rows (B',), e.g. once the others have finished generating."""
-        rows = rows.to(self.k.device)
+    def lengths(self) -> torch.Tensor:
+        """(B,) tokens each row holds: the filled slots less its left padding."""
+        full = torch.full((self.batch,), self.len, dtype=torch.long, device=self.k.device)
+        return full if self.pad is None else full - self.pad
+
+    def _pads(self) -> torch.Tensor:
+        return self.pad if self.pad is not None else torch.zeros(self.batch, dtype=torch.long, device=self.k.device)
+
+    def _select_kv(self, rows: torch.Tensor) -> None:
         self.k, self.v = self.k[:, rows], self.v[:, rows]  # (L, B', H_kv, max_len, D), copies
         if self.pad is not None:
             self.pad = self.pad[rows]
+        self._step = None
+
+    def _join_kv(self, other: Cache) -> None:
+        """Right-align both batches on the longer one: every row's last token stays in the last filled
+        slot (the invariant prefill set up), the shorter side's rows gain left padding."""
+        n = max(self.len, other.len)
+        if n > self.max_len:
+            raise ValueError(f"joining rows of {other.len} slots does not fit a cache of {self.max_len}")
+        B, B2 = self.batch, other.batch
+        shape = (self.k.size(0), B + B2, self.k.size(2), self.max_len, self.k.size(4))
+        k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        for src, rows, shift in ((self, slice(0, B), n - self.len), (other, slice(B, B + B2), n - other.len)):
+            k[:, rows, :, shift:n] = src.k[:, :, :, : src.len]
+            v[:, rows, :, shift:n] = src.v[:, :, :, : src.len]
+        self.pad = torch.cat([self._pads() + n - self.len, other._pads().to(self.k.device) + n - other.len])
+        self.k, self.v, self.len, self._step = k, v, n, None
+
+    def _truncate_kv(self, lengths: torch.Tensor) -> None:
+        """The rows' common rollback moves the write slot back; a row that drops more has its kept tokens
+        moved right by the difference (more left padding), so all rows still end in one slot."""
+        drop = self.lengths() - lengths  # (B,) tokens each row gives back
+        self.len -= int(drop.min())
+        extra = drop - drop.min()
+        if bool(extra.any()):
+            pad = self._pads().clone()
+            for b in extra.nonzero().flatten().tolist():
+                e, p = int(extra[b]), int(pad[b])
+                for t in (self.k, self.v):
+                    t[:, b, :, p + e : self.len] = t[:, b, :, p : self.len - e].clone()
+                pad[b] = p + e
+            self.pad = pad
         self._step = None
 
     def _prepare(self, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.errors import UserError
-from scratchlm.infer.kv_cache import CacheMemory, Rope
+from scratchlm.infer.cache import Cache, Rope
 from scratchlm.model.base import LanguageModel
 from scratchlm.model.layers import rotate_half
 
@@ -97,7 +97,7 @@ def check_sink_settings(model: LanguageModel, sink_tokens: int, window: int) -> 
     return window
 
 
-class SinkCache(CacheMemory):
+class SinkCache(Cache):
     def __init__(
         self,
         n_layer: int,
@@ -112,6 +112,7 @@ class SinkCache(CacheMemory):
     ) -> None:
         if sink_tokens < 0 or window < 1:
             raise ValueError(f"need sink_tokens >= 0 and window >= 1, got {sink_tokens} and {window}")
+        super().__init__()
         self.sinks, self.window = sink_tokens, window
         self.slots = sink_tokens + window
         shape = (n_layer, batch, n_kv_head, self.slots, head_dim)
@@ -135,9 +136,32 @@ class SinkCache(CacheMemory):
         (each evicts the oldest window token, so a longer chunk would need per-query caches)."""
         return self.slots - self.seen if self.seen < self.slots else 1
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        rows = rows.to(self.k.device)
+    def lengths(self) -> torch.Tensor:
+        """(B,) tokens of text each row has consumed (all rows alike: no padding)."""
+        return torch.full((self.batch,), self.seen, dtype=torch.long, device=self.k.device)
+
+    def _select_kv(self, rows: torch.Tensor) -> None:
         self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self._step, self._rot = None, None
+
+    def _join_kv(self, other: Cache) -> None:
+        """Rows join only at the same point of the stream: places are shared by the whole batch."""
+        if (other.sinks, other.window, other.seen) != (self.sinks, self.window, self.seen):
+            raise ValueError(f"sink caches join only with the same sinks, window and tokens seen: "
+                             f"{self.sinks, self.window, self.seen} vs {other.sinks, other.window, other.seen}")
+        self.k, self.v = torch.cat([self.k, other.k], dim=1), torch.cat([self.v, other.v], dim=1)
+        self._step, self._rot = None, None
+
+    def _truncate_kv(self, lengths: torch.Tensor) -> None:
+        """Only while filling and for all rows alike: once the ring has evicted a token, giving back the
+        newest ones cannot bring the evicted ones back."""
+        n = int(lengths[0])
+        if bool((lengths != n).any()):
+            raise ValueError("the sink cache rolls back all rows alike (its places are shared by the batch)")
+        if self.seen > self.slots and n < self.seen:
+            raise ValueError(f"the sink cache has evicted tokens ({self.seen} seen, {self.slots} slots): it cannot "
+                             "roll back")
+        self.seen = n
         self._step, self._rot = None, None
 
     def _prepare(self, T: int) -> _Step:
