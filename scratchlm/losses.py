@@ -1,13 +1,29 @@
 """Loss math shared across stages, as pure functions tested against hand computations.
 
-So far: the language-model loss fused with the output head (`linear_cross_entropy`) and the
-mixture-of-experts router losses. Later stages add theirs here (Bradley-Terry, DPO, PPO clip,
-GAE, GRPO advantages, KL estimators).
+So far:
+- `linear_cross_entropy`: the language-model loss fused with the output head, chunked over rows.
+- `load_balancing_loss`, `router_z_loss`, `routing_entropy`: mixture-of-experts router losses
+  (Switch Transformer, Fedus et al. 2021; ST-MoE, Zoph et al. 2022).
+- `sequence_logprobs` / `linear_sequence_logprobs`: a response's summed (or mean) token
+  log-probability from logits / from hidden states and the head weight, the input of DPO.
+- `bradley_terry_loss`: the reward model's pairwise loss (Bradley & Terry 1952; InstructGPT,
+  Ouyang et al. 2022), with Llama 2's per-pair margin (Touvron et al. 2023) and the centering term
+  of Eisenstein et al. 2023.
+- `dpo_loss`: DPO (Rafailov et al. 2023), its label-smoothed "conservative" variant (Mitchell
+  2023) and IPO (Azar et al. 2023), per pair, with the implicit rewards to log.
+Later stages add theirs here (PPO clip, GAE, GRPO advantages, KL estimators).
+
+Left out: the other DPO-family losses (hinge, KTO, ORPO, SimPO, ...); the caller averages the
+per-pair DPO losses, so gradient accumulation can weigh micro-batches as it needs.
 """
 
 from __future__ import annotations
 
+from typing import Literal, NamedTuple
+
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -147,3 +163,127 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return _fused_chunks(x2, weight, t2, ignore_index, chunk, False, False)[0]
     return _LinearCrossEntropy.apply(x2, weight, t2, ignore_index, chunk)
+
+
+def _per_row(token_values: torch.Tensor, rows: torch.Tensor, n_rows: int, average: bool) -> torch.Tensor:
+    """Sum (or mean) of the counted tokens' values (n,) into their rows (n_rows,); `rows` (n,)
+    names each token's row. An empty row sums to 0 and averages to nan."""
+    total = torch.zeros(n_rows, dtype=token_values.dtype, device=token_values.device).index_add(0, rows, token_values)
+    if not average:
+        return total
+    count = torch.bincount(rows, minlength=n_rows).to(total.dtype)  # (n_rows,)
+    return total / count
+
+
+def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, average: bool = False) -> torch.Tensor:
+    """Per row, the sum (or, with `average`, the mean over counted tokens) of log p(target) under
+    softmax(logits). logits (B, T, V), targets (B, T) already aligned with the logits (position t
+    scores targets[:, t]), -1 = not counted (prompt and padding) -> (B,).
+
+    The log-softmax runs in fp32 (float64 for float64 logits), on the counted positions only: a
+    bf16 log-probability summed over a response is off by whole nats, and prompt positions would
+    only cost memory. A row with no counted token gives 0 (nan with `average`)."""
+    B = logits.size(0)
+    keep = (targets != -1).flatten().nonzero()[:, 0]  # (n,) counted positions of the B*T
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    picked = logits.flatten(0, 1)[keep].to(acc)  # (n, V)
+    tok = picked.log_softmax(-1).gather(1, targets.flatten()[keep, None])[:, 0]  # (n,)
+    return _per_row(tok, keep // targets.size(1), B, average)
+
+
+def _token_logprobs(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) of x (n, C) @ weight (V, C).T for targets (n,): the matmul in the input's (or
+    autocast's) dtype, the log-softmax in fp32 or float64."""
+    logits = F.linear(x, weight)  # (n, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+
+
+def linear_sequence_logprobs(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                             average: bool = False, chunk: int | None = None) -> torch.Tensor:
+    """`sequence_logprobs(x @ weight.T, targets, average=average)` without the (B, T, V) logits.
+    x (B, T, C) hidden states after the final norm, weight (V, C) a bias-free head (see
+    `fusable_head`), targets (B, T) with -1 = not counted -> (B,).
+
+    The counted positions go through the head `chunk` rows at a time (`chunk_rows` by default).
+    When a gradient is wanted each chunk is checkpointed: forward keeps no logits, and backward
+    recomputes one chunk's logits at a time (one extra head matmul per chunk, the price of the
+    memory). Simpler than `linear_cross_entropy`'s closed-form gradient, which does not carry
+    over: here each row's log-probability gets its own incoming gradient, known only in backward."""
+    B = x.size(0)
+    keep = (targets != -1).flatten().nonzero()[:, 0]  # (n,)
+    xs, ts = x.flatten(0, 1)[keep], targets.flatten()[keep]  # (n, C), (n,)
+    chunk = chunk or chunk_rows(weight.size(0))
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    parts = [checkpoint(_token_logprobs, xs[s : s + chunk], weight, ts[s : s + chunk], use_reentrant=False)
+             if grad else _token_logprobs(xs[s : s + chunk], weight, ts[s : s + chunk])
+             for s in range(0, xs.size(0), chunk)]
+    tok = torch.cat(parts) if parts else x.new_zeros(0, dtype=torch.promote_types(x.dtype, torch.float32))  # (n,)
+    return _per_row(tok, keep // targets.size(1), B, average)
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                       center_coef: float = 0.0) -> torch.Tensor:
+    """Reward-model loss over pairs: mean of -log σ(r_c - r_r - margin), plus
+    center_coef * mean((r_c + r_r)²). All inputs (B,) -> scalar.
+
+    -log σ is the negative log-likelihood of the Bradley-Terry preference model (as in InstructGPT),
+    computed with logsigmoid, which stays finite for any gap. The optional per-pair margin (Llama 2)
+    asks for a wider gap on pairs rated far apart. The loss sees only differences, so rewards may
+    drift as a whole; the centering term (Eisenstein et al. 2023, "center_rewards_coefficient" in
+    TRL, which suggests 0.01) pulls each pair's sum, hence the rewards, towards zero."""
+    if center_coef < 0:
+        raise ValueError(f"center_coef must be >= 0, got {center_coef}")
+    gap = r_chosen - r_rejected if margin is None else r_chosen - r_rejected - margin  # (B,)
+    loss = -F.logsigmoid(gap).mean()
+    if center_coef:
+        loss = loss + center_coef * (r_chosen + r_rejected).pow(2).mean()
+    return loss
+
+
+class DPOOutput(NamedTuple):
+    """Per pair (B,): the loss to average, and the implicit rewards β·(log π - log π_ref) of the
+    chosen and rejected responses with their margin (detached: for logging and accuracy)."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    margins: torch.Tensor
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, kind: Literal["sigmoid", "ipo"] = "sigmoid",
+             label_smoothing: float = 0.0) -> DPOOutput:
+    """Direct preference optimisation from sequence log-probabilities, all (B,): the policy's and
+    the reference's log p(response | prompt) for the chosen and the rejected response.
+
+    With h = (π_c - ref_c) - (π_r - ref_r), the policy's gain in log-ratio of chosen over rejected:
+    - "sigmoid" (Rafailov et al. 2023): -log σ(βh). With label_smoothing ε, the conservative DPO
+      of Mitchell 2023, which assumes a fraction ε of the labels flipped:
+      -(1-ε) log σ(βh) - ε log σ(-βh).
+    - "ipo" (Azar et al. 2023): (h - 1/(2β))², a squared loss that targets a finite gap rather
+      than pushing h to infinity. As in the paper and TRL, the caller passes length-averaged
+      log-probabilities (`sequence_logprobs(..., average=True)`) for IPO, summed ones for sigmoid.
+    At policy == reference (h = 0) the sigmoid loss is log 2 and IPO's 1/(4β²).
+
+    The reference's log-probabilities are constants: they are detached here, so a reference
+    computed with gradients on still sends none into its model."""
+    if beta <= 0:
+        raise ValueError(f"dpo beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"dpo label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if kind not in ("sigmoid", "ipo"):
+        raise ValueError(f"dpo loss kind must be 'sigmoid' or 'ipo', got {kind!r}")
+    if kind == "ipo" and label_smoothing:
+        raise ValueError("dpo label_smoothing applies to the sigmoid loss only; set it to 0 for ipo")
+    chosen = policy_chosen - ref_chosen.detach()  # (B,) log-ratio of the chosen response
+    rejected = policy_rejected - ref_rejected.detach()  # (B,)
+    h = chosen - rejected  # (B,)
+    if kind == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)).pow(2)
+    else:
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h)
+        if label_smoothing:
+            losses = losses - label_smoothing * F.logsigmoid(-beta * h)
+    chosen_rewards, rejected_rewards = beta * chosen.detach(), beta * rejected.detach()
+    return DPOOutput(losses, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards)
