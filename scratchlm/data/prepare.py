@@ -3,9 +3,9 @@
 Pipeline (two passes over the inputs, so memory stays bounded by a few chunks of text rather
 than by the corpus):
 
-1. Scan: read every document (`sources.iter_documents`), apply the filters, remember one label
-   per document (dropped / train / val) and a 16-byte hash of each kept one. Filters, in order,
-   each document counted by the first that drops it:
+1. Scan: read every document (`sources.iter_documents`), apply the filters (filters.py), remember
+   one label per document (dropped / train / val) and a 16-byte hash of each kept one. Filters, in
+   order, each document counted by the first that drops it:
    - `duplicate`: the exact text was seen before (blake2b hash), when `data.dedup`;
    - `too_short`: fewer than `data.min_chars` characters once surrounding whitespace is stripped;
    - `repeated_lines`: the fraction of non-empty lines (compared stripped) that repeat an
@@ -18,18 +18,18 @@ than by the corpus):
    is cut instead; the first `int(n_tokens * (1 - val_fraction))` tokens train, the rest
    validate, exactly nanoGPT's `data[:int(n*0.9)]` convention. The manifest says
    `"split": {"by": "tokens"}` then, and both splits report that one document.
-3. Encode: the kept documents again, in chunks, in corpus order. A BPE with the tiktoken engine
-   encodes each chunk with its threaded `encode_batch` (the engine releases the GIL); any other
-   tokenizer runs in `data.workers` processes (0 = one per core), each rebuilding the tokenizer
-   from its `to_dict()`. Results are consumed in submission order, so the shards are the same
-   bytes whatever the number of workers.
+3. Encode (encode.py): the kept documents again, in chunks, in corpus order. A BPE with the
+   tiktoken engine encodes each chunk with its threaded `encode_batch` (the engine releases the
+   GIL); any other tokenizer runs in `data.workers` processes (0 = one per core), each rebuilding
+   the tokenizer from its `to_dict()`. Results are consumed in submission order, so the shards
+   are the same bytes whatever the number of workers.
    Documents are encoded with `encode_ordinary`: a literal "<|endoftext|>" inside a document
    is ordinary text, never a separator.
 4. Separator: the end-of-text id goes BEFORE each document (GPT-2's convention), so every
    split's stream starts with it and a prompt made of that one token asks for a fresh
    document. A tokenizer without `<|endoftext|>` (a char tokenizer without specials) gets no
    separator; the manifest says `"separator": "none"` and `"eot_id": null`.
-5. Write: raw little-endian token arrays (`np.memmap`-able, no header), uint16 when
+5. Write (shards.py): raw little-endian token arrays (`np.memmap`-able, no header), uint16 when
    vocab_size <= 65535 else uint32, at most `data.shard_tokens` tokens per file, named
    `train_000000.bin`, `val_000000.bin`, ...; beside them `config.json`, `tokenizer.json`
    and, last, `manifest.json` (format below). The folder is built under a temporary name and
@@ -67,78 +67,30 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import sys
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from scratchlm.config import Config, DataConfig, load_config
+from scratchlm.data.encode import chunk_chars, encode_in_order
+from scratchlm.data.filters import FILTERS, filter_reason, text_hash
+from scratchlm.data.shards import ShardWriter, token_dtype
 from scratchlm.data.sources import DEFAULT_CORPUS, Document, iter_documents
 from scratchlm.errors import UserError
 from scratchlm.io import atomic_dir, write_json
-from scratchlm.tokenizer.base import Tokenizer, tokenizer_from_dict
-from scratchlm.tokenizer.bpe import BPETokenizer
+from scratchlm.tokenizer.base import Tokenizer
 
 FORMAT = "scratchlm.shards"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-FILTERS = ("duplicate", "too_short", "repeated_lines")
 
 # Per-document labels from the scan: dropped, or the split it goes to.
 DROP, TRAIN, VAL = 0, 1, 2
-
-# Encoding chunks hold at most this many characters (smaller when the corpus is small, so every
-# worker gets several chunks); a few chunks per worker are in flight at once.
-CHUNK_CHARS = 1 << 20
-IN_FLIGHT_PER_WORKER = 2
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 holds every id of a vocabulary up to 65,535 tokens (GPT-2's 50,257 fits)."""
-    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
-
-
-# ----------------------------------------------------------------------------------------------
-# filters
-
-
-def text_hash(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=16).digest()
-
-
-def repeated_line_ratio(text: str) -> float:
-    """Fraction of the non-empty lines (stripped) that repeat an earlier line of the same text."""
-    seen: set[str] = set()
-    lines = repeats = 0
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        lines += 1
-        if line in seen:
-            repeats += 1
-        else:
-            seen.add(line)
-    return repeats / lines if lines else 0.0
-
-
-def filter_reason(text: str, h: bytes, seen: set[bytes], data: DataConfig) -> str | None:
-    """The first filter that drops this document, or None to keep it (adds kept hashes to `seen`)."""
-    if data.dedup:
-        if h in seen:
-            return "duplicate"
-        seen.add(h)
-    if len(text.strip()) < data.min_chars:
-        return "too_short"
-    if repeated_line_ratio(text) > data.max_repeated_line_ratio:
-        return "repeated_lines"
-    return None
 
 
 def _check_settings(data: DataConfig) -> None:
@@ -153,162 +105,6 @@ def _check_settings(data: DataConfig) -> None:
         raise UserError("data.min_chars and data.max_repeated_line_ratio must be >= 0")
     if data.seed < 0:
         raise UserError(f"data.seed={data.seed} must be >= 0")
-
-
-# ----------------------------------------------------------------------------------------------
-# encoding (workers rebuild the tokenizer from its dict: that works for every kind, whatever
-# their pickling support, and is sent once per worker)
-
-_worker_tok: Tokenizer | None = None
-
-
-def _init_worker(tok_dict: dict[str, Any]) -> None:
-    global _worker_tok
-    _worker_tok = tokenizer_from_dict(tok_dict)
-
-
-def _encode_texts(tok: Tokenizer, texts: list[str]) -> list[np.ndarray] | tuple[int, str]:
-    """Encode each text to an int64 array (len_i,), or return (index, message) of the first failure."""
-    out = []
-    for i, text in enumerate(texts):
-        try:
-            out.append(np.asarray(tok.encode_ordinary(text), dtype=np.int64))
-        except Exception as e:  # any failure: reported by the parent, naming the document
-            return i, f"{type(e).__name__}: {e}"
-    return out
-
-
-def _worker_encode(texts: list[str]) -> list[np.ndarray] | tuple[int, str]:
-    assert _worker_tok is not None
-    return _encode_texts(_worker_tok, texts)
-
-
-def _batch_encoder(tok: Tokenizer, workers: int):
-    """A function texts -> per-text arrays for the threaded BPE path, or None if it does not apply."""
-    if not (isinstance(tok, BPETokenizer) and tok._fast_ok()):
-        return None
-
-    def encode(texts: list[str]) -> list[np.ndarray] | tuple[int, str]:
-        try:
-            return [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch(texts, num_threads=workers)]
-        except Exception:  # find and name the failing document one by one
-            return _encode_texts(tok, texts)
-
-    return encode
-
-
-def _chunks(docs: Iterator[tuple[Document, int]], chunk_chars: int) -> Iterator[tuple[list[Document], list[int]]]:
-    """Group (document, label) pairs into chunks of about `chunk_chars` characters."""
-    batch: list[Document] = []
-    labels: list[int] = []
-    size = 0
-    for doc, label in docs:
-        batch.append(doc)
-        labels.append(label)
-        size += len(doc.text)
-        if size >= chunk_chars:
-            yield batch, labels
-            batch, labels, size = [], [], 0
-    if batch:
-        yield batch, labels
-
-
-def encode_in_order(
-    docs: Iterator[tuple[Document, int]], tok: Tokenizer, workers: int, chunk_chars: int
-) -> Iterator[tuple[Document, int, np.ndarray]]:
-    """Yield (document, label, ids) in input order, encoding chunks in parallel.
-
-    At most `IN_FLIGHT_PER_WORKER * workers` chunks are pending, and results are taken from the
-    front of the queue only, so order (and so the output) does not depend on `workers`.
-    """
-
-    def unpack(batch: list[Document], labels: list[int], result: Any) -> Iterator[tuple[Document, int, np.ndarray]]:
-        if isinstance(result, tuple):
-            i, msg = result
-            msg = " ".join(msg.split())  # one line
-            raise UserError(f"{batch[i].source}: cannot encode with the {tok.kind} tokenizer ({msg})")
-        yield from zip(batch, labels, result)
-
-    chunks = _chunks(docs, chunk_chars)
-    fast = _batch_encoder(tok, workers)
-    if fast is not None or workers <= 1:
-        encode = fast or (lambda texts: _encode_texts(tok, texts))
-        for batch, labels in chunks:
-            yield from unpack(batch, labels, encode([d.text for d in batch]))
-        return
-
-    # fork where the platform allows it (Linux): workers start at once and need no importable
-    # __main__ (spawn re-runs the caller's script, which fails from stdin or without a main guard).
-    # The children only run the tokenizer's pure-Python code, so threads in the parent are harmless.
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tok.to_dict(),)) as pool:
-        pending: deque = deque()
-        for batch, labels in chunks:
-            pending.append((batch, labels, pool.apply_async(_worker_encode, ([d.text for d in batch],))))
-            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
-                b, lab, res = pending.popleft()
-                yield from unpack(b, lab, res.get())
-        while pending:
-            b, lab, res = pending.popleft()
-            yield from unpack(b, lab, res.get())
-
-
-# ----------------------------------------------------------------------------------------------
-# shard writing
-
-
-class ShardWriter:
-    """Appends tokens to `{split}_{i:06d}.bin` files of at most `shard_tokens` tokens each."""
-
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
-        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
-        self.shards: list[dict[str, Any]] = []
-        self.tokens = 0
-        self.documents = 0
-        self._f: IO[bytes] | None = None
-        self._hash: Any = None
-        self._in_shard = 0
-
-    def _open(self) -> None:
-        name = f"{self.split}_{len(self.shards):06d}.bin"
-        self._f = open(self.out_dir / name, "wb")  # noqa: SIM115  (closed in _close)
-        self._hash = hashlib.sha256()
-        self._in_shard = 0
-        self.shards.append({"file": name, "tokens": 0, "bytes": 0, "sha256": ""})
-
-    def _close(self) -> None:
-        if self._f is None:
-            return
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        self._f = None
-        self.shards[-1].update(tokens=self._in_shard, bytes=self._in_shard * self.dtype.itemsize,
-                               sha256=self._hash.hexdigest())
-
-    def write(self, ids: np.ndarray) -> None:
-        """Append token ids (any integer dtype, shape (n,)); the caller checked their range."""
-        # Little-endian on disk whatever the machine, so shards move between machines.
-        arr = np.ascontiguousarray(ids, dtype=self.dtype.newbyteorder("<"))
-        while arr.size:
-            if self._f is None or self._in_shard == self.shard_tokens:
-                self._close()
-                self._open()
-            take = min(arr.size, self.shard_tokens - self._in_shard)
-            blob = arr[:take].tobytes()
-            self._f.write(blob)
-            self._hash.update(blob)
-            self._in_shard += take
-            self.tokens += take
-            arr = arr[take:]
-
-    def close(self) -> dict[str, Any]:
-        self._close()
-        return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
-
-
-# ----------------------------------------------------------------------------------------------
-# the stage
 
 
 def _describe_inputs(inputs: list[str] | None) -> str:
@@ -452,13 +248,12 @@ def prepare(
 
     if by_tokens:
         workers = 1  # one document: nothing to share out
-    chunk_chars = max(1, min(CHUNK_CHARS, kept_chars // (4 * workers) + 1))
     sep = np.array([eot] if eot is not None else [], dtype=np.int64)
 
     with atomic_dir(out_dir) as tmp:
         writers = {s: ShardWriter(tmp, s, dtype, data.shard_tokens) for s in SPLITS}
         bar = tqdm(total=n_kept, desc="tokenize", unit="doc", disable=not progress, leave=False)
-        for doc, label, ids in encode_in_order(kept_docs(), tokenizer, workers, chunk_chars):
+        for doc, label, ids in encode_in_order(kept_docs(), tokenizer, workers, chunk_chars(kept_chars, workers)):
             if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
                 raise UserError(f"{doc.source}: the tokenizer produced an id outside 0..{vocab_size - 1}",
                                 fix="the tokenizer file is corrupt; re-train it")

@@ -13,16 +13,11 @@ import numpy as np
 import pytest
 
 from scratchlm import cli
-from scratchlm.data import prepare as prep
+from scratchlm.data import encode as prep
+from scratchlm.data.filters import repeated_line_ratio
 from scratchlm.data.loader import TokenShards
-from scratchlm.data.prepare import (
-    check_prepared,
-    inputs_fingerprint,
-    prepare,
-    repeated_line_ratio,
-    split_documents,
-    token_dtype,
-)
+from scratchlm.data.prepare import check_prepared, inputs_fingerprint, prepare, split_documents
+from scratchlm.data.shards import token_dtype
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import CharTokenizer
 from tests.helpers import byte_tok, make_cfg, make_docs, read_split, write_corpus
