@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from scratchlm import env
 from scratchlm.cli import main
+from scratchlm.env import timing as env
 
 
 @pytest.fixture

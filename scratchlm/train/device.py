@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scratchlm import env
+from scratchlm.env import timing as env
 from scratchlm.errors import UserError
 
 # bf16 must beat fp32 by this factor on the linears to be chosen: the rest of a step gains less. On

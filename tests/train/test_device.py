@@ -11,8 +11,8 @@ from collections import Counter
 import pytest
 import torch
 
-from scratchlm import env
 from scratchlm.config import ModelConfig
+from scratchlm.env import timing as env
 from scratchlm.errors import UserError
 from scratchlm.model.gpt import GPT
 from scratchlm.train import device as dev

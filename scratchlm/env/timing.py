@@ -1,9 +1,6 @@
-"""What this machine can do (`scratchlm env`), the matmul peak that MFU is measured against, and
-how fast a linear layer runs in fp32 and under bf16 autocast (what `precision=auto` decides by).
-
-`env_lines` yields the report `scratchlm env` prints: the device (CPU model and its vector/matrix
-extensions, CUDA GPUs, Apple MPS), the torch version and build, the thread count, the precisions
-that run here, and the peak matmul throughput in TFLOP/s with where each figure came from.
+"""How fast this machine multiplies: the matmul peak that MFU is measured against, and how fast a
+linear layer runs in fp32 and under bf16 autocast (what `precision=auto` decides by), each
+measured once and cached on disk.
 
 `peak_flops(device, dtype)` is the denominator of model FLOPs utilisation. On a CPU there is no
 datasheet figure to trust (it depends on the cores we were given, the clock under load and the
@@ -36,16 +33,14 @@ import functools
 import json
 import math
 import os
-import platform
-import subprocess
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from scratchlm.env.machine import device_name
 from scratchlm.io import cache_dir, write_json
 
 # Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s, by a substring of
@@ -62,14 +57,6 @@ DATASHEET_PEAKS: list[tuple[str, dict[str, float]]] = [
     ("T4", {"fp16": 65e12}),
 ]
 
-# CPU features worth knowing for matmul speed: x86 vector / matrix units, then Arm's.
-INTERESTING_FLAGS = [
-    "avx", "avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-    "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
-    "asimd", "asimdhp", "sve", "sve2", "bf16", "i8mm", "sme",
-]
-NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
-
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 CACHE_NAME = "peak_flops.json"
 
@@ -81,54 +68,6 @@ PAUSE_S = 0.05
 
 # ----------------------------------------------------------------------------------------------
 # the device
-
-
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields from /proc/cpuinfo (Linux); empty elsewhere."""
-    fields: dict[str, str] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return fields
-    for line in text.splitlines():
-        if not line.strip():
-            if fields.get("model name") or fields.get("flags") or fields.get("Features"):
-                break  # one processor is enough; the rest repeat it
-            continue
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    return fields
-
-
-def cpu_name() -> str:
-    info = _cpuinfo()
-    if info.get("model name"):
-        return info["model name"]
-    if platform.system() == "Darwin":
-        try:
-            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                 timeout=2)
-            if out.stdout.strip():
-                return out.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def cpu_flags() -> list[str]:
-    """The matmul-relevant extensions this CPU reports, in `INTERESTING_FLAGS` order."""
-    info = _cpuinfo()
-    have = set((info.get("flags") or info.get("Features") or "").split())
-    return [f for f in INTERESTING_FLAGS if f in have]
-
-
-def device_name(device: str) -> str:
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    if kind == "mps":
-        return f"Apple MPS ({cpu_name()})"
-    return cpu_name()
 
 
 def _sync(device: str) -> None:
@@ -360,85 +299,7 @@ def linear_times(device: str, shapes: list[tuple[int, int, int]]) -> dict[tuple[
     return times
 
 
-# ----------------------------------------------------------------------------------------------
-# the CLI verb
-
-
-def _precisions(device: str) -> list[str]:
-    kind = torch.device(device).type
-    names = ["fp32"]
-    if kind == "cuda":
-        major, _ = torch.cuda.get_device_capability(torch.device(device))
-        if major >= 8:
-            names.append("tf32")
-        if torch.cuda.is_bf16_supported():
-            names.append("bf16")
-        names.append("fp16")
-    elif kind == "mps":
-        names += [n for n, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)) if runs(device, dt)]
-    elif runs("cpu", torch.bfloat16):
-        native = NATIVE_BF16_FLAGS & set(cpu_flags())
-        names.append(f"bf16 ({'native: ' + ', '.join(sorted(native)) if native else 'emulated: no bf16 units'})")
-    return names
-
-
-def _peak_line(device: str, dtype: torch.dtype, remeasure: bool) -> str:
-    flops, source = peak_with_source(device, dtype, remeasure)
-    return f"{device} {DTYPE_NAMES[dtype]}: {flops / 1e12:.3g} TFLOP/s ({source})"
-
-
-def env_lines(remeasure: bool = False, threads: tuple[int, str] | None = None) -> Iterator[str]:
-    """The report's lines: the device, torch build, precisions, then the matmul peaks, each measured
-    only when its line is asked for (so a caller can show the facts first); `threads` is what
-    training would use and why (`train.device.pick_threads`, which builds on this module)."""
-    rows: list[tuple[str, str]] = []
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    rows.append(("cpu", f"{cpu_name()} ({cores} cores available)"))
-    flags = cpu_flags()
-    capability = torch.backends.cpu.get_cpu_capability()
-    rows.append(("cpu extensions", f"{' '.join(flags) or 'none reported'} (torch kernels: {capability})"))
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            rows.append((f"cuda:{i}", f"{p.name}, {p.total_memory / 2**30:.1f} GiB, compute {p.major}.{p.minor}"))
-        devices.append("cuda")
-    else:
-        rows.append(("cuda", "not available"))
-    if torch.backends.mps.is_available():
-        rows.append(("mps", "Apple MPS available"))
-        devices.append("mps")
-    rows.append(("torch", torch.__version__))
-    if torch.version.cuda:
-        build = f"CUDA {torch.version.cuda}"
-        if torch.backends.cudnn.is_available():
-            build += f", cuDNN {torch.backends.cudnn.version()}"
-    elif getattr(torch.version, "hip", None):
-        build = f"ROCm {torch.version.hip}"
-    else:
-        build = "CPU only"
-    extras = [n for n, ok in (("MKL", torch.backends.mkl.is_available()),
-                              ("oneDNN", torch.backends.mkldnn.is_available())) if ok]
-    rows.append(("build", build + (f" ({', '.join(extras)})" if extras else "")))
-    rows.append(("threads", f"{torch.get_num_threads()} (torch.get_num_threads)"
-                 + (f"; training would use {threads[0]} ({threads[1]})" if threads else "")))
-    for dev in devices:
-        rows.append((f"precisions {dev}", ", ".join(_precisions(dev))))
-
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        yield f"{key:<{width}}  {value}"
-
-    # The peaks last: they may take a second to measure, and the facts above are already shown.
-    peaks = [("cpu", torch.float32)]
-    if runs("cpu", torch.bfloat16):
-        peaks.append(("cpu", torch.bfloat16))
-    if "cuda" in devices:
-        peaks += [("cuda", torch.float32), ("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else
-                                            torch.float16)]
-    if "mps" in devices:
-        peaks.append(("mps", torch.float32))
-    if remeasure:  # the fp32 / bf16 timings behind precision=auto are measured again when next needed
-        _write_records({}, drop=lambda key: "|linear " in key)
-    for i, (dev, dtype) in enumerate(peaks):
-        yield f"{'peak matmul' if i == 0 else '':<{width}}  {_peak_line(dev, dtype, remeasure)}"
+def forget_linear_times() -> None:
+    """Drop every cached linear timing, so `linear_times` measures them again when next asked
+    (`scratchlm env --remeasure`: timings from a busy day are not kept forever)."""
+    _write_records({}, drop=lambda key: "|linear " in key)
