@@ -40,8 +40,10 @@ class ClassifierLM(LanguageModel):
         if n_classes < 2:
             raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
         # The LM head becomes the identity: body(idx) then returns ln_f / norm of the last layer,
-        # (B, T, C), through each architecture's own forward (positions, RoPE, MoE routing).
-        setattr(body, "lm_head" if isinstance(body, GPT) else "output", nn.Identity())
+        # (B, T, C), through each architecture's own forward (positions, RoPE, MoE routing). The head
+        # is the model surface's `unembedding`, found by identity wherever the family keeps it.
+        head = body.unembedding
+        body.set_submodule(next(n for n, m in body.named_modules() if m is head), nn.Identity())
         self.body = body
         self.config = body.config
         self.n_classes = n_classes
