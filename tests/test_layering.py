@@ -26,9 +26,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("train",),
     ("infer",),
     ("tasks",),  # verifiable task families and gold metrics, shared by the stages above
-    # The stages (later ones, such as align, eval and serve, join this tuple). The pretraining stage
+    # The stages (later ones, such as eval and serve, join this tuple). The pretraining stage
     # is train/pretrain.py, held to the train layer by its path.
-    ("sft", "convert", "viz", "experiments"),
+    ("sft", "align", "convert", "viz", "experiments"),
     ("cli", "demo", "__main__"),
 ]
 

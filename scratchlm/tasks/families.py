@@ -13,6 +13,17 @@ period, letter case for words, "81.0" for 81, commas between sorted numbers. The
 of `scratchlm.tasks.metrics` cannot: their exact match fails "81.0" and passes "8.1" (punctuation stripped) for
 81, and passes "lord is" for "the lord is" (articles stripped); the checkers do the reverse.
 
+Each family also corrupts an answer (`corrupt`): a wrong answer of the same surface form, for
+preference pairs whose rejected side differs from the chosen one in meaning, not in shape:
+- repeat:  one word swapped for another word of the list    ("the lord is my king")
+- count, add: the number off by a little (1 or 2; add also by 10, a carry lost), never below 1 or 0
+- reverse: two adjacent words swapped, or the words in their original order
+- sort:    two adjacent unequal numbers swapped, or the original order
+Same length in words (a count stays one number), so a scorer that reads only the length or the
+format cannot tell the pairs apart. Every corruption is judged wrong by the family's own checker
+before it is returned. Where no reordering is wrong (all words or numbers equal: "Sort: 3 3"),
+reverse swaps a word and sort moves one number by one.
+
 Difficulty runs from 1 (easy) to 3. Words come from a fixed list of common English words so any
 tokenizer trained on English covers them. Generation is seeded (the same seed gives the same
 tasks) and gives distinct prompts: several families draw from small spaces (one-digit sums:
@@ -54,6 +65,7 @@ class Family:
     prefix: str  # every prompt of the family is prefix + body
     generate: Callable[[random.Random], Task]
     judge: Callable[[str, str], bool]  # (body, answer) -> is the answer right
+    corruption: Callable[[str, str, random.Random], str] | None = None  # (body, answer, rng) -> a wrong answer
 
 
 # -- reading answers ------------------------------------------------------------------------------
@@ -152,12 +164,66 @@ def _judge_add(body: str, answer: str) -> bool:
     return _number(_trim(answer)) == a + b
 
 
+# -- corruptions: a wrong answer of the right form (the checker confirms it is wrong) ---------------
+
+
+def _swap_word(words: list[str], rng: random.Random) -> list[str]:
+    i = rng.randrange(len(words))
+    return words[:i] + [rng.choice([w for w in WORDS if w != words[i]])] + words[i + 1:]
+
+
+def _swap_adjacent(items: list, rng: random.Random) -> list | None:
+    """Two neighbours that differ, swapped; None when all items are equal (no swap changes the order)."""
+    spots = [i for i in range(len(items) - 1) if items[i] != items[i + 1]]
+    if not spots:
+        return None
+    i = rng.choice(spots)
+    return items[:i] + [items[i + 1], items[i]] + items[i + 2:]
+
+
+def _corrupt_repeat(body: str, answer: str, rng: random.Random) -> str:
+    return " ".join(_swap_word(answer.split(), rng))
+
+
+def _off_by(answer: str, rng: random.Random, steps: tuple[int, ...], floor: int) -> str:
+    value = int(answer)
+    return str(rng.choice([value + s for s in steps if value + s >= floor]))
+
+
+def _corrupt_count(body: str, answer: str, rng: random.Random) -> str:
+    return _off_by(answer, rng, (-2, -1, 1, 2), floor=1)  # no prompt has zero words: "0" would be a giveaway
+
+
+def _corrupt_add(body: str, answer: str, rng: random.Random) -> str:
+    return _off_by(answer, rng, (-10, -2, -1, 1, 2, 10), floor=0)
+
+
+def _reorder(original: list[str], answer: list[str], rng: random.Random) -> list[str] | None:
+    """The original order or two adjacent items of the answer swapped, whichever differs from the answer."""
+    options = [o for o in (original, _swap_adjacent(answer, rng)) if o is not None and o != answer]
+    return rng.choice(options) if options else None
+
+
+def _corrupt_reverse(body: str, answer: str, rng: random.Random) -> str:
+    words = answer.split()
+    return " ".join(_reorder(body.split(), words, rng) or _swap_word(words, rng))
+
+
+def _corrupt_sort(body: str, answer: str, rng: random.Random) -> str:
+    nums = answer.split()
+    wrong = _reorder(body.split(), nums, rng)
+    if wrong is None:  # every number equal: one of them moved by one, still a digit
+        i, v = rng.randrange(len(nums)), int(nums[0])
+        wrong = nums[:i] + [str(v + 1 if v < 9 else v - 1)] + nums[i + 1:]
+    return " ".join(wrong)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("repeat", "Repeat: ", _repeat, _judge_repeat),
-    Family("count", "How many words: ", _count, _judge_count),
-    Family("reverse", "Reverse the words: ", _reverse, _judge_reverse),
-    Family("sort", "Sort: ", _sort, _judge_sort),
-    Family("add", "Add: ", _add, _judge_add),
+    Family("repeat", "Repeat: ", _repeat, _judge_repeat, _corrupt_repeat),
+    Family("count", "How many words: ", _count, _judge_count, _corrupt_count),
+    Family("reverse", "Reverse the words: ", _reverse, _judge_reverse, _corrupt_reverse),
+    Family("sort", "Sort: ", _sort, _judge_sort, _corrupt_sort),
+    Family("add", "Add: ", _add, _judge_add, _corrupt_add),
 )}
 
 
@@ -178,7 +244,7 @@ def check(family_name: str, prompt_or_task: str | Task, answer: str) -> bool:
     return fam.judge(prompt[len(fam.prefix):], answer)
 
 
-_MAX_REDRAWS = 1000  # consecutive duplicates before a family counts as exhausted
+_MAX_REDRAWS = 1000  # draws before giving up: duplicate prompts in a row, or corruptions judged right
 
 
 def generate_tasks(n: int, seed: int = 0, families: tuple[str, ...] = tuple(FAMILIES)) -> list[Task]:
@@ -199,3 +265,17 @@ def generate_tasks(n: int, seed: int = 0, families: tuple[str, ...] = tuple(FAMI
         seen.add(task.instruction)
         tasks.append(task)
     return tasks
+
+
+def corrupt(task: Task, rng: random.Random) -> str:
+    """A wrong answer to `task` of the same surface form as its answer (see the module docstring),
+    redrawn until the family's checker judges it wrong."""
+    fam = family(task.family)
+    if fam.corruption is None:
+        raise UserError(f"the {fam.name} family has no corruption", fix="give its Family a corruption function")
+    body = task.instruction[len(fam.prefix):]
+    for _ in range(_MAX_REDRAWS):
+        wrong = fam.corruption(body, task.answer, rng)
+        if not check(fam.name, task, wrong):
+            return wrong
+    raise AssertionError(f"{task}: no corruption the {fam.name} checker judges wrong in {_MAX_REDRAWS} draws")

@@ -1,15 +1,17 @@
 """The embedded task families: each family's checker judges by meaning, where the string metrics
-disagree; every generated task passes its own checker; generation is seeded and gives distinct prompts."""
+disagree; every generated task passes its own checker; generation is seeded and gives distinct prompts;
+every corruption is a wrong answer of the same form."""
 
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
 from scratchlm.errors import UserError
 from scratchlm.tasks import families as tasks
-from scratchlm.tasks.families import FAMILIES, Family, Task, check, generate_tasks
+from scratchlm.tasks.families import FAMILIES, WORDS, Family, Task, check, corrupt, generate_tasks
 from scratchlm.tasks.metrics import exact_match
 
 # (family, prompt, gold, answer, checker's verdict): in every row the checker and the report's exact
@@ -80,3 +82,49 @@ def test_a_family_out_of_prompts_is_an_error(monkeypatch):
     assert sorted(t.answer for t in tasks.generate_tasks(2, families=("coin",))) == ["heads", "tails"]
     with pytest.raises(UserError, match="coin family ran out of distinct prompts after 2"):
         tasks.generate_tasks(3, families=("coin",))
+
+
+def test_every_corruption_is_judged_wrong_and_every_gold_right_over_500_tasks_per_family():
+    rng = random.Random(0)
+    generated = generate_tasks(500 * len(FAMILIES), seed=11)
+    for t in generated:
+        wrong = corrupt(t, rng)
+        assert check(t.family, t, t.answer) and not check(t.family, t, wrong), (t, wrong)
+    assert {f: sum(t.family == f for t in generated) for f in FAMILIES} == dict.fromkeys(FAMILIES, 500)
+
+
+def test_a_corruption_keeps_the_answers_form():
+    rng = random.Random(1)
+    for t in generate_tasks(1000, seed=12):
+        wrong = corrupt(t, rng)
+        if t.family in ("count", "add"):  # a number stays a whole number (count: never 0 words)
+            assert re.fullmatch(r"\d+", wrong) and int(wrong) >= (1 if t.family == "count" else 0), (t, wrong)
+        else:  # the same number of words, drawn from the task's vocabulary
+            assert len(wrong.split()) == len(t.answer.split()), (t, wrong)
+            if t.family == "sort":
+                assert all(re.fullmatch(r"\d", w) for w in wrong.split()) and wrong != t.answer, (t, wrong)
+            else:
+                assert set(wrong.split()) <= set(WORDS), (t, wrong)
+        if t.family in ("reverse", "sort") and len(set(t.answer.split())) > 1:  # a reordering: the same items
+            assert sorted(wrong.split()) == sorted(t.answer.split()), (t, wrong)
+
+
+def test_corruptions_where_no_reordering_is_wrong_and_their_seeding():
+    rng = random.Random(2)
+    same = [Task("sort", "Sort: 3 3", "3 3", 2), Task("sort", "Sort: 9 9 9", "9 9 9", 3),
+            Task("reverse", "Reverse the words: the the", "the the", 2), Task("count", "How many words: a", "1", 1),
+            Task("add", "Add: 0 + 0", "0", 2)]
+    for t in same:
+        for _ in range(20):
+            wrong = corrupt(t, rng)
+            assert not check(t.family, t, wrong) and len(wrong.split()) == len(t.answer.split()), (t, wrong)
+    tasks_ = generate_tasks(50, seed=3)
+    first = [corrupt(t, random.Random(4)) for t in tasks_]
+    assert first == [corrupt(t, random.Random(4)) for t in tasks_]
+
+
+def test_a_family_without_a_corruption_says_so(monkeypatch):
+    monkeypatch.setitem(FAMILIES, "coin", Family("coin", "Repeat: ", FAMILIES["repeat"].generate,
+                                                 FAMILIES["repeat"].judge))
+    with pytest.raises(UserError, match="the coin family has no corruption"):
+        corrupt(Task("coin", "Repeat: heads", "heads", 1), random.Random(0))
