@@ -1,5 +1,6 @@
-"""A classifier on a pretrained transformer: the GPT / Llama / MoE body with its LM head dropped and a
-K-way linear head on the last real token (`scratchlm classify`, the stage in scratchlm/sft/classify.py).
+"""A head on a pretrained transformer: the GPT / Llama / MoE body with its LM head dropped and a linear
+head on the last real token (`PooledLM`): K class logits for the classifier (`scratchlm classify`, the
+stage in scratchlm/sft/classify.py), one score for the reward model (`reward.py`).
 
 - pooling = the last real token (GPT-1/2-style classifiers, HF's *ForSequenceClassification on
   decoders): with causal attention position t only sees tokens <= t, so the last position is the
@@ -27,18 +28,16 @@ from scratchlm.model.layers import DocumentMask
 from scratchlm.model.llama import Llama
 
 
-class ClassifierLM(LanguageModel):
-    """A pretrained GPT / Llama / MoE body with its LM head dropped and a K-way linear head on the
-    last real token. forward(idx (B, T) right-padded with -1, targets (B,) or (B, 1) class ids)
-    -> (logits (B, 1, K), mean cross-entropy or None)."""
+class PooledLM(LanguageModel):
+    """A pretrained GPT / Llama / MoE body with its LM head dropped and a linear head of `n_out` outputs
+    on the last real token (the classifier's K classes, the reward model's one score). `pooled(idx)`
+    gives the last real token's hidden state (B, C) for idx (B, T) right-padded with -1."""
 
-    def __init__(self, body: nn.Module, n_classes: int) -> None:
+    def __init__(self, body: nn.Module, n_out: int) -> None:
         super().__init__()
         if not isinstance(body, GPT | Llama):
-            raise UserError(f"model.arch={body.config.arch!r} has no transformer body to classify with",
+            raise UserError(f"model.arch={body.config.arch!r} has no transformer body to put a head on",
                             fix="start from a gpt, llama or moe checkpoint")
-        if n_classes < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
         # The LM head becomes the identity: body(idx) then returns ln_f / norm of the last layer,
         # (B, T, C), through each architecture's own forward (positions, RoPE, MoE routing). The head
         # is the model surface's `unembedding`, found by identity wherever the family keeps it.
@@ -46,16 +45,13 @@ class ClassifierLM(LanguageModel):
         body.set_submodule(next(n for n, m in body.named_modules() if m is head), nn.Identity())
         self.body = body
         self.config = body.config
-        self.n_classes = n_classes
         self.drop = nn.Dropout(body.config.dropout)
-        self.head = nn.Linear(body.config.n_embd, n_classes)
-        nn.init.normal_(self.head.weight, 0.0, 0.02)  # the body's init scale: starts near uniform, loss ~ ln K
+        self.head = nn.Linear(body.config.n_embd, n_out)
+        nn.init.normal_(self.head.weight, 0.0, 0.02)  # the body's init scale: outputs start near 0
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None,
-                doc_mask: DocumentMask | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if cache is not None or doc_mask is not None:
-            raise ValueError("a classifier reads whole texts: no KV cache or document mask")
+    def pooled(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, C): the final hidden state at each row's last real token; idx (B, T) right-padded with PAD."""
         B, T = idx.shape
         real = idx != PAD  # (B, T)
         if bool((real[:, 1:] & ~real[:, :-1]).any()):
@@ -64,8 +60,24 @@ class ClassifierLM(LanguageModel):
         if bool((lengths == 0).any()):
             raise ValueError("a row is all padding")
         h, _ = self.body(idx.masked_fill(~real, 0))  # (B, T, C); pads read id 0, seen by no real token
-        last = h[torch.arange(B, device=idx.device), lengths - 1]  # (B, C): the last real position
-        logits = self.head(self.drop(last))[:, None]  # (B, 1, K): a one-"token" sequence for the loop
+        return self.drop(h[torch.arange(B, device=idx.device), lengths - 1])  # (B, C): the last real position
+
+
+class ClassifierLM(PooledLM):
+    """forward(idx (B, T) right-padded with -1, targets (B,) or (B, 1) class ids)
+    -> (logits (B, 1, K), mean cross-entropy or None)."""
+
+    def __init__(self, body: nn.Module, n_classes: int) -> None:
+        if n_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
+        super().__init__(body, n_classes)
+        self.n_classes = n_classes
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None,
+                doc_mask: DocumentMask | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if cache is not None or doc_mask is not None:
+            raise ValueError("a classifier reads whole texts: no KV cache or document mask")
+        logits = self.head(self.pooled(idx))[:, None]  # (B, 1, K): a one-"token" sequence for the loop
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits[:, 0].float(), targets.reshape(-1), ignore_index=-1)

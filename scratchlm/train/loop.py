@@ -59,6 +59,7 @@ from scratchlm.train.device import (
     pick_threads,
 )
 from scratchlm.train.instruments import RunLog, finish_profile, plot_losses, start_profiler
+from scratchlm.train.objective import Objective, count_examples, network_of
 from scratchlm.train.optim import make_optimizer
 from scratchlm.train.schedule import lr_at
 
@@ -100,16 +101,18 @@ def block_grad_norms(model: LanguageModel) -> dict[str, float]:
 
 
 def forward_backward(model: LanguageModel, micro_batches: list[tuple[torch.Tensor, ...]],
-                     amp: contextlib.AbstractContextManager, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+                     amp: contextlib.AbstractContextManager, scaler: torch.amp.GradScaler | None,
+                     counts: list[int] | None = None) -> torch.Tensor:
     """Accumulate the gradient of the step's loss over `micro_batches`; return that loss (detached).
 
     The step's loss is what one batch of all its micro-batches would give: the mean cross-entropy
     over the step's valid targets (those not -1). Each micro-batch's mean is weighted by its share
     of them, since masked batches (SFT, classification) hold different numbers. A model's auxiliary
     losses (`aux_loss()`, e.g. the MoE routers') belong to each micro-batch's routing and are
-    averaged over the micro-batches.
+    averaged over the micro-batches. `counts`: what each micro-batch's mean is over, when not its
+    valid targets (an `Objective`'s pairs; `count_examples`).
     """
-    counts = [int(mb[1].ne(-1).sum()) for mb in micro_batches]
+    counts = counts or [int(mb[1].ne(-1).sum()) for mb in micro_batches]
     n_valid, n_micro = sum(counts), len(micro_batches)
     total = torch.zeros((), dtype=torch.float64)
     for (x, y, *doc), n in zip(micro_batches, counts):
@@ -127,8 +130,18 @@ def forward_backward(model: LanguageModel, micro_batches: list[tuple[torch.Tenso
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: BatchLoader, iters: int, amp, tbytes: torch.Tensor) -> tuple[float, float]:
-    """(mean loss in nats per token, bits per byte) over `iters` batches."""
+    """(mean loss in nats per token, bits per byte) over `iters` batches; an `Objective`'s mean loss per
+    example and NaN."""
     model.eval()
+    if isinstance(model, Objective):
+        total, n = 0.0, 0
+        for _ in range(iters):
+            x, y = loader.next_batch()[:2]
+            with amp:
+                _, loss = model(x, y)
+            total, n = total + loss.item() * model.count(y), n + model.count(y)
+        model.train()
+        return total / max(n, 1), math.nan
     nats, n_tokens, n_bytes = 0.0, 0, 0.0
     for _ in range(iters):
         x, y, *doc = loader.next_batch()
@@ -205,10 +218,10 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def _step_loss(model: LanguageModel, micro: list[tuple[torch.Tensor, ...]], amp: contextlib.AbstractContextManager,
-               scaler: torch.amp.GradScaler | None, t: TrainConfig, block_size: int) -> float:
+               scaler: torch.amp.GradScaler | None, t: TrainConfig, block_size: int, counts: list[int]) -> float:
     """The step's forward and backward (`forward_backward`); running out of memory names the settings."""
     try:
-        loss = forward_backward(model, micro, amp, scaler)
+        loss = forward_backward(model, micro, amp, scaler, counts)
     except RuntimeError as e:
         if _is_oom(e):
             raise UserError(
@@ -243,7 +256,7 @@ def _save(cfg: Config, step: int, model: nn.Module, optimizer: torch.optim.Optim
     is_best = val_loss is not None and (trainer["best_val_loss"] is None or val_loss < trainer["best_val_loss"])
     if is_best:
         trainer["best_val_loss"] = val_loss
-    path = ckpt_io.save_checkpoint(Path(cfg.out_dir), step, model, optimizer, cfg, tok, trainer,
+    path = ckpt_io.save_checkpoint(Path(cfg.out_dir), step, network_of(model), optimizer, cfg, tok, trainer,
                                    keep_last=cfg.train.keep_last, scaler=scaler)
     if is_best:
         ckpt_io.mark_best(path)
@@ -256,7 +269,7 @@ def _header(cfg: Config, model: nn.Module, device: torch.device, precision: str,
     frozen = sum(p.numel() for p in model.parameters()) - trainable
     return (f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M params"
             + (f" ({trainable / 1e6:.2f}M trainable)" if frozen else "")
-            + f", {cfg.model.n_layer} layers, block {cfg.model.block_size}, vocab {cfg.model.vocab_size} | device "
+            + f", {len(model.blocks)} layers, block {cfg.model.block_size}, vocab {cfg.model.vocab_size} | device "
             f"{device}, precision {precision} ({why}), {threads} threads ({threads_why}) | "
             f"{tokens_per_step:,} tokens/step, steps {start}->{cfg.train.max_steps}" + (" (resumed)" if start else ""))
 
@@ -294,7 +307,7 @@ def train_model(
     trainer: dict[str, Any] = {"best_val_loss": None}
     start = 0
     if resume_from is not None:
-        ckpt_io.load_weights(model, resume_from)
+        ckpt_io.load_weights(network_of(model), resume_from)
         trainer = ckpt_io.load_trainer_state(resume_from, optimizer, scaler)
         train_loader.load_state_dict(trainer["loader"])
         start = trainer["step"]
@@ -321,7 +334,8 @@ def train_model(
                 lr = lr_at(step, t)
                 _set_lr(optimizer, lr)
                 micro = [train_loader.next_batch() for _ in range(t.grad_accum)]
-                loss_val = _step_loss(step_model, micro, amp, scaler, t, cfg.model.block_size)
+                counts = [count_examples(model, mb[1]) for mb in micro]
+                loss_val = _step_loss(step_model, micro, amp, scaler, t, cfg.model.block_size, counts)
                 finite = math.isfinite(loss_val)
                 if not finite:
                     if t.on_nan != "skip":
@@ -348,6 +362,8 @@ def train_model(
                     mfu, peak = observe_mfu(flops_per_step * window_steps / dt, peak, device, precision)
                     window_t, window_steps = time.perf_counter(), 0
                     routing = model.routing_metrics()
+                    if isinstance(model, Objective):
+                        routing.update(model.metrics())
                     runlog.log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": norm.item(), "tokens_per_s": tps,
                                 **({"mfu": mfu} if mfu is not None else {}), **layer_norms, **routing})
                     bar.set_postfix_str(f"loss {loss_val:.4f} lr {lr:.2e} {tps / 1e3:.1f}k tok/s"
@@ -356,9 +372,13 @@ def train_model(
                 end = step == stop_at or stop.requested
                 evaluated = batches.make_val is not None and (step % t.eval_interval == 0 or step == t.max_steps)
                 if evaluated:
-                    val_loss, bpb = evaluate(step_model, batches.make_val(), t.eval_iters, amp, tbytes)
-                    runlog.log({"step": step, "val_loss": val_loss, "val_bpb": bpb})
-                    bar.write(f"step {step}: train loss {loss_val:.4f}, val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
+                    val_loss, bpb = evaluate(model if isinstance(model, Objective) else step_model,
+                                             batches.make_val(), t.eval_iters, amp, tbytes)
+                    val_metrics = {f"val_{k}": v for k, v in model.metrics(training=False).items()} \
+                        if isinstance(model, Objective) else {}
+                    runlog.log({"step": step, "val_loss": val_loss, "val_bpb": bpb, **val_metrics})
+                    per_byte = "" if math.isnan(bpb) else f", {bpb:.3f} bits/byte"
+                    bar.write(f"step {step}: train loss {loss_val:.4f}, val loss {val_loss:.4f}{per_byte}")
                 if end or (t.ckpt_interval and step % t.ckpt_interval == 0):
                     _save(cfg, step, model, optimizer, tok, trainer, train_loader, scaler,
                           val_loss if evaluated else None)
