@@ -91,7 +91,7 @@ def build_pair(size: str):
     hc = LlamaConfig(vocab_size=vocab, hidden_size=mc.n_embd, intermediate_size=ffn_hidden(mc),
                      num_hidden_layers=mc.n_layer, num_attention_heads=mc.n_head,
                      num_key_value_heads=mc.n_kv_head or mc.n_head, max_position_embeddings=mc.block_size,
-                     rms_norm_eps=mc.norm_eps, rope_theta=mc.rope_theta, tie_word_embeddings=mc.tie_embeddings,
+                     rms_norm_eps=mc.norm_eps, rope_theta=mc.rope.theta, tie_word_embeddings=mc.tie_embeddings,
                      attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_id=None, pad_token_id=0)
     hf = LlamaForCausalLM(hc).eval()
     state = {hf_name(k): v for k, v in ours.state_dict().items()}

@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from scratchlm.config import ModelConfig, TrainConfig
+from scratchlm.config import GPTConfig, TrainConfig
 from scratchlm.model.gpt import GPT
 from scratchlm.train.optim import make_optimizer
 
@@ -81,7 +81,7 @@ def make_step(model, opt, x, y, amp, is_hf: bool):
 def bench_size(name: str, precision: str, rounds: int, steps: int, peak: float | None) -> dict:
     L, H, C, T, V, B = SIZES[name]
     torch.manual_seed(0)
-    ours = GPT(ModelConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C, dropout=0.0))
+    ours = GPT(GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C, dropout=0.0))
     hf = hf_model(L, H, C, T, V)
     tcfg = TrainConfig(lr=1e-4)
     x, y = torch.randint(0, V, (2, B, T))

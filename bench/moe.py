@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scratchlm.config import ModelConfig, TrainConfig
+from scratchlm.config import LlamaConfig, MoEConfig, TrainConfig
 from scratchlm.io import atomic_open
 from scratchlm.model.llama import Llama
 from scratchlm.model.moe import MoE, balance_loss_coef, expert_hidden
@@ -81,10 +81,10 @@ SIZES = {
 }
 
 
-def model_config(s: Size, arch: str) -> ModelConfig:
-    return ModelConfig(arch=arch, vocab_size=s.vocab, block_size=s.block, n_layer=s.n_layer, n_head=s.n_head,
-                       n_kv_head=s.n_kv_head, n_embd=s.n_embd, bias=False, dropout=0.0,
-                       n_experts=N_EXPERTS, n_active_experts=TOP_K)
+def model_config(s: Size, arch: str) -> LlamaConfig:
+    dense = dict(vocab_size=s.vocab, block_size=s.block, n_layer=s.n_layer, n_head=s.n_head, n_kv_head=s.n_kv_head,
+                 n_embd=s.n_embd, bias=False, dropout=0.0)
+    return LlamaConfig(**dense) if arch == "llama" else MoEConfig(**dense, n_experts=N_EXPERTS, n_active_experts=TOP_K)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def hf_experts_impls() -> list[str]:
     return ["grouped_mm", "eager"] if hasattr(PreTrainedModel, "set_experts_implementation") else ["eager"]
 
 
-def hf_mixtral(c: ModelConfig, experts_impl: str) -> nn.Module:
+def hf_mixtral(c: MoEConfig, experts_impl: str) -> nn.Module:
     """`MixtralForCausalLM` from a config mirroring `c` (no download); checks the settings took."""
     from transformers import AutoModelForCausalLM, MixtralConfig
 
@@ -109,11 +109,11 @@ def hf_mixtral(c: ModelConfig, experts_impl: str) -> nn.Module:
               num_experts_per_tok=c.n_active_experts, output_router_logits=True,
               router_aux_loss_coef=balance_loss_coef(c), router_jitter_noise=0.0, sliding_window=None,
               attention_dropout=0.0, bos_token_id=0, eos_token_id=0, use_cache=False,
-              rope_theta=c.rope_theta)  # transformers 5 folds rope_theta into rope_parameters
+              rope_theta=c.rope.theta)  # transformers 5 folds rope_theta into rope_parameters
     cfg = MixtralConfig(**kw)
     theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", None))
-    if theta != c.rope_theta:
-        raise RuntimeError(f"HF Mixtral took rope theta {theta}, not {c.rope_theta}")
+    if theta != c.rope.theta:
+        raise RuntimeError(f"HF Mixtral took rope theta {theta}, not {c.rope.theta}")
     if not c.router_norm_topk:
         raise RuntimeError("HF Mixtral always renormalises the top-k weights; ours must too")
     extra = {"experts_implementation": experts_impl} if len(hf_experts_impls()) > 1 else {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from scratchlm.checkpoint import save_checkpoint
-from scratchlm.config import Config, ModelConfig, SampleConfig, TokenizerConfig
+from scratchlm.config import Config, GPTConfig, ModelConfig, SampleConfig, TokenizerConfig, model_config, switch_arch
 from scratchlm.infer.engine import Engine
 from scratchlm.model import build_model, padded_vocab
 from scratchlm.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, train_bpe
@@ -99,7 +100,7 @@ def moe_cfg(**kw) -> ModelConfig:
     base = dict(arch="moe", vocab_size=64, block_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bias=False,
                 n_experts=4, n_active_experts=2)
     base.update(kw)
-    return ModelConfig(**base)
+    return model_config(**base)
 
 
 def counted_training_flops(model: torch.nn.Module, T: int) -> tuple[int, int]:
@@ -117,7 +118,7 @@ def counted_training_flops(model: torch.nn.Module, T: int) -> tuple[int, int]:
 def tiny_run_cfg(run_dir: Path, **train) -> Config:
     """A tiny GPT pretraining run of 12 steps into run_dir, fp32; `train` overrides train settings."""
     cfg = Config(name="test", out_dir=str(run_dir))
-    cfg.model = ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+    cfg.model = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
     t = cfg.train
     t.batch_size, t.max_steps, t.warmup_steps, t.lr = 4, 12, 2, 3e-3
     t.eval_interval, t.eval_iters, t.log_interval, t.ckpt_interval = 4, 2, 1, 0
@@ -146,10 +147,9 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, msg: str |
     torch.testing.assert_close(actual, expected, atol=LOGITS_ATOL, rtol=LOGITS_RTOL, msg=msg)
 
 
-def tiny_config(**kw) -> ModelConfig:
-    base = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
-    base.update(kw)
-    return ModelConfig(**base)
+def tiny_config(arch: str = "gpt", **kw) -> ModelConfig:
+    base = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    return replace(switch_arch(base, arch), **kw)  # a baseline keeps the sizes it has (vocab, block, ...)
 
 
 def tiny_model(seed: int = 0, std: float = 0.3, **kw) -> nn.Module:
@@ -215,7 +215,8 @@ def our_checkpoint(tmp: Path, seed: int = 0, **model_kw) -> tuple[Path, nn.Modul
     tok = tiny_bpe()
     cfg = Config(name="t", out_dir=str(tmp / "run"))
     cfg.tokenizer = TokenizerConfig(kind=tok.kind, vocab_size=tok.vocab_size, special_tokens=list(tok.special_tokens))
-    cfg.model = ModelConfig(**{"block_size": 16, "n_layer": 2, "n_head": 4, "n_embd": 32, **model_kw})
+    arch = model_kw.pop("arch", "gpt")
+    cfg.model = replace(switch_arch(GPTConfig(block_size=16, n_layer=2, n_head=4, n_embd=32), arch), **model_kw)
     cfg.model.vocab_size = padded_vocab(cfg.model, tok.vocab_size)
     torch.manual_seed(seed)
     model = randomize(build_model(cfg.model), seed)

@@ -38,6 +38,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from scratchlm.cli import main
+from scratchlm.config import load_config, switch_arch
 
 TINY_MODEL = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32"]
 TINY_TRAIN = ["--train.batch_size=2", "--train.max_steps=2", "--train.eval_interval=2", "--train.eval_iters=1",
@@ -135,9 +136,9 @@ def _truncated(w: World, tmp: Path) -> Path:
 def _other_arch(w: World, tmp: Path) -> Path:
     """config.json says llama (RMSNorm, RoPE, SwiGLU); the weights are the GPT's."""
     ck = _ckpt_copy(w, tmp)
-    cfg = json.loads((ck / "config.json").read_text())
-    cfg["model"]["arch"] = "llama"
-    _write(ck / "config.json", json.dumps(cfg))
+    cfg = load_config(ck / "config.json")
+    cfg.model = switch_arch(cfg.model, "llama")
+    _write(ck / "config.json", json.dumps(cfg.to_dict()))
     return ck
 
 

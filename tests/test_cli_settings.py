@@ -73,12 +73,15 @@ BAD_PRETRAIN = [
     ("--model.n_head=3", "model.n_embd=16 must be a multiple of model.n_head=3"),
     ("--model.arch=transformer", "model.arch='transformer' must be one of gpt, llama, moe, bigram, mlp"),
     ("--model.pos_emb=rope", "model.pos_emb='rope' must be one of learned, sinusoidal"),
-    ("--model.norm_eps=0", "model.norm_eps=0.0 must be > 0"),
-    ("--model.rope_scaling=dynamic", "model.rope_scaling='dynamic' must be one of none, linear, ntk, yarn"),
-    ("--model.rope_factor=0.5", "model.rope_factor=0.5 must be >= 1"),
+    ("--model.arch=llama --model.norm_eps=0", "model.norm_eps=0.0 must be > 0"),
+    ("--model.arch=llama --model.rope.scaling=dynamic",
+     "model.rope.scaling='dynamic' must be one of none, linear, ntk, yarn"),
+    ("--model.arch=llama --model.rope.factor=0.5", "model.rope.factor=0.5 must be >= 1"),
     ("--model.sliding_window=-1", "model.sliding_window=-1 must be >= 0"),
-    ("--model.aux_loss_coef=-1", "model.aux_loss_coef=-1.0 must be >= 0"),
-    ("--model.capacity_factor=0", "model.capacity_factor=0.0 must be > 0"),
+    ("--model.aux_loss_coef=-1 --model.arch=moe", "model.aux_loss_coef=-1.0 must be >= 0"),
+    ("--model.arch=moe --model.capacity_factor=0", "model.capacity_factor=0.0 must be > 0"),
+    ("--model.qk_norm=true", "model.qk_norm is not a setting of model.arch=gpt: only arch=llama, moe have it"),
+    ("--model.rope_scaling=yarn", "model.rope_scaling is now model.rope.scaling"),
     ("--tokenizer.kind=sentencepiece", "tokenizer.kind='sentencepiece' must be one of bpe, wordpiece"),
     ("--tokenizer.vocab_size=0", "tokenizer.vocab_size=0 must be in [1, 16777216]"),
     ("--tokenizer.pattern=(", "tokenizer.pattern='(' must be gpt2, gpt4 or a regular expression"),
@@ -96,7 +99,7 @@ BAD_PRETRAIN = [
 def test_bad_pretrain_setting_fails_before_any_work(capsys, tmp_path, override, fragment):
     corpus = tmp_path / "c.txt"
     corpus.write_text("some text to train on\n" * 20)
-    line = one_line_error(capsys, ["pretrain", str(corpus), "--out", str(tmp_path / "run"), *TINY, override])
+    line = one_line_error(capsys, ["pretrain", str(corpus), "--out", str(tmp_path / "run"), *TINY, *override.split()])
     assert fragment in line, line
     assert not (tmp_path / "run").exists()  # refused before any data, model or folder was made
 
@@ -193,6 +196,15 @@ def test_help_says_which_settings_the_verb_takes(capsys, verb):
         assert "--sample.KEY=VALUE overrides on top of the checkpoint's settings, and no --preset" in text
     else:
         assert "--preset NAME" in text and all(s in text.split("Settings:")[1] for s in sections)
+
+
+def test_help_lists_the_keys_of_each_model_family(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--model.arch=NAME picks the model family" in text and "every family takes vocab_size" in text
+    assert "gpt: n_layer" in text and "pos_emb" in text and "rope.scaling" in text
+    assert "moe: llama's + n_experts" in text and "bigram: nothing more" in text and "mlp: n_embd, mlp_context" in text
 
 
 NO_SETTINGS = [

@@ -45,7 +45,7 @@ from scratchlm.cli.commands import (
     cmd_viz_attention,
     cmd_viz_routing,
 )
-from scratchlm.config import PRESETS, SECTIONS
+from scratchlm.config import MODEL_FAMILIES, PRESETS, SECTIONS, ModelConfig, family_keys
 from scratchlm.errors import Interrupted, UserError
 
 # The config sections each verb reads: it takes --preset NAME and overrides of these sections. A verb
@@ -81,7 +81,20 @@ def settings_help(verb: str, default_preset: str | None = None) -> str:
     default = f" (default {default_preset})" if default_preset else ""
     predict = " (classify predict takes none)" if verb == "classify" else ""
     return (f"{verb} takes --preset NAME{default}, then {overrides}{predict}; each key's allowed values are "
-            "declared in scratchlm/config.py")
+            "declared in scratchlm/config/")
+
+
+def model_keys_help() -> str:
+    """The model keys each family takes (a family built on another lists what it adds), for the --help
+    of a verb that reads the model section."""
+    parts = []
+    for arch, cls in MODEL_FAMILIES.items():
+        parent = next((a for a, c in MODEL_FAMILIES.items() if c is cls.__mro__[1]), None)
+        inherited = family_keys(MODEL_FAMILIES[parent] if parent else ModelConfig)
+        own = ", ".join(k for k in family_keys(cls) if k not in inherited) or "nothing more"
+        parts.append(f"{arch}: " + (f"{parent}'s + " if parent else "") + own)
+    return (f"--model.arch=NAME picks the model family (switching keeps the keys both have); every family takes "
+            f"{', '.join(family_keys(ModelConfig))}, and each its own: " + "; ".join(parts))
 
 
 def check_settings(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -118,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                         if takes_preset else argparse.SUPPRESS)
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         sp.set_defaults(settings_verb=verb, default_preset=preset)
-        sp.epilog = "Settings: " + settings_help(verb, preset if takes_preset else None) + "."
+        model = f"; {model_keys_help()}" if "model" in VERB_SECTIONS.get(verb, ()) else ""
+        sp.epilog = "Settings: " + settings_help(verb, preset if takes_preset else None) + model + "."
         return sp
 
     def writes(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from scratchlm.config import Config, ModelConfig, apply_overrides, get_preset
+from scratchlm.config import Config, apply_overrides, flatten, get_preset
 from scratchlm.errors import UserError
 from scratchlm.rundir import check_output_path, claim_run_dir
 
@@ -149,12 +149,12 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
         run_dir = Path(args.out or get_preset(args.preset).out_dir)
         run_cfg = load_config(run_dir / "config.json")
         cfg = apply_overrides(copy.deepcopy(run_cfg), overrides)
-        changed = [f.name for f in dataclasses.fields(ModelConfig)
-                   if getattr(cfg.model, f.name) != getattr(run_cfg.model, f.name)]
+        new, old = (flatten(dataclasses.asdict(c.model)) for c in (cfg, run_cfg))  # "rope.theta": ...
+        changed = [name for name in {**new, **old} if new.get(name) != old.get(name)]
         if changed:  # pretrain() rebuilds the checkpoint's model: a model override would be ignored
             name = changed[0]
-            raise UserError(f"pretrain --resume: --model.{name}={getattr(cfg.model, name)} cannot change the model, "
-                            f"which comes from the checkpoint (model.{name}={getattr(run_cfg.model, name)})",
+            raise UserError(f"pretrain --resume: --model.{name}={new.get(name)} cannot change the model, "
+                            f"which comes from the checkpoint (model.{name}={old.get(name)})",
                             fix="drop the --model.* override, or start a new run with another --out")
     else:
         cfg = _config(args, overrides)

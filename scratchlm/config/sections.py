@@ -1,101 +1,49 @@
-"""Typed configuration: one dataclass per pipeline stage, named presets, CLI overrides, validation.
+"""The sections of a run's configuration, the whole `Config`, and CLI overrides.
 
-A run's configuration is a `Config` holding one section per stage. Presets are named functions
-that start from the defaults and change a few fields. The CLI applies `--section.key=value`
-overrides on top; an unknown section or key fails with the close matches listed. The resolved
-configuration is written as `config.json` beside every artifact a stage writes, and can be read
-back with `Config.from_dict`.
+A run's configuration is a `Config` holding one section per stage (the model section is one class
+per model family: `model.py`). The CLI applies `--section.key=value` overrides on top of a preset
+(`presets.py`); an unknown section or key fails with the close matches listed; `--model.arch=NAME`
+switches the model family, carrying over the fields both have, and is applied before the other
+overrides, so the family's own keys may come first on the command line. The resolved configuration
+is written as `config.json` beside every artifact a stage writes, and read back with
+`Config.from_dict` (which also reads the flat model section of old).
 
-Every field says what it accepts beside its default: a choice set (`Literal[...]`), a range
-written as the error message reads it (`Annotated[int, Range(">= 1")]`), or another `Rule`;
-bools take true/false. `Config.validate()` checks every field, then the rules that tie fields
-together (n_embd divisible by n_head, min_lr <= lr, ...), and raises a one-line `UserError` naming
-`section.key=value` and what is allowed. It runs where a config is built: at the end of
-`apply_overrides` (a preset plus the command line) and of `from_dict` (a `config.json` read
-back), so a bad setting fails before any data is read or any model is built. Code that builds a
-config by assignment (tests, benches) may call `validate()` itself; the stages do not re-check.
+`Config.validate()` checks every field, then the rules that tie fields together (n_embd divisible
+by n_head, min_lr <= lr, ...), and raises a one-line `UserError` naming `section.key=value` and
+what is allowed. It runs where a config is built: at the end of `apply_overrides` (a preset plus
+the command line) and of `from_dict` (a `config.json` read back), so a bad setting fails before any
+data is read or any model is built. Code that builds a config by assignment (tests, benches) may
+call `validate()` itself; the stages do not re-check.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
 import json
-import math
-import re
-import types
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from scratchlm.config.fields import (
+    DEVICE,
+    DISTINCT_TEXTS,
+    PATTERN,
+    SEED,
+    TEXT,
+    TEXTS,
+    VOCAB_CAP,
+    Range,
+    check_fields,
+    flatten,
+    set_field,
+)
+from scratchlm.config.model import GPTConfig, ModelConfig, check_model_key, migrate_flat_model, switch_arch
 from scratchlm.errors import UserError
 from scratchlm.io import write_json
 
 # Reserved special tokens every BPE we train carries: document separator plus the chat markers
 # the SFT stage uses, so a pretrained model never needs its embedding resized for chat.
 DEFAULT_SPECIALS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"]
-
-
-# ----------------------------------------------------------------------------------------------
-# what a field accepts
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What one field accepts: `ok(value)` says whether a value passes; `allowed` completes the error
-    "section.key=value must be ..."; `note` says what special values mean, as the fix."""
-
-    ok: Callable[[Any], bool]
-    allowed: str
-    note: str = ""
-
-
-def Range(interval: str, note: str = "") -> Rule:  # capitalised: it reads as a type inside Annotated[...]
-    """A numeric range as it reads in the error: ">= 1", "> 0", "[0, 1)", "[1, 1048576]". Floats
-    must also be finite: nan and inf pass no range."""
-    if m := re.fullmatch(r"(>=?) (\S+)", interval):
-        lo, hi, lo_open, hi_open, allowed = float(m[2]), math.inf, m[1] == ">", True, interval
-    else:
-        m = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", interval)
-        if m is None:
-            raise ValueError(f"not a range: {interval!r}")
-        lo, hi, lo_open, hi_open, allowed = float(m[2]), float(m[3]), m[1] == "(", m[4] == ")", "in " + interval
-
-    def ok(v: float) -> bool:
-        return math.isfinite(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
-
-    return Rule(ok, allowed, note)
-
-
-def _is_pattern(v: str) -> bool:
-    import regex  # the BPE pre-tokenizer's regex dialect (\p{L} classes)
-
-    if v in ("gpt2", "gpt4"):
-        return True
-    try:
-        regex.compile(v)
-    except regex.error:
-        return False
-    return bool(v)
-
-
-TEXT = Rule(bool, "a non-empty string")
-TEXTS = Rule(all, "a list of non-empty strings")
-DISTINCT_TEXTS = Rule(lambda v: all(v) and len(set(v)) == len(v),
-                      "a list of distinct non-empty strings")
-PATTERN = Rule(_is_pattern, "gpt2, gpt4 or a regular expression")
-DEVICE = Rule(lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, cuda, cuda:N or mps")
-SEED = Range("[0, 4294967295]")  # 32 bits: every RNG we seed (random, torch, numpy) takes it
-# Caps on the sizes that allocate tables, far above any real model, so a typo (1e10) is refused
-# instead of failing deep inside an allocation.
-VOCAB_CAP, CONTEXT_CAP = 16_777_216, 1_048_576
-
-
-# ----------------------------------------------------------------------------------------------
-# the sections
 
 
 @dataclass
@@ -134,84 +82,6 @@ class DataConfig:
 
     def validate(self) -> None:
         check_fields(self, "data.")
-
-
-@dataclass
-class ModelConfig:
-    """The network (`scratchlm/model/`). Sizes default to nanoGPT's CPU "baby" model."""
-
-    arch: Literal["gpt", "llama", "moe", "bigram", "mlp"] = "gpt"
-    # 0 = the tokenizer's vocabulary, padded up to a multiple of pad_vocab_to
-    vocab_size: Annotated[int, Range(f"[0, {VOCAB_CAP}]", "0 = the tokenizer's")] = 0
-    # round the embedding table up for faster matmuls (GPT-2: 50257 -> 50304)
-    pad_vocab_to: Annotated[int, Range(">= 1")] = 64
-    block_size: Annotated[int, Range(f"[1, {CONTEXT_CAP}]")] = 64  # context length in tokens
-    n_layer: Annotated[int, Range(">= 1")] = 4
-    n_head: Annotated[int, Range(">= 1")] = 4
-    n_embd: Annotated[int, Range(">= 1")] = 128
-    dropout: Annotated[float, Range("[0, 1)")] = 0.0
-    bias: bool = True  # biases in linears and LayerNorms, as GPT-2
-    pos_emb: Literal["learned", "sinusoidal"] = "learned"
-    # sdpa (fused kernel) | explicit (softmax(QK^T/sqrt(d) + mask) V, for teaching)
-    attn_impl: Literal["sdpa", "explicit"] = "sdpa"
-    tie_embeddings: bool = True  # LM head shares the token embedding matrix
-    mlp_context: Annotated[int, Range(">= 1")] = 3  # arch=mlp: previous tokens the MLP sees (makemore-style)
-    mlp_hidden: Annotated[int, Range(">= 1")] = 256  # arch=mlp: hidden units
-    # arch=llama (the modern decoder): RMSNorm, RoPE, SwiGLU, grouped-query attention
-    # key/value heads; 0 = n_head (plain multi-head), 1 = multi-query
-    n_kv_head: Annotated[int, Range(">= 0", "0 = n_head")] = 0
-    # SwiGLU hidden size; 0 = 8/3 x n_embd rounded up to a multiple of 64
-    ffn_hidden: Annotated[int, Range(">= 0", "0 = 8/3 x n_embd")] = 0
-    norm_eps: Annotated[float, Range("> 0")] = 1e-5
-    rope_theta: Annotated[float, Range("> 0")] = 10000.0
-    # stretch RoPE past the trained context
-    rope_scaling: Literal["none", "linear", "ntk", "yarn"] = "none"
-    rope_factor: Annotated[float, Range(">= 1")] = 1.0  # context extension factor for rope_scaling
-    # yarn: the context the model was trained with; 0 = block_size
-    rope_original_context: Annotated[int, Range(">= 0", "0 = block_size")] = 0
-    qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3, OLMo 2)
-    # attend to at most this many previous tokens (Mistral); 0 = full causal
-    sliding_window: Annotated[int, Range(">= 0", "0 = full causal attention")] = 0
-    # arch=moe (mixture of experts on top of the llama blocks)
-    n_experts: Annotated[int, Range(">= 1")] = 8  # routed experts per MoE layer
-    n_active_experts: Annotated[int, Range(">= 1")] = 2  # top-k experts each token is sent to
-    n_shared_experts: Annotated[int, Range(">= 0")] = 0  # experts every token passes through (DeepSeek-MoE)
-    # SwiGLU hidden size of one expert; 0 = ffn_hidden / n_active_experts
-    expert_hidden: Annotated[int, Range(">= 0", "0 = ffn_hidden / n_active_experts")] = 0
-    # softmax (Switch/Mixtral) | sigmoid (DeepSeek-V3, aux-loss-free bias balancing)
-    router: Literal["softmax", "sigmoid"] = "softmax"
-    router_norm_topk: bool = True  # renormalise the top-k weights to sum to 1
-    dropless: bool = True  # every routed token is computed; False = capacity limit with dropping
-    # when not dropless: slots per expert = factor x tokens x k / n_experts
-    capacity_factor: Annotated[float, Range("> 0")] = 1.25
-    # every k-th layer is MoE (hybrid models), counted from moe_first_dense
-    moe_every: Annotated[int, Range(">= 1")] = 1
-    moe_first_dense: Annotated[int, Range(">= 0")] = 0  # the first n layers stay dense
-    # Switch/GShard load-balancing loss weight; None = 0.01 with the softmax router, 0 with the sigmoid one
-    # (aux-loss-free: its selection bias balances instead)
-    aux_loss_coef: Annotated[float | None, Range(">= 0", "unset = 0.01 with softmax, 0 with sigmoid")] = None
-    z_loss_coef: Annotated[float, Range(">= 0")] = 0.001  # router z-loss weight (ST-MoE)
-    # sigmoid router: per-step nudge of each expert's selection bias
-    bias_update_rate: Annotated[float, Range(">= 0")] = 0.001
-
-    def validate(self) -> None:
-        check_fields(self, "model.")
-        if self.arch in ("gpt", "llama", "moe") and self.n_embd % self.n_head:
-            raise UserError(f"model.n_embd={self.n_embd} must be a multiple of model.n_head={self.n_head}")
-        if self.arch in ("llama", "moe"):
-            if self.n_head % (self.n_kv_head or self.n_head):
-                raise UserError(f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}",
-                                fix="use a divisor of n_head: 1 = multi-query, 0 = n_head")
-            if (self.n_embd // self.n_head) % 2:
-                raise UserError(f"model.n_embd={self.n_embd} / model.n_head={self.n_head} must give an even head "
-                                "dim: RoPE rotates pairs of dims")
-        if self.arch == "moe":
-            for name in ("n_active_experts", "n_shared_experts"):
-                if getattr(self, name) > self.n_experts:
-                    raise UserError(f"model.{name}={getattr(self, name)} must be <= model.n_experts={self.n_experts}")
-            if self.moe_first_dense >= self.n_layer:
-                raise UserError(f"model.moe_first_dense={self.moe_first_dense} must be < model.n_layer={self.n_layer}",
-                                fix="leave at least one MoE layer")
 
 
 @dataclass
@@ -327,7 +197,7 @@ class Config:
     seed: Annotated[int, SEED] = 1337
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=GPTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -337,13 +207,15 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> Config:
+        """The config a `to_dict` wrote (sections nested to any depth; unset keys keep their defaults).
+        A model section in the flat layout of old is migrated first (`migrate_flat_model`)."""
+        if not isinstance(d, dict):
+            raise UserError(f"{source}: not a config (a JSON object of sections)")
+        if isinstance(d.get("model"), dict):
+            d = {**d, "model": migrate_flat_model(d["model"])}
         cfg = cls()
-        for key, value in d.items():
-            if isinstance(value, dict):
-                for sub, sub_value in value.items():
-                    set_field(cfg, f"{key}.{sub}", sub_value, source=source)
-            else:
-                set_field(cfg, key, value, source=source)
+        for key, value in _arch_first(flatten(d).items()):
+            set_setting(cfg, key, value, source=source)
         cfg.validate(source)
         return cfg
 
@@ -367,222 +239,43 @@ SECTIONS = ("tokenizer", "data", "model", "train", "sample", "sft")  # Config's 
 
 
 # ----------------------------------------------------------------------------------------------
-# presets
-
-PRESETS: dict[str, Callable[[], Config]] = {}
-
-
-def preset(fn: Callable[[], Config]) -> Callable[[], Config]:
-    PRESETS[fn.__name__.replace("_", "-")] = fn
-    return fn
-
-
-@preset
-def default() -> Config:
-    return Config()
-
-
-@preset
-def tiny() -> Config:
-    """The demo scale: a small BPE on the embedded corpus, trained in seconds on a laptop."""
-    cfg = Config(name="tiny", out_dir="runs/tiny")
-    cfg.tokenizer.vocab_size = 2048
-    m = cfg.model
-    m.n_layer, m.n_head, m.n_embd, m.block_size = 4, 4, 128, 64
-    t = cfg.train
-    t.batch_size, t.max_steps, t.warmup_steps, t.lr, t.min_lr = 16, 600, 50, 2e-3, 2e-4
-    t.eval_interval, t.eval_iters, t.ckpt_interval = 200, 10, 0
-    cfg.sample.max_new_tokens = 40
-    return cfg
-
-
-def _shakespeare_char_data(cfg: Config) -> Config:
-    """nanoGPT's shakespeare_char data: characters, one document, the last 10% for validation."""
-    cfg.tokenizer.kind = "char"
-    cfg.tokenizer.special_tokens = []
-    cfg.data.val_fraction = 0.1
-    cfg.data.dedup = False
-    cfg.data.min_chars = 0
-    cfg.data.max_repeated_line_ratio = 1.0
-    return cfg
-
-
-@preset
-def char_tiny() -> Config:
-    """nanoGPT's CPU "baby" shakespeare_char run: 4 layers, 4 heads, 128 dims, block 64, 2,000 steps,
-    batch 12, dropout 0. nanoGPT uses lr 1e-3 -> 1e-4 and reaches a validation loss of about 1.88;
-    the same model and steps at 2e-3 -> 2e-4 reach 1.82 here (bench/shakespeare_char.py)."""
-    cfg = _shakespeare_char_data(Config(name="char-tiny", out_dir="runs/char-tiny"))
-    cfg.train.lr, cfg.train.min_lr, cfg.train.max_steps = 2e-3, 2e-4, 2000
-    return cfg
-
-
-@preset
-def shakespeare_char() -> Config:
-    """nanoGPT's GPU shakespeare_char model: 6 layers, 6 heads, 384 dims, block 256, dropout 0.2."""
-    cfg = _shakespeare_char_data(Config(name="shakespeare-char", out_dir="runs/shakespeare-char"))
-    m = cfg.model
-    m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout = 6, 6, 384, 256, 0.2
-    cfg.train.batch_size, cfg.train.max_steps, cfg.train.warmup_steps = 64, 5000, 100
-    return cfg
-
-
-@preset
-def gpt2_124m() -> Config:
-    """GPT-2 small: 12 layers, 12 heads, 768 dims, block 1024, vocab 50,257 padded to 50,304."""
-    cfg = Config(name="gpt2-124m", out_dir="runs/gpt2-124m")
-    m = cfg.model
-    m.n_layer, m.n_head, m.n_embd, m.block_size = 12, 12, 768, 1024
-    m.vocab_size, m.pad_vocab_to = 50257, 64
-    t = cfg.train
-    t.batch_size, t.grad_accum, t.lr, t.min_lr, t.beta2 = 8, 64, 6e-4, 6e-5, 0.95
-    t.warmup_steps, t.max_steps = 700, 20_000
-    return cfg
-
-
-def _llama(cfg: Config, n_layer: int, n_head: int, n_kv_head: int, n_embd: int, block: int) -> Config:
-    m = cfg.model
-    m.arch, m.bias, m.dropout = "llama", False, 0.0
-    m.n_layer, m.n_head, m.n_kv_head, m.n_embd, m.block_size = n_layer, n_head, n_kv_head, n_embd, block
-    return cfg
-
-
-@preset
-def llama_tiny() -> Config:
-    """A Llama-family model at demo scale: 4 layers, 4 query heads sharing 2 key/value heads, 128 dims."""
-    cfg = _llama(tiny(), 4, 4, 2, 128, 64)
-    cfg.name, cfg.out_dir = "llama-tiny", "runs/llama-tiny"
-    return cfg
-
-
-@preset
-def llama_30m() -> Config:
-    """About 30M parameters: 8 layers, 8 heads, 4 key/value heads, 512 dims, context 512."""
-    cfg = _llama(Config(name="llama-30m", out_dir="runs/llama-30m"), 8, 8, 4, 512, 512)
-    cfg.tokenizer.vocab_size = 8192
-    return cfg
-
-
-@preset
-def llama_125m() -> Config:
-    """A Llama-style ~125M model: 12 layers, 12 heads, 4 key/value heads, 768 dims, context 1024."""
-    cfg = _llama(Config(name="llama-125m", out_dir="runs/llama-125m"), 12, 12, 4, 768, 1024)
-    cfg.tokenizer.vocab_size = 32768
-    t = cfg.train
-    t.batch_size, t.grad_accum, t.lr, t.min_lr, t.beta2 = 8, 64, 6e-4, 6e-5, 0.95
-    t.warmup_steps, t.max_steps = 700, 20_000
-    return cfg
-
-
-@preset
-def moe_tiny() -> Config:
-    """The demo's MoE: llama-tiny with 8 experts, top-2, each expert half the dense FFN, so the
-    active parameters per token equal the dense model's."""
-    cfg = llama_tiny()
-    cfg.name, cfg.out_dir = "moe-tiny", "runs/moe-tiny"
-    cfg.model.arch = "moe"
-    return cfg
-
-
-@preset
-def sft_tiny() -> Config:
-    """Fine-tuning the demo's model on the embedded tasks: a few hundred steps at a lower learning rate."""
-    cfg = tiny()
-    cfg.name, cfg.out_dir = "sft-tiny", "runs/sft-tiny"
-    t = cfg.train
-    t.max_steps, t.lr, t.min_lr, t.warmup_steps, t.eval_interval, t.eval_iters = 300, 1e-3, 1e-4, 20, 100, 5
-    t.weight_decay = 0.0
-    return cfg
-
-
-def get_preset(name: str) -> Config:
-    if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}", fix=_suggest(name, PRESETS, "presets"))
-    return PRESETS[name]()
-
-
-# ----------------------------------------------------------------------------------------------
 # overrides
 
 
-def _suggest(word: str, options: typing.Iterable[str], what: str) -> str:
-    options = sorted(options)
-    close = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
-    if close:
-        return "did you mean " + " or ".join(close) + "?"
-    return f"known {what}: " + ", ".join(options)
+def set_setting(cfg: Config, dotted: str, value: Any, *, source: str = "override") -> None:
+    """Set one dotted setting on `cfg`, as `set_field`, knowing the model families: `model.arch`
+    switches `cfg.model` to that family (the fields both have carry over), and a model key of
+    another family is refused, naming the archs that have it."""
+    section, _, key = dotted.partition(".")
+    if section == "model" and key:
+        try:
+            if key == "arch":
+                cfg.model = switch_arch(cfg.model, value)
+                return
+            check_model_key(type(cfg.model), key)
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+    set_field(cfg, dotted, value, source=source)
 
 
-def _coerce(value: Any, tp: Any, name: str, source: str) -> Any:
-    """Turn a CLI string (or JSON value) into the field's declared type."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return _coerce(value, args[0], name, source)
-    if origin is Literal:  # a choice set: coerced to the choices' type here, checked by validate()
-        return _coerce(value, type(typing.get_args(tp)[0]), name, source)
-    try:
-        if origin is list:
-            (item_tp,) = typing.get_args(tp)
-            if isinstance(value, str):
-                value = json.loads(value) if value.startswith("[") else [v for v in value.split(",") if v]
-            return [_coerce(v, item_tp, name, source) for v in value]
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if tp is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if tp is float:
-            return float(value)
-        if tp is str:
-            return str(value)
-    except (ValueError, TypeError, json.JSONDecodeError):
-        tname = getattr(tp, "__name__", str(tp))
-        raise UserError(f"{source}: {name}={value!r} is not a valid {tname}") from None
-    return value
-
-
-def set_field(cfg: Any, dotted: str, value: Any, *, source: str = "override") -> None:
-    """Set `section.key` (or a top-level `key`) on a config, with type checks and suggestions."""
-    obj = cfg
-    parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(obj)}
-        if part not in fields:
-            where = ".".join(parts[:i]) or "config"
-            raise UserError(
-                f"{source}: unknown key {dotted!r} in {where}",
-                fix=_suggest(part, fields, "keys"),
-            )
-        if i == len(parts) - 1:
-            hints = typing.get_type_hints(type(obj))
-            if dataclasses.is_dataclass(hints[part]):
-                raise UserError(f"{source}: {dotted!r} is a section; set one of its keys, e.g. {dotted}.KEY=VALUE")
-            setattr(obj, part, _coerce(value, hints[part], dotted, source))
-        else:
-            obj = getattr(obj, part)
-            if not dataclasses.is_dataclass(obj):
-                raise UserError(f"{source}: {'.'.join(parts[: i + 1])!r} is not a section")
+def _arch_first(items: Any) -> list[tuple[str, Any]]:
+    """(dotted key, value) pairs with the model.arch ones first (else in order): the family is
+    chosen before its own fields are set."""
+    return sorted(items, key=lambda kv: kv[0] != "model.arch")
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `--section.key=value` strings in order, then validate the result as a whole (a rule
-    between two fields holds for the final values, whatever order they were set in)."""
+    """Apply `--section.key=value` strings, model.arch first and the rest in order, then validate the
+    result as a whole (a rule between two fields holds for the final values, whatever order they were
+    set in)."""
+    pairs = []
     for item in overrides:
         text = item[2:] if item.startswith("--") else item
         if "=" not in text:
             raise UserError(f"override {item!r} has no value", fix="write it as --section.key=value")
-        key, value = text.split("=", 1)
-        set_field(cfg, key, value, source=f"--{key}")
+        pairs.append(tuple(text.split("=", 1)))
+    for key, value in _arch_first(pairs):
+        set_setting(cfg, key, value, source=f"--{key}")
     cfg.validate()
     return cfg
 
@@ -597,73 +290,3 @@ def load_config(path: str | Path) -> Config:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})", fix="delete it and re-run the stage") from None
     return Config.from_dict(d, source=str(path))
-
-
-# ----------------------------------------------------------------------------------------------
-# validation
-
-
-class _Field(typing.NamedTuple):
-    """One field of a config dataclass, as `check_fields` needs it (worked out once per class)."""
-
-    name: str
-    type_name: str
-    types: frozenset[type]  # exact types accepted: bool is not an int here, an int is a float
-    item_types: frozenset[type]  # for lists: the items' types; else empty
-    choices: tuple[Any, ...]  # for Literal fields; else empty
-    rules: tuple[Rule, ...]
-    is_section: bool
-
-
-def _accepted_types(tp: Any) -> frozenset[type]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return frozenset().union(*map(_accepted_types, typing.get_args(tp)))
-    if origin is Literal:
-        return frozenset(type(c) for c in typing.get_args(tp))
-    return frozenset({int, float}) if tp is float else frozenset({origin or tp})
-
-
-@functools.cache
-def _fields(cls: type) -> list[_Field]:
-    out = []
-    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
-        rules: tuple[Rule, ...] = ()
-        if typing.get_origin(hint) is Annotated:
-            hint, *meta = typing.get_args(hint)
-            rules = tuple(m for m in meta if isinstance(m, Rule))
-        is_list = typing.get_origin(hint) is list
-        out.append(_Field(
-            name, getattr(hint, "__name__", str(hint)), _accepted_types(hint),
-            _accepted_types(typing.get_args(hint)[0]) if is_list else frozenset(),
-            typing.get_args(hint) if typing.get_origin(hint) is Literal else (), rules, dataclasses.is_dataclass(hint),
-        ))
-    return out
-
-
-def _close_match(value: Any, choices: tuple[Any, ...]) -> str | None:
-    close = difflib.get_close_matches(str(value), list(map(str, choices)), n=1, cutoff=0.5)
-    return f"did you mean {close[0]}?" if close else None
-
-
-def _show(value: Any) -> str:
-    return repr(value) if isinstance(value, str | list) else str(value)
-
-
-def check_fields(obj: Any, prefix: str) -> None:
-    """Check each (non-section) field of one config dataclass against its type, choices and rules."""
-    for f in _fields(type(obj)):
-        if f.is_section:
-            continue
-        key, value = prefix + f.name, getattr(obj, f.name)
-        if type(value) not in f.types or (f.item_types and any(type(v) not in f.item_types for v in value)):
-            raise UserError(f"{key}={_show(value)} is not a valid {f.type_name}")
-        if f.choices and value not in f.choices:
-            raise UserError(f"{key}={_show(value)} must be one of {', '.join(map(str, f.choices))}",
-                            fix=_close_match(value, f.choices))
-        if value is None:
-            continue  # an optional field left unset
-        finite = "" if not isinstance(value, float) or math.isfinite(value) else "finite and "
-        for rule in f.rules:
-            if not rule.ok(value):
-                raise UserError(f"{key}={_show(value)} must be {finite}{rule.allowed}", fix=rule.note or None)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from scratchlm.config import ModelConfig
+from scratchlm.config import GPTConfig
 from scratchlm.convert.hf_common import HFConfig
 from scratchlm.errors import UserError
 
@@ -40,7 +40,7 @@ def defaults(arch: str) -> dict[str, Any]:
     return DEFAULTS
 
 
-def config_from_hf(c: HFConfig, arch: str) -> ModelConfig:
+def config_from_hf(c: HFConfig, arch: str) -> GPTConfig:
     n_embd = c.int("n_embd")
     c.require("activation_function", TANH_GELU, "our GPT's MLP uses GELU with the tanh approximation (gelu_new)")
     c.require("n_inner", (None, 4 * n_embd), f"our GPT's MLP is 4 x n_embd = {4 * n_embd} wide")
@@ -48,14 +48,14 @@ def config_from_hf(c: HFConfig, arch: str) -> ModelConfig:
     c.require("scale_attn_weights", (True,), "our attention always scales scores by 1/sqrt(head dim)")
     c.require("scale_attn_by_inverse_layer_idx", (False,), "our attention has no per-layer score scaling")
     c.require("add_cross_attention", (False,), "our GPT is decoder-only, without cross-attention")
-    return ModelConfig(
-        arch="gpt", vocab_size=c.int("vocab_size"), pad_vocab_to=1, block_size=c.int("n_positions"),
+    return GPTConfig(
+        vocab_size=c.int("vocab_size"), pad_vocab_to=1, block_size=c.int("n_positions"),
         n_layer=c.int("n_layer"), n_head=c.int("n_head"), n_embd=n_embd, dropout=0.0, bias=True,
         pos_emb="learned", tie_embeddings=bool(c.get("tie_word_embeddings")),
     )
 
 
-def config_to_hf(m: ModelConfig, eos_id: int | None) -> dict[str, Any]:
+def config_to_hf(m: GPTConfig, eos_id: int | None) -> dict[str, Any]:
     if not m.bias:
         raise UserError("model.bias=false cannot be exported as GPT-2: HF GPT-2 has biases in every linear and "
                         "LayerNorm", fix="export a model trained with model.bias=true")
@@ -74,14 +74,14 @@ def config_to_hf(m: ModelConfig, eos_id: int | None) -> dict[str, Any]:
     }
 
 
-def hf_name(ours: str, m: ModelConfig) -> tuple[str, bool]:
+def hf_name(ours: str, m: GPTConfig) -> tuple[str, bool]:
     """Our tensor name -> (HF name, stored transposed)."""
     if ours == "lm_head.weight":
         return ours, False
     return "transformer." + ours, ours.endswith(CONV1D)
 
 
-def prepare_hf(sd: dict[str, torch.Tensor], m: ModelConfig, where: str) -> None:
+def prepare_hf(sd: dict[str, torch.Tensor], m: GPTConfig, where: str) -> None:
     """Normalise an HF state dict in place: the `transformer.` prefix (the original GPT-2 files
     lack it), minus the mask buffers and, when tied, the copy of the embedding in lm_head."""
     if "transformer.wte.weight" not in sd and "wte.weight" in sd:
@@ -93,14 +93,14 @@ def prepare_hf(sd: dict[str, torch.Tensor], m: ModelConfig, where: str) -> None:
         sd.pop("lm_head.weight", None)
 
 
-def extra_hf_tensors(m: ModelConfig) -> dict[str, torch.Tensor]:
+def extra_hf_tensors(m: GPTConfig) -> dict[str, torch.Tensor]:
     return {}
 
 
-def extra_tensors(m: ModelConfig) -> dict[str, torch.Tensor]:
+def extra_tensors(m: GPTConfig) -> dict[str, torch.Tensor]:
     """Our persistent buffers with no HF counterpart: none."""
     return {}
 
 
-def finish_hf(tensors: dict[str, torch.Tensor], m: ModelConfig) -> None:
+def finish_hf(tensors: dict[str, torch.Tensor], m: GPTConfig) -> None:
     """The exported tensors are already in HF's layout."""

@@ -2,13 +2,13 @@
 
 All four are one architecture with a few switches, which map onto our config as follows:
 
-    HF                                   ours (ModelConfig)
+    HF                                   ours (LlamaConfig)
     hidden_size / num_hidden_layers      n_embd / n_layer
     num_attention_heads / _key_value_    n_head / n_kv_head
     intermediate_size                    ffn_hidden
     rms_norm_eps                         norm_eps
     max_position_embeddings              block_size
-    rope_theta, rope_scaling|parameters  rope_theta, rope_scaling (linear, yarn), rope_factor, ..._original_context
+    rope_theta, rope_scaling|parameters  rope.theta, rope.scaling (linear, yarn), rope.factor, rope.original_context
     Qwen2's q/k/v biases                 bias (it covers wq, wk, wv; wo never has one)
     Qwen3's q_norm / k_norm              qk_norm
     Mistral's sliding_window             sliding_window (Qwen2/3's, when every layer uses it)
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from scratchlm.config import ModelConfig
+from scratchlm.config import LlamaConfig, RopeConfig
 from scratchlm.convert.hf_common import HFConfig
 from scratchlm.errors import UserError
 from scratchlm.model.llama import ffn_hidden
@@ -85,7 +85,7 @@ def attention_shape(c: HFConfig) -> tuple[int, int, int]:
     return n_embd, n_head, n_layer
 
 
-def config_from_hf(c: HFConfig, arch: str) -> ModelConfig:
+def config_from_hf(c: HFConfig, arch: str) -> LlamaConfig:
     model_type = MODEL_TYPES[arch]
     n_embd, n_head, n_layer = attention_shape(c)
     c.require("hidden_act", ("silu",), "our feed-forward is SwiGLU with SiLU")
@@ -95,13 +95,12 @@ def config_from_hf(c: HFConfig, arch: str) -> ModelConfig:
     # which `prepare_hf` accepts only when those o_proj biases are all zero.
     bias = model_type == "qwen2" or (model_type in ("llama", "qwen3") and bool(c.get("attention_bias")))
     block_size = c.int("max_position_embeddings")
-    theta, scaling, factor, original = rope_from_hf(c, block_size)
-    return ModelConfig(
-        arch="llama", vocab_size=c.int("vocab_size"), pad_vocab_to=1, block_size=block_size,
+    rope = rope_from_hf(c, block_size)
+    return LlamaConfig(
+        vocab_size=c.int("vocab_size"), pad_vocab_to=1, block_size=block_size,
         n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_kv_head=c.get("num_key_value_heads") or n_head,
         ffn_hidden=c.int("intermediate_size"), norm_eps=float(c.get("rms_norm_eps")), dropout=0.0, bias=bias,
-        tie_embeddings=bool(c.get("tie_word_embeddings")), rope_theta=theta, rope_scaling=scaling,
-        rope_factor=factor, rope_original_context=original, qk_norm=model_type == "qwen3",
+        tie_embeddings=bool(c.get("tie_word_embeddings")), rope=rope, qk_norm=model_type == "qwen3",
         sliding_window=window_from_hf(c, model_type, n_layer),
     )
 
@@ -111,8 +110,8 @@ def _mscale(factor: float, k: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * k * math.log(factor) + 1.0
 
 
-def rope_from_hf(c: HFConfig, max_positions: int) -> tuple[float, str, float, int]:
-    """(rope_theta, rope_scaling, rope_factor, rope_original_context) from either spelling:
+def rope_from_hf(c: HFConfig, max_positions: int) -> RopeConfig:
+    """Our rope section (theta, scaling, factor, original_context) from either spelling:
     transformers 5's `rope_parameters` (theta inside) or 4's top-level `rope_theta` + `rope_scaling`."""
     key = "rope_parameters" if c.fields.get("rope_parameters") else "rope_scaling"
     params = dict(c.fields.get(key) or {})
@@ -127,9 +126,9 @@ def rope_from_hf(c: HFConfig, max_positions: int) -> tuple[float, str, float, in
     kind_key = "rope_type" if "rope_type" in params else "type"  # "type" in older files
     kind = params.get(kind_key, "default")
     if kind == "default":
-        return theta, "none", 1.0, 0
+        return RopeConfig(theta=theta)
     if kind == "linear":
-        return theta, "linear", float(params["factor"]), 0
+        return RopeConfig(theta=theta, scaling="linear", factor=float(params["factor"]))
     if kind != "yarn":
         raise c.refuse(f"{key}.{kind_key}", kind, "our RoPE has default, linear and yarn scaling only (its 'ntk' is "
                        "static, not HF's 'dynamic'; llama3 and longrope are not implemented)")
@@ -148,7 +147,7 @@ def rope_from_hf(c: HFConfig, max_positions: int) -> tuple[float, str, float, in
     if abs(attention - _mscale(factor)) > 1e-9:
         raise c.refuse(f"{key}.attention_factor", attention,
                        f"our YaRN scales attention by 0.1·ln(factor) + 1 = {_mscale(factor):.6g}")
-    return theta, "yarn", factor, original
+    return RopeConfig(theta=theta, scaling="yarn", factor=factor, original_context=original)
 
 
 def window_from_hf(c: HFConfig, model_type: str, n_layer: int) -> int:
@@ -173,7 +172,7 @@ def single_window(c: HFConfig, kinds: list[str]) -> int:
     raise c.refuse(field, c.get(field), "our Llama applies model.sliding_window to every layer or to none")
 
 
-def prepare_hf(sd: dict[str, torch.Tensor], m: ModelConfig, where: str) -> None:
+def prepare_hf(sd: dict[str, torch.Tensor], m: LlamaConfig, where: str) -> None:
     """Normalise an HF state dict in place: the `model.` prefix (absent in base-model files),
     minus old rotary buffers, zero o_proj biases, and the tied lm_head copy."""
     if "model.embed_tokens.weight" not in sd and "embed_tokens.weight" in sd:
@@ -190,7 +189,7 @@ def prepare_hf(sd: dict[str, torch.Tensor], m: ModelConfig, where: str) -> None:
         sd.pop("lm_head.weight", None)
 
 
-def hf_name(ours: str, m: ModelConfig) -> tuple[str, bool]:
+def hf_name(ours: str, m: LlamaConfig) -> tuple[str, bool]:
     """Our tensor name -> (HF name, stored transposed: never for this family)."""
     if ours in TOP_NAMES:
         return TOP_NAMES[ours], False
@@ -200,7 +199,7 @@ def hf_name(ours: str, m: ModelConfig) -> tuple[str, bool]:
 
 
 # -- export ------------------------------------------------------------------------------------
-def hf_model_type(m: ModelConfig) -> str:
+def hf_model_type(m: LlamaConfig) -> str:
     if m.qk_norm:
         return "qwen3"
     if m.bias:
@@ -208,23 +207,24 @@ def hf_model_type(m: ModelConfig) -> str:
     return "mistral" if m.sliding_window else "llama"
 
 
-def rope_to_hf(m: ModelConfig) -> tuple[float, dict[str, Any] | None]:
+def rope_to_hf(m: LlamaConfig) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, the scaling dict or None) that make HF compute our inverse frequencies."""
-    scaling = m.rope_scaling if m.rope_factor != 1.0 else "none"
+    r = m.rope
+    scaling = r.scaling if r.factor != 1.0 else "none"
     head_dim = m.n_embd // m.n_head
     if scaling == "none":
-        return m.rope_theta, None
+        return r.theta, None
     if scaling == "ntk":  # the same expression as layers.rope_frequencies, so the base is bit-identical
-        return m.rope_theta * m.rope_factor ** (head_dim / (head_dim - 2)), None
+        return r.theta * r.factor ** (head_dim / (head_dim - 2)), None
     if scaling == "linear":
-        return m.rope_theta, {"rope_type": "linear", "factor": m.rope_factor}
+        return r.theta, {"rope_type": "linear", "factor": r.factor}
     if scaling == "yarn":
-        return m.rope_theta, {"rope_type": "yarn", "factor": m.rope_factor,
-                              "original_max_position_embeddings": m.rope_original_context or m.block_size}
-    raise UserError(f"model.rope_scaling={m.rope_scaling!r} has no HF counterpart")
+        return r.theta, {"rope_type": "yarn", "factor": r.factor,
+                         "original_max_position_embeddings": r.original_context or m.block_size}
+    raise UserError(f"model.rope.scaling={r.scaling!r} has no HF counterpart")
 
 
-def config_to_hf(m: ModelConfig, eos_id: int | None) -> dict[str, Any]:
+def config_to_hf(m: LlamaConfig, eos_id: int | None) -> dict[str, Any]:
     model_type = hf_model_type(m)
     arch = next(a for a, t in MODEL_TYPES.items() if t == model_type)
     theta, scaling = rope_to_hf(m)
@@ -254,17 +254,17 @@ def config_to_hf(m: ModelConfig, eos_id: int | None) -> dict[str, Any]:
     return out
 
 
-def extra_hf_tensors(m: ModelConfig) -> dict[str, torch.Tensor]:
+def extra_hf_tensors(m: LlamaConfig) -> dict[str, torch.Tensor]:
     """Qwen3 with attention_bias has o_proj biases, which our model lacks: they are zero."""
     if hf_model_type(m) == "qwen3" and m.bias:
         return {f"model.layers.{i}.self_attn.o_proj.bias": torch.zeros(m.n_embd) for i in range(m.n_layer)}
     return {}
 
 
-def extra_tensors(m: ModelConfig) -> dict[str, torch.Tensor]:
+def extra_tensors(m: LlamaConfig) -> dict[str, torch.Tensor]:
     """Our persistent buffers with no HF counterpart: none (RoPE's tables are not persistent)."""
     return {}
 
 
-def finish_hf(tensors: dict[str, torch.Tensor], m: ModelConfig) -> None:
+def finish_hf(tensors: dict[str, torch.Tensor], m: LlamaConfig) -> None:
     """The exported tensors are already in HF's layout."""

@@ -3,7 +3,7 @@
 All three are the Llama-family decoder (`hf_llama.py` maps the attention, norms, RoPE and dense
 layers) whose feed-forward is, in some layers, a softmax router over E SwiGLU experts:
 
-    HF                                           ours (ModelConfig)
+    HF                                           ours (MoEConfig)
     num_local_experts | num_experts              n_experts
     num_experts_per_tok                          n_active_experts (top-k)
     Mixtral's intermediate_size                  expert_hidden (and ffn_hidden: Mixtral has no dense layer)
@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from scratchlm.config import ModelConfig
+from scratchlm.config import MoEConfig
 from scratchlm.convert import hf_llama
 from scratchlm.convert.hf_common import HFConfig
 from scratchlm.errors import UserError
@@ -139,7 +139,7 @@ def window(c: HFConfig, model_type: str, n_layer: int) -> int:
     return hf_llama.single_window(c, kinds)
 
 
-def config_from_hf(c: HFConfig, arch: str) -> ModelConfig:
+def config_from_hf(c: HFConfig, arch: str) -> MoEConfig:
     model_type = MODEL_TYPES[arch]
     n_embd, n_head, n_layer = hf_llama.attention_shape(c)
     c.require("hidden_act", ("silu",), "our experts are SwiGLU with SiLU")
@@ -162,13 +162,12 @@ def config_from_hf(c: HFConfig, arch: str) -> ModelConfig:
     # accepts only when zero. Mixtral has none.
     bias = {"mixtral": False, "qwen2_moe": bool(c.get("qkv_bias")), "qwen3_moe": bool(c.get("attention_bias"))}
     block_size = c.int("max_position_embeddings")
-    theta, scaling, factor, original = hf_llama.rope_from_hf(c, block_size)
-    return ModelConfig(
-        arch="moe", vocab_size=c.int("vocab_size"), pad_vocab_to=1, block_size=block_size,
+    rope = hf_llama.rope_from_hf(c, block_size)
+    return MoEConfig(
+        vocab_size=c.int("vocab_size"), pad_vocab_to=1, block_size=block_size,
         n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_kv_head=c.get("num_key_value_heads") or n_head,
         ffn_hidden=dense_hidden, norm_eps=float(c.get("rms_norm_eps")), dropout=0.0, bias=bias[model_type],
-        tie_embeddings=bool(c.get("tie_word_embeddings")), rope_theta=theta, rope_scaling=scaling,
-        rope_factor=factor, rope_original_context=original, qk_norm=model_type == "qwen3_moe",
+        tie_embeddings=bool(c.get("tie_word_embeddings")), rope=rope, qk_norm=model_type == "qwen3_moe",
         sliding_window=window(c, model_type, n_layer),
         n_experts=E, n_active_experts=k, n_shared_experts=n_shared, expert_hidden=hidden, router="softmax",
         router_norm_topk=model_type == "mixtral" or bool(c.get("norm_topk_prob")), dropless=True,
@@ -232,7 +231,7 @@ def _fold_shared_gate(sd: dict[str, torch.Tensor], prefix: str, n_shared: int, w
         sd[down] = sd[down] * 0.5
 
 
-def prepare_hf(sd: dict[str, torch.Tensor], m: ModelConfig, where: str) -> None:
+def prepare_hf(sd: dict[str, torch.Tensor], m: MoEConfig, where: str) -> None:
     """Normalise an HF state dict in place: what `hf_llama.prepare_hf` does, Mixtral's
     `block_sparse_moe.` spelled `mlp.`, and each MoE layer's experts as stacks (module docstring)."""
     hf_llama.prepare_hf(sd, m, where)
@@ -246,7 +245,7 @@ def prepare_hf(sd: dict[str, torch.Tensor], m: ModelConfig, where: str) -> None:
             _fold_shared_gate(sd, prefix, m.n_shared_experts, where)
 
 
-def hf_name(ours: str, m: ModelConfig) -> tuple[str, bool]:
+def hf_name(ours: str, m: MoEConfig) -> tuple[str, bool]:
     """Our tensor name -> (HF name after `prepare_hf`, stored with the last two dims swapped)."""
     if ours.startswith("layers."):
         _, i, rest = ours.split(".", 2)
@@ -256,7 +255,7 @@ def hf_name(ours: str, m: ModelConfig) -> tuple[str, bool]:
     return hf_llama.hf_name(ours, m)
 
 
-def extra_tensors(m: ModelConfig) -> dict[str, torch.Tensor]:
+def extra_tensors(m: MoEConfig) -> dict[str, torch.Tensor]:
     """Our persistent buffers with no HF counterpart: the sigmoid router's selection biases, zero
     (the softmax router never reads them), so the checkpoint loads strictly."""
     return {f"layers.{i}.feed_forward.select_bias": torch.zeros(m.n_experts)
@@ -264,7 +263,7 @@ def extra_tensors(m: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 # -- export ------------------------------------------------------------------------------------
-def hf_model_type(m: ModelConfig) -> str:
+def hf_model_type(m: MoEConfig) -> str:
     if m.router != "softmax":
         raise UserError(f"model.router={m.router!r} has no HF transformers counterpart without custom code "
                         "(DeepSeek-V3's sigmoid router comes with MLA attention)", fix="export a softmax-router MoE")
@@ -279,7 +278,7 @@ def hf_model_type(m: ModelConfig) -> str:
     return "qwen2_moe"
 
 
-def config_to_hf(m: ModelConfig, eos_id: int | None) -> dict[str, Any]:
+def config_to_hf(m: MoEConfig, eos_id: int | None) -> dict[str, Any]:
     model_type = hf_model_type(m)
     arch = next(a for a, t in MODEL_TYPES.items() if t == model_type)
     theta, scaling = hf_llama.rope_to_hf(m)
@@ -316,7 +315,7 @@ def config_to_hf(m: ModelConfig, eos_id: int | None) -> dict[str, Any]:
     return out
 
 
-def extra_hf_tensors(m: ModelConfig) -> dict[str, torch.Tensor]:
+def extra_hf_tensors(m: MoEConfig) -> dict[str, torch.Tensor]:
     """Tensors HF has and we lack: Qwen3-MoE's o_proj biases (with attention_bias) and Qwen2-MoE's
     shared-expert gates, all zero (see the module docstring for the gates)."""
     model_type = hf_model_type(m)
@@ -329,7 +328,7 @@ def extra_hf_tensors(m: ModelConfig) -> dict[str, torch.Tensor]:
     return out
 
 
-def finish_hf(tensors: dict[str, torch.Tensor], m: ModelConfig) -> None:
+def finish_hf(tensors: dict[str, torch.Tensor], m: MoEConfig) -> None:
     """The exported tensors in HF's file layout, in place: each expert stack split into per-expert
     matrices (`prepare_hf` in reverse); Qwen2-MoE's shared down projection doubled for its zero
     gate, or a zero-width shared expert when we have none; Mixtral's `block_sparse_moe.` names."""

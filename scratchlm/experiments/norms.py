@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from scratchlm.config import Config
+from scratchlm.config import Config, switch_arch
 from scratchlm.model import build_model
 from scratchlm.model.layers import RMSNorm
 from scratchlm.train.loop import RunResult
@@ -35,7 +35,7 @@ def with_layernorm(model: nn.Module) -> nn.Module:
 def norms_experiment(cfg: Config, out: Path, inputs: list[str] | None = None, progress: bool = True) -> Path:
     """Train RMSNorm and LayerNorm variants of `cfg`'s model; write `out/norms.png`. Returns its path."""
     out.mkdir(parents=True, exist_ok=True)
-    base = replace(cfg, model=replace(cfg.model, arch="llama", bias=False))
+    base = replace(cfg, model=replace(switch_arch(cfg.model, "llama"), bias=False))
     data_dir = prepare_run_data(replace(base, out_dir=str(out)), out, inputs, progress)
     results: dict[str, RunResult] = {}
     for label, build in (("RMSNorm", build_model), ("LayerNorm", lambda m: with_layernorm(build_model(m)))):

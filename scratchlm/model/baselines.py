@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scratchlm.config import ModelConfig
+from scratchlm.config import BigramConfig, MLPConfig
 from scratchlm.model.base import LanguageModel
 from scratchlm.model.layers import DocumentMask
 
@@ -28,7 +28,7 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | 
 
 
 class BigramLM(LanguageModel):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: BigramConfig) -> None:
         super().__init__()
         self.config = cfg
         self.table = nn.Embedding(cfg.vocab_size, cfg.vocab_size)  # row i: logits of the token after i
@@ -48,7 +48,7 @@ class BigramLM(LanguageModel):
 
 
 class MLPLM(LanguageModel):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: MLPConfig) -> None:
         super().__init__()
         self.config, self.k = cfg, cfg.mlp_context
         self.emb = nn.Embedding(cfg.vocab_size + 1, cfg.n_embd)  # the extra last row is "no token"

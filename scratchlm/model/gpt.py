@@ -5,7 +5,7 @@
 Block (pre-norm): x + Attention(LN(x)), then x + MLP(LN(x)). Attention is multi-head causal
 self-attention: one linear makes Q, K and V for all heads at once, heads are split, attend
 independently, are concatenated back and mixed by an output projection. The MLP expands 4x with
-GELU. Choices, all in `ModelConfig`: learned or sinusoidal positions, the explicit or the fused
+GELU. Choices, all in `GPTConfig`: learned or sinusoidal positions, the explicit or the fused
 (SDPA) attention kernel, biases, dropout, and an LM head tied to the token embedding.
 
 Initialisation follows GPT-2: N(0, 0.02) for every weight, zero biases, and the two projections
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scratchlm.config import ModelConfig
+from scratchlm.config import GPTConfig
 from scratchlm.errors import UserError
 from scratchlm.losses import fusable_head, linear_cross_entropy
 from scratchlm.model.base import AttentionShape, LanguageModel
@@ -33,7 +33,7 @@ from scratchlm.model.layers import DocumentMask, check_context, explicit_attenti
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # Q, K, V for all heads
@@ -65,7 +65,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
@@ -77,7 +77,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
@@ -91,7 +91,7 @@ class Block(nn.Module):
 
 
 class GPT(LanguageModel):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         if cfg.n_embd % cfg.n_head:
             raise UserError(f"model.n_embd={cfg.n_embd} is not divisible by model.n_head={cfg.n_head}")

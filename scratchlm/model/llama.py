@@ -6,7 +6,7 @@ What changed since GPT-2, and why:
 - RMSNorm instead of LayerNorm: no mean subtraction and no bias; as good, cheaper.
 - RoPE instead of a learned position table: positions enter as rotations of q and k, so
   attention scores depend on relative offsets, and the context can be stretched later
-  (`rope_scaling`). Nothing is added to the token embedding.
+  (`rope.scaling`). Nothing is added to the token embedding.
 - SwiGLU feed-forward (Shazeer 2020): w2(silu(w1 x) * w3 x), hidden 8/3 x C so the three
   matrices cost what GPT's two 4x ones do.
 - Grouped-query attention (Ainslie et al. 2023): n_kv_head key/value heads shared by n_head
@@ -27,18 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scratchlm.config import ModelConfig
+from scratchlm.config import LlamaConfig
 from scratchlm.errors import UserError
 from scratchlm.losses import fusable_head, linear_cross_entropy
 from scratchlm.model.base import AttentionShape, LanguageModel
 from scratchlm.model.layers import DocumentMask, RMSNorm, RoPE, check_context, explicit_attention, sdpa_attention
 
 
-def ffn_hidden(cfg: ModelConfig) -> int:
+def ffn_hidden(cfg: LlamaConfig) -> int:
     return cfg.ffn_hidden or 64 * math.ceil(8 * cfg.n_embd / 3 / 64)
 
 
-def check_config(cfg: ModelConfig) -> None:
+def check_config(cfg: LlamaConfig) -> None:
     n_kv = cfg.n_kv_head or cfg.n_head
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"model.n_embd={cfg.n_embd} is not divisible by model.n_head={cfg.n_head}")
@@ -48,14 +48,14 @@ def check_config(cfg: ModelConfig) -> None:
     if (cfg.n_embd // cfg.n_head) % 2:
         raise UserError(f"head dim {cfg.n_embd // cfg.n_head} is odd; RoPE rotates pairs of dims",
                         fix="choose n_embd / n_head even")
-    if cfg.rope_scaling not in ("none", "linear", "ntk", "yarn"):
-        raise UserError(f"model.rope_scaling={cfg.rope_scaling!r} is unknown", fix="use none, linear, ntk or yarn")
+    if cfg.rope.scaling not in ("none", "linear", "ntk", "yarn"):
+        raise UserError(f"model.rope.scaling={cfg.rope.scaling!r} is unknown", fix="use none, linear, ntk or yarn")
     if cfg.sliding_window < 0:
         raise UserError(f"model.sliding_window={cfg.sliding_window} must be >= 0 (0 = off)")
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head or cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
@@ -92,7 +92,7 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         hidden = ffn_hidden(cfg)
         self.w1 = nn.Linear(cfg.n_embd, hidden, bias=False)  # gate
@@ -104,7 +104,7 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.attention = Attention(cfg)
@@ -118,7 +118,7 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(LanguageModel):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         check_config(cfg)
         self.config = cfg
@@ -128,8 +128,8 @@ class Llama(LanguageModel):
         self.output = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.rope = RoPE(cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
-                         cfg.rope_original_context or cfg.block_size)
+        r = cfg.rope
+        self.rope = RoPE(cfg.n_embd // cfg.n_head, r.theta, r.scaling, r.factor, r.original_context or cfg.block_size)
         self.init_weights()
 
     @property
@@ -177,7 +177,7 @@ class Llama(LanguageModel):
         check_context(cache, doc_mask)
         positions = None
         if cache is None and doc_mask is None:
-            if T > self.config.block_size and self.config.rope_scaling == "none":
+            if T > self.config.block_size and self.config.rope.scaling == "none":
                 raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
             positions = torch.arange(T, device=idx.device)[None]  # (1, T), shared by the batch
         x = self.tok_embeddings(idx)  # (B, T, C)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scratchlm.config import ModelConfig
+from scratchlm.config import MoEConfig
 from scratchlm.errors import UserError
 from scratchlm.losses import load_balancing_loss, router_z_loss, routing_entropy
 from scratchlm.model.layers import DocumentMask
@@ -108,7 +108,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     return torch.cat([x[bounds[g] : bounds[g + 1]] @ w[g].to(x.dtype) for g in range(w.size(0))])
 
 
-def check_moe_config(cfg: ModelConfig) -> None:
+def check_moe_config(cfg: MoEConfig) -> None:
     if cfg.n_experts < 1:
         raise UserError(f"model.n_experts={cfg.n_experts} must be at least 1")
     if not 1 <= cfg.n_active_experts <= cfg.n_experts:
@@ -127,7 +127,7 @@ def check_moe_config(cfg: ModelConfig) -> None:
                         f"MoE layer among {cfg.n_layer}", fix="moe_every >= 1 and moe_first_dense < n_layer")
 
 
-def balance_loss_coef(cfg: ModelConfig) -> float:
+def balance_loss_coef(cfg: MoEConfig) -> float:
     """The load-balancing loss weight: `aux_loss_coef` when set, else 0.01 for the softmax router and
     0 for the sigmoid router, which balances by its selection bias instead (aux-loss-free)."""
     if cfg.aux_loss_coef is not None:
@@ -135,16 +135,16 @@ def balance_loss_coef(cfg: ModelConfig) -> float:
     return 0.0 if cfg.router == "sigmoid" else 0.01
 
 
-def expert_hidden(cfg: ModelConfig) -> int:
+def expert_hidden(cfg: MoEConfig) -> int:
     return cfg.expert_hidden or max(ffn_hidden(cfg) // cfg.n_active_experts, 1)
 
 
-def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
+def is_moe_layer(cfg: MoEConfig, i: int) -> bool:
     return i >= cfg.moe_first_dense and (i - cfg.moe_first_dense) % cfg.moe_every == 0
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         E, C, H = cfg.n_experts, cfg.n_embd, expert_hidden(cfg)
         self.n_experts, self.k = E, cfg.n_active_experts
@@ -223,7 +223,7 @@ class MoELayer(nn.Module):
         load.zero_()
 
 
-def _with_hidden(cfg: ModelConfig, hidden: int) -> ModelConfig:
+def _with_hidden(cfg: MoEConfig, hidden: int) -> MoEConfig:
     from dataclasses import replace
 
     return replace(cfg, ffn_hidden=hidden)
@@ -232,7 +232,7 @@ def _with_hidden(cfg: ModelConfig, hidden: int) -> ModelConfig:
 class MoE(Llama):
     """Llama blocks whose feed-forward is a `MoELayer` where `is_moe_layer` says so."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: MoEConfig) -> None:
         check_moe_config(cfg)
         super().__init__(cfg)
         for i, block in enumerate(self.layers):

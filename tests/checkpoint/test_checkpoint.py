@@ -8,7 +8,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from scratchlm.checkpoint import folder as ckpt_io
-from scratchlm.config import Config, ModelConfig
+from scratchlm.config import Config, GPTConfig
 from scratchlm.errors import UserError
 from scratchlm.model.gpt import GPT
 from scratchlm.tokenizer import ByteTokenizer
@@ -16,7 +16,7 @@ from scratchlm.tokenizer import ByteTokenizer
 
 def tiny() -> tuple[Config, GPT, torch.optim.Optimizer]:
     cfg = Config()
-    cfg.model = ModelConfig(vocab_size=320, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    cfg.model = GPTConfig(vocab_size=320, block_size=8, n_layer=1, n_head=2, n_embd=16)
     torch.manual_seed(0)
     model = GPT(cfg.model)
     return cfg, model, torch.optim.AdamW(model.parameters())

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from scratchlm.checkpoint import load_model_for_inference
+from scratchlm.config import RopeConfig
 from scratchlm.convert import convert, export_hf, import_hf
 from tests.helpers import TEXT, assert_logits_close, ids, our_checkpoint
 
@@ -16,12 +17,13 @@ transformers = pytest.importorskip("transformers")
 CASES = {
     "gpt-tied": (dict(arch="gpt"), "GPT2LMHeadModel"),
     "gpt-untied": (dict(arch="gpt", tie_embeddings=False), "GPT2LMHeadModel"),
-    "llama-gqa-theta500k-ntk": (dict(arch="llama", bias=False, n_kv_head=2, tie_embeddings=False, rope_theta=5e5,
-                                     rope_scaling="ntk", rope_factor=4.0), "LlamaForCausalLM"),
-    "llama-linear": (dict(arch="llama", bias=False, rope_scaling="linear", rope_factor=2.0), "LlamaForCausalLM"),
+    "llama-gqa-theta500k-ntk": (dict(arch="llama", bias=False, n_kv_head=2, tie_embeddings=False,
+                                     rope=RopeConfig(theta=5e5, scaling="ntk", factor=4.0)), "LlamaForCausalLM"),
+    "llama-linear": (dict(arch="llama", bias=False, rope=RopeConfig(scaling="linear", factor=2.0)),
+                     "LlamaForCausalLM"),
     "mistral-window5": (dict(arch="llama", bias=False, n_kv_head=1, sliding_window=5), "MistralForCausalLM"),
-    "qwen2-qkv-bias-yarn": (dict(arch="llama", bias=True, n_kv_head=2, rope_scaling="yarn", rope_factor=4.0,
-                                 rope_original_context=4), "Qwen2ForCausalLM"),
+    "qwen2-qkv-bias-yarn": (dict(arch="llama", bias=True, n_kv_head=2,
+                                 rope=RopeConfig(scaling="yarn", factor=4.0, original_context=4)), "Qwen2ForCausalLM"),
     "qwen2-window5": (dict(arch="llama", bias=True, sliding_window=5), "Qwen2ForCausalLM"),
     "qwen3-qk-norm": (dict(arch="llama", bias=False, qk_norm=True, ffn_hidden=40), "Qwen3ForCausalLM"),
     "qwen3-qk-norm-bias-window5": (dict(arch="llama", bias=True, qk_norm=True, sliding_window=5),

@@ -11,6 +11,7 @@ import torch
 
 from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.cli import main
+from scratchlm.config import RopeConfig
 from scratchlm.convert import import_hf
 from tests.helpers import VOCAB, assert_logits_close, hf_folder, ids, randomize, tiny_bpe
 
@@ -55,12 +56,12 @@ CASES = {
     "gpt2-untied": (lambda: gpt2(tie_word_embeddings=False), dict(tie_embeddings=False)),
     "llama-gqa-theta500k-linear": (
         lambda: llama(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}),
-        dict(arch="llama", n_kv_head=2, tie_embeddings=False, rope_theta=500000.0, rope_scaling="linear",
-             rope_factor=2.0)),
+        dict(arch="llama", n_kv_head=2, tie_embeddings=False,
+             rope=RopeConfig(theta=500000.0, scaling="linear", factor=2.0))),
     "llama-tied-yarn": (
         lambda: llama(tie_word_embeddings=True, max_position_embeddings=32,
                       rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}),
-        dict(tie_embeddings=True, rope_scaling="yarn", rope_factor=4.0, rope_original_context=8)),
+        dict(tie_embeddings=True, rope=RopeConfig(scaling="yarn", factor=4.0, original_context=8))),
     "mistral-window4": (lambda: mistral(sliding_window=4), dict(sliding_window=4, bias=False)),
     "qwen2-qkv-bias-window5": (lambda: qwen2(use_sliding_window=True, sliding_window=5, max_window_layers=0),
                                dict(bias=True, sliding_window=5)),
@@ -122,7 +123,7 @@ def test_transformers4_style_sparse_config(tmp_path):
     fields.update(rope_theta=20000.0, rope_scaling={"type": "linear", "factor": 3.0})
     (src / "config.json").write_text(json.dumps(fields))
     model, _, cfg = load_model_for_inference(import_hf(src, tmp_path / "ours"))
-    assert (cfg.model.norm_eps, cfg.model.rope_theta, cfg.model.rope_factor) == (1e-6, 20000.0, 3.0)
+    assert (cfg.model.norm_eps, cfg.model.rope.theta, cfg.model.rope.factor) == (1e-6, 20000.0, 3.0)
     x = ids()
     assert_logits_close(our_logits(model, x), hf_logits(hf, x))
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from scratchlm.checkpoint import find_checkpoint, load_model_for_inference
+from scratchlm.config import load_config, switch_arch
 from scratchlm.convert import export_hf, import_hf
 from scratchlm.errors import UserError
 from tests.helpers import VOCAB, assert_logits_close, hf_folder, ids, our_checkpoint, randomize
@@ -205,11 +206,12 @@ def test_dense_weights_under_an_moe_config_name_the_missing_tensors(tmp_path):
 
 @pytest.mark.parametrize("saved,loaded", [("llama", "moe"), ("moe", "llama")])
 def test_checkpoint_of_the_other_kind_names_the_missing_tensors(saved, loaded, tmp_path):
-    run, _, _ = our_checkpoint(tmp_path, **{**MOE, "arch": saved, "bias": False})
+    own = MOE if saved == "moe" else {"ffn_hidden": MOE["ffn_hidden"]}  # a Llama has no expert settings
+    run, _, _ = our_checkpoint(tmp_path, **{**own, "arch": saved, "bias": False})
     ckpt = find_checkpoint(run)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["model"]["arch"] = loaded
-    (ckpt / "config.json").write_text(json.dumps(cfg))
+    cfg = load_config(ckpt / "config.json")
+    cfg.model = switch_arch(cfg.model, loaded)  # the config of the other kind, the weights unchanged
+    cfg.save(ckpt / "config.json")
     msg = refused(load_model_for_inference, run)
     want = "layers.0.feed_forward.gate.weight" if loaded == "moe" else "layers.0.feed_forward.w1.weight"
     assert "missing tensors" in msg and want in msg

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scratchlm.config import ModelConfig, SampleConfig
+from scratchlm.config import GPTConfig, LlamaConfig, SampleConfig
 from scratchlm.errors import UserError
 from scratchlm.infer.chat import ChatSession, run_chat
 from scratchlm.infer.engine import Engine
@@ -18,7 +18,7 @@ from scratchlm.tokenizer.chat import ensure_chat_specials
 def session():
     torch.manual_seed(0)
     tok = ensure_chat_specials(ByteTokenizer({"<|endoftext|>": 256}))[0]
-    model = build_model(ModelConfig(arch="llama", vocab_size=320, block_size=48, n_layer=1, n_head=2, n_embd=16,
+    model = build_model(LlamaConfig(vocab_size=320, block_size=48, n_layer=1, n_head=2, n_embd=16,
                                     bias=False)).eval()
     return ChatSession(Engine(model, tok), tok, SampleConfig(max_new_tokens=4, temperature=0.0, stream=False))
 
@@ -48,6 +48,6 @@ def test_commands(session):
 
 
 def test_needs_chat_tokens():
-    model = build_model(ModelConfig(vocab_size=256, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    model = build_model(GPTConfig(vocab_size=256, block_size=8, n_layer=1, n_head=1, n_embd=8))
     with pytest.raises(UserError, match="no chat tokens"):
         ChatSession(Engine(model), ByteTokenizer(), SampleConfig())

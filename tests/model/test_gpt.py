@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from scratchlm.config import ModelConfig
+from scratchlm.config import GPTConfig, ModelConfig, switch_arch
 from scratchlm.errors import UserError
 from scratchlm.infer.kv_cache import KVCache
 from scratchlm.model import build_model, padded_vocab
@@ -19,10 +20,9 @@ from scratchlm.train.loop import forward_backward
 from tests.helpers import counted_training_flops
 
 
-def tiny(**kw) -> ModelConfig:
-    base = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
-    base.update(kw)
-    return ModelConfig(**base)
+def tiny(arch: str = "gpt", **kw) -> ModelConfig:
+    base = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
+    return replace(switch_arch(base, arch), **kw)  # a baseline keeps the sizes it has (vocab, block, ...)
 
 
 @pytest.mark.parametrize("arch", ["gpt", "bigram", "mlp"])

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from scratchlm.config import ModelConfig
+from scratchlm.config import GPTConfig
 from scratchlm.model import build_model
 from scratchlm.model.layers import DocumentMask, RoPE, rope_frequencies
 
@@ -38,7 +38,7 @@ def gpt_with_attention_dropout(p: float) -> torch.nn.Module:
     """A tiny GPT whose only dropout is the attention's (embedding, residual and MLP dropout off), so
     train and eval mode differ only if attention dropout is applied."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=p))
+    model = build_model(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=p))
     model.drop.p = 0.0
     for block in model.h:
         block.attn.resid_drop.p = block.mlp.drop.p = 0.0

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from scratchlm.config import ModelConfig
+from scratchlm.config import ModelConfig, RopeConfig, model_config
 from scratchlm.errors import UserError
 from scratchlm.experiments.norms import with_layernorm
 from scratchlm.model import build_model
@@ -21,7 +21,7 @@ from tests.helpers import counted_training_flops
 def cfg(**kw) -> ModelConfig:
     base = dict(arch="llama", vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, bias=False)
     base.update(kw)
-    return ModelConfig(**base)
+    return model_config(**base)
 
 
 def test_rmsnorm_matches_its_formula():
@@ -104,8 +104,8 @@ def test_flops_per_token_equals_counted_matmul_flops(kw):
 def test_bad_llama_settings():
     with pytest.raises(UserError, match="n_kv_head=3 does not divide"):
         Llama(cfg(n_kv_head=3))
-    with pytest.raises(UserError, match="rope_scaling"):
-        Llama(cfg(rope_scaling="dynamic"))
+    with pytest.raises(UserError, match="rope.scaling"):
+        Llama(cfg(rope=RopeConfig(scaling="dynamic")))
     with pytest.raises(UserError, match="odd"):
         Llama(cfg(n_embd=36, n_head=4, n_kv_head=4))
 

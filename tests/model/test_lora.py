@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from scratchlm.checkpoint import base_fingerprint, load_adapters, save_adapters
-from scratchlm.config import ModelConfig, TrainConfig
+from scratchlm.config import TrainConfig, model_config
 from scratchlm.errors import UserError
 from scratchlm.model import build_model, resize_embeddings
 from scratchlm.model.lora import (
@@ -32,7 +32,7 @@ def tiny(arch: str, seed: int = 0, **kw) -> nn.Module:
     base = dict(arch=arch, vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False)
     base.update(kw)
     torch.manual_seed(seed)
-    return build_model(ModelConfig(**base))
+    return build_model(model_config(**base))
 
 
 def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

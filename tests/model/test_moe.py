@@ -4,12 +4,12 @@ reference, capacity dropping, hybrid layouts, balancing bias, and bad settings."
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from scratchlm.config import switch_arch
 from scratchlm.errors import UserError
 from scratchlm.losses import load_balancing_loss, router_z_loss, routing_entropy
 from scratchlm.model import build_model
@@ -123,7 +123,7 @@ def test_capacity_drops_overflow_and_reports_it():
 def test_hybrid_layout_and_active_parameters():
     model = MoE(moe_cfg(n_layer=5, moe_first_dense=1, moe_every=2))
     assert [i for i, _ in model.moe_layers()] == [1, 3]
-    dense = build_model(replace(moe_cfg(n_layer=5), arch="llama"))
+    dense = build_model(switch_arch(moe_cfg(n_layer=5), "llama"))
     # experts are half the dense FFN and top-2: the active parameters match the dense model's,
     # plus the routers (2 layers x E x C).
     assert model.active_params() == dense.num_params() + 2 * 4 * 32

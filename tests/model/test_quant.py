@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from scratchlm.config import ModelConfig
+from scratchlm.config import model_config
 from scratchlm.errors import UserError
 from scratchlm.model import build_model
 from scratchlm.model.quant import (
@@ -29,7 +29,7 @@ def tiny(arch: str, **kw) -> nn.Module:
     base = dict(arch=arch, vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=arch == "gpt")
     base.update(kw)
     torch.manual_seed(0)
-    return build_model(ModelConfig(**base))
+    return build_model(model_config(**base))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

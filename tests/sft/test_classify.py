@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from scratchlm.cli import main
-from scratchlm.config import Config, ModelConfig, apply_overrides, get_preset
+from scratchlm.config import Config, LlamaConfig, apply_overrides, get_preset, model_config
 from scratchlm.data.labelled import ClassifyLoader, collate, encode_text, read_labelled, stratified_split
 from scratchlm.data.prepare import prepare
 from scratchlm.errors import UserError
@@ -58,7 +58,7 @@ def base_run(tmp_path_factory):
     prepare([str(write_corpus(root / "c", make_docs(30, seed=2)))], ByteTokenizer({"<|endoftext|>": 256}), cfg,
             root / "data", progress=False)
     cfg.out_dir = str(root / "base")
-    cfg.model = ModelConfig(arch="llama", block_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bias=False)
+    cfg.model = LlamaConfig(block_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bias=False)
     t = cfg.train
     t.max_steps, t.batch_size, t.eval_interval, t.eval_iters, t.tensorboard, t.log_interval = 4, 4, 4, 1, False, 2
     t.precision = "fp32"  # the tests compare numbers: "auto" may choose bf16 on some CPUs
@@ -80,8 +80,8 @@ def trained(base_run, tmp_path_factory):
 
 def tiny_body(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16,
-                      n_kv_head=1 if arch != "gpt" else 0, n_experts=4, bias=arch == "gpt")
+    cfg = model_config(arch, vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, bias=arch == "gpt",
+                       **({} if arch == "gpt" else {"n_kv_head": 1}), **({"n_experts": 4} if arch == "moe" else {}))
     return build_model(cfg)
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from scratchlm.config import ModelConfig
+from scratchlm.config import GPTConfig, LlamaConfig, model_config
 from scratchlm.errors import UserError
 from scratchlm.model import build_model, resize_embeddings
 from scratchlm.model.layers import DocumentMask
@@ -83,7 +83,7 @@ def test_only_assistant_tokens_and_their_end_are_trained(tok):
 
 def test_prompt_tokens_receive_zero_gradient(tok):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="llama", vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=16,
+    model = build_model(LlamaConfig(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=16,
                                     bias=False, tie_embeddings=False))
     ids, labels = render(tok, [("user", "abc"), ("assistant", "xy")])
     x, y = torch.tensor([ids[:-1]]), torch.tensor([labels[1:]])
@@ -106,7 +106,7 @@ def test_packing_trains_like_one_by_one(tok, arch_kw):
     atol 1e-4 / rtol 1e-5. Weights at std 0.3 (not 0.02) so attention is far from uniform and a window
     lost in packing moves the logits by far more than that."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=320, block_size=160, n_layer=2, n_head=2, n_embd=16, **arch_kw))
+    model = build_model(model_config(vocab_size=320, block_size=160, n_layer=2, n_head=2, n_embd=16, **arch_kw))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -170,7 +170,7 @@ def test_specials_added_and_embeddings_grown():
     grown, added = ensure_chat_specials(tok)
     assert added == ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"] and grown.vocab_size == 8
     assert grown.encode("ab") == tok.encode("ab")
-    model = build_model(ModelConfig(vocab_size=4, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    model = build_model(GPTConfig(vocab_size=4, block_size=8, n_layer=1, n_head=1, n_embd=8))
     old = model.wte.weight.detach().clone()
     assert resize_embeddings(model, 8)
     assert model.wte.weight.shape == (8, 8) and model.lm_head.weight is model.wte.weight

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from scratchlm.checkpoint import find_checkpoint, load_config_and_tokenizer, load_model_for_inference, merge_adapters
 from scratchlm.cli import main
-from scratchlm.config import Config, ModelConfig, get_preset
+from scratchlm.config import Config, LlamaConfig, get_preset
 from scratchlm.data.prepare import prepare
 from scratchlm.errors import UserError
 from scratchlm.sft import train as sft_train
@@ -33,7 +33,7 @@ def base_run(tmp_path_factory):
     prepare([str(write_corpus(root / "c", make_docs(30, seed=2)))], ByteTokenizer({"<|endoftext|>": 256}), cfg,
             root / "data", progress=False)
     cfg.out_dir = str(root / "base")
-    cfg.model = ModelConfig(arch="llama", block_size=96, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bias=False,
+    cfg.model = LlamaConfig(block_size=96, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bias=False,
                             pad_vocab_to=1)
     t = cfg.train
     t.max_steps, t.batch_size, t.eval_interval, t.eval_iters, t.tensorboard, t.log_interval = 4, 4, 4, 1, False, 2

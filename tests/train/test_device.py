@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from scratchlm.config import ModelConfig
+from scratchlm.config import GPTConfig
 from scratchlm.env import timing as env
 from scratchlm.errors import UserError
 from scratchlm.model.gpt import GPT
@@ -130,7 +130,7 @@ def test_explicit_precisions():
 
 
 def test_linear_shapes_are_the_models_own():
-    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
     assert dev.linear_shapes(model, 4 * 16) == Counter({(64, 32, 96): 2, (64, 32, 32): 2, (64, 32, 128): 2,
                                                         (64, 128, 32): 2, (64, 32, 64): 1})
     assert {rows for rows, _, _ in dev.linear_shapes(model, 10**6)} == {dev.MAX_PROBE_ROWS}

@@ -15,7 +15,7 @@ import torch
 
 from scratchlm import checkpoint as ckpt_io
 from scratchlm.cli import main
-from scratchlm.config import Config, ModelConfig
+from scratchlm.config import Config, GPTConfig
 from scratchlm.data.prepare import prepare
 from scratchlm.errors import UserError
 from scratchlm.model.gpt import GPT
@@ -41,7 +41,7 @@ def test_grad_accumulation_1x8_equals_8x1(split, masked):
     them (a micro-batch without targets in 8x1): averaging each micro-batch's mean loss would be
     off by ~1e-2 there, the mean over the step's valid tokens is not."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
     a, b = GPT(cfg).double(), GPT(cfg).double()
     b.load_state_dict(a.state_dict())
     x, y = torch.randint(0, 64, (2, 8, 16))
@@ -165,7 +165,7 @@ def test_gradient_scaler_state_is_saved_and_restored(tmp_path):
     resume restarted at scale 65536. Round trip through trainer.json with a CPU scaler."""
     scaler = _scaler_after_some_steps()
     assert scaler.state_dict()["scale"] == 512.0 and scaler.state_dict()["_growth_tracker"] == 2
-    model = GPT(ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
     opt = torch.optim.AdamW(model.parameters())
     tok = ByteTokenizer({"<|endoftext|>": 256})
     path = ckpt_io.save_checkpoint(tmp_path, 3, model, opt, Config(), tok, {"best_val_loss": None}, scaler=scaler)
@@ -205,7 +205,7 @@ def test_bad_checkpoints_are_refused(tmp_path, data_dir):
     ckpt = ckpt_io.find_checkpoint(run)
     model, tok, cfg = ckpt_io.load_model_for_inference(run)
     assert tok.vocab_size == 257 and cfg.model.n_layer == 2
-    other = GPT(ModelConfig(vocab_size=320, block_size=16, n_layer=2, n_head=2, n_embd=48))
+    other = GPT(GPTConfig(vocab_size=320, block_size=16, n_layer=2, n_head=2, n_embd=48))
     with pytest.raises(UserError, match="does not fit this model"):
         ckpt_io.load_weights(other, ckpt)
     data = (ckpt / "model.safetensors").read_bytes()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from scratchlm.config import ModelConfig, TrainConfig
+from scratchlm.config import GPTConfig, TrainConfig
 from scratchlm.errors import UserError
 from scratchlm.model.gpt import GPT
 from scratchlm.train.optim import make_optimizer, param_groups
@@ -39,7 +39,7 @@ def test_wsd_and_constant_schedules():
 
 
 def test_weight_decay_only_on_matrices():
-    model = GPT(ModelConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16))
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16))
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
@@ -52,7 +52,7 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_optimizer_is_fused_adamw():
-    model = GPT(ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
     opt = make_optimizer(model, TrainConfig(lr=3e-4, beta2=0.95))
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
     assert opt.defaults["betas"] == (0.9, 0.95) and math.isclose(opt.defaults["lr"], 3e-4)
