@@ -23,19 +23,24 @@ from scratchlm.checkpoint.adapters import (
 )
 from scratchlm.checkpoint.folder import (
     FILES,
+    HEADS,
+    checkpoint_head,
     find_checkpoint,
     load_config_and_tokenizer,
     load_model_for_inference,
     load_trainer_state,
+    load_reward_model,
     load_weights,
     mark_best,
+    require_head,
     merge_adapters,
     save_checkpoint,
     save_weights_checkpoint,
 )
 
 __all__ = [
-    "ADAPTER_TENSORS", "FILES", "adapter_files", "adapter_tokenizer", "base_fingerprint", "find_checkpoint",
-    "load_adapters", "load_config_and_tokenizer", "load_model_for_inference", "load_trainer_state", "load_weights",
-    "mark_best", "merge_adapters", "read_adapters", "save_adapters", "save_checkpoint", "save_weights_checkpoint",
+    "ADAPTER_TENSORS", "FILES", "HEADS", "adapter_files", "adapter_tokenizer", "base_fingerprint", "checkpoint_head",
+    "find_checkpoint", "load_adapters", "load_config_and_tokenizer", "load_model_for_inference", "load_reward_model",
+    "load_trainer_state", "load_weights", "mark_best", "merge_adapters", "read_adapters", "require_head",
+    "save_adapters", "save_checkpoint", "save_weights_checkpoint",
 ]

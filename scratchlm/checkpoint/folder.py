@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -44,6 +44,7 @@ from scratchlm.io import atomic_dir, write_json, write_text
 from scratchlm.model import build_model
 from scratchlm.model.lora import adapt_model, merge_lora
 from scratchlm.model.quant import dequantize_model
+from scratchlm.model.reward import RewardModel
 from scratchlm.tokenizer import Tokenizer, load_tokenizer
 
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json", "config.json",
@@ -225,6 +226,43 @@ def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer,
     return trainer
 
 
+HEADS = {"lm": "a language model (a policy: sample, chat, sft, dpo)", "reward": "a reward model (scratchlm rm)",
+         "classifier": "a classifier (scratchlm classify)"}
+
+
+def checkpoint_head(ckpt: Path) -> str:
+    """What the weights end in, read from the tensor names and the head's shape without loading them:
+    lm (a vocabulary head), reward (`RewardModel`: one score) or classifier (K class logits)."""
+    file = ckpt / "model.safetensors"
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            if "head.weight" not in f.keys():
+                return "lm"
+            return "reward" if f.get_slice("head.weight").get_shape()[0] == 1 else "classifier"
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{file}: unreadable or truncated ({e})", fix="use another checkpoint") from None
+
+
+def require_head(ckpt: Path, head: str) -> None:
+    """Refuse a checkpoint of another kind (a reward model passed as a policy, or the reverse), naming both."""
+    found = checkpoint_head(ckpt)
+    if found != head:
+        raise UserError(f"{ckpt}: holds {HEADS[found]}, not {HEADS[head]}",
+                        fix="pass a checkpoint of the right kind")
+
+
+def load_reward_model(path: str | Path, device: str = "cpu") -> tuple[RewardModel, Tokenizer, Config]:
+    """A trained reward model from a run or checkpoint folder: (model in eval mode, tokenizer, config)."""
+    ckpt = find_checkpoint(path)
+    require_head(ckpt, "reward")
+    cfg, tok = load_config_and_tokenizer(ckpt)
+    model = RewardModel(build_model(cfg.model))
+    if cfg.sft.lora_r > 0:
+        adapt_model(model.body, cfg)
+    load_weights(model, ckpt)
+    return model.to(device).eval(), tok, cfg
+
+
 def load_model_for_inference(path: str | Path, device: str = "cpu", adapters: str | Path | None = None
                              ) -> tuple[nn.Module, Tokenizer, Config]:
     """A trained model ready to sample from or evaluate: (model in eval mode, tokenizer, config).
@@ -233,6 +271,7 @@ def load_model_for_inference(path: str | Path, device: str = "cpu", adapters: st
     checkpoint at `path`, which must be the base they were trained from (checked by fingerprint):
     the result is the fine-tuned model, with the fine-tune's tokenizer."""
     ckpt = find_checkpoint(path)
+    require_head(ckpt, "lm")
     cfg, tok = load_config_and_tokenizer(ckpt)
     if cfg.model.vocab_size < tok.vocab_size:
         raise UserError(f"{ckpt}: model vocab {cfg.model.vocab_size} is smaller than its tokenizer's "

@@ -8,11 +8,13 @@ overrides, validation.
   switched with `switch_arch`; the migration of the flat model section of old.
 - `sections.py`: the other sections, the whole `Config` (JSON round trip), `apply_overrides` and
   `load_config`.
+- `align.py`: the preference-alignment sections (pairs, reward model, DPO, Constitutional AI).
 - `presets.py`: named presets.
 
 A leaf of the package: it imports only the standard library, `errors` and `io`.
 """
 
+from scratchlm.config.align import CAIConfig, DPOConfig, PrefConfig, RMConfig
 from scratchlm.config.fields import Range, Rule, check_fields, flatten, set_field
 from scratchlm.config.model import (
     MODEL_FAMILIES,
@@ -45,7 +47,7 @@ from scratchlm.config.sections import (
 )
 
 __all__ = [
-    "DEFAULT_SPECIALS", "MODEL_FAMILIES", "PRESETS", "SECTIONS", "BigramConfig", "Config", "DataConfig", "GPTConfig",
+    "CAIConfig", "DPOConfig", "PrefConfig", "RMConfig", "DEFAULT_SPECIALS", "MODEL_FAMILIES", "PRESETS", "SECTIONS", "BigramConfig", "Config", "DataConfig", "GPTConfig",
     "LlamaConfig", "MLPConfig", "ModelConfig", "MoEConfig", "Range", "RopeConfig", "Rule", "SFTConfig",
     "SampleConfig", "TokenizerConfig", "TrainConfig", "TransformerConfig", "apply_overrides", "check_fields",
     "family_keys", "flatten", "get_preset", "load_config", "migrate_flat_model", "model_config", "set_field",

@@ -37,6 +37,7 @@ from scratchlm.config.fields import (
     flatten,
     set_field,
 )
+from scratchlm.config.align import CAIConfig, DPOConfig, PrefConfig, RMConfig
 from scratchlm.config.model import GPTConfig, ModelConfig, check_model_key, migrate_flat_model, switch_arch
 from scratchlm.errors import UserError
 from scratchlm.io import write_json
@@ -201,6 +202,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    pref: PrefConfig = field(default_factory=PrefConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    cai: CAIConfig = field(default_factory=CAIConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -235,7 +240,7 @@ class Config:
         write_json(path, self.to_dict())
 
 
-SECTIONS = ("tokenizer", "data", "model", "train", "sample", "sft")  # Config's fields that are sections
+SECTIONS = ("tokenizer", "data", "model", "train", "sample", "sft", "pref", "rm", "dpo", "cai")  # Config's fields that are sections
 
 
 # ----------------------------------------------------------------------------------------------

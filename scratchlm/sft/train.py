@@ -12,19 +12,16 @@ score exact match, token F1, ROUGE-L and, for the embedded tasks, each family's 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from scratchlm import checkpoint as ckpt_io
 from scratchlm.checkpoint import ADAPTER_TENSORS, base_fingerprint, save_adapters
-from scratchlm.config import Config, SampleConfig
+from scratchlm.config import Config
 from scratchlm.errors import UserError
-from scratchlm.infer.engine import Engine
 from scratchlm.io import write_text
 from scratchlm.model import build_model, resize_embeddings
 from scratchlm.model.lora import adapt_model
@@ -38,10 +35,10 @@ from scratchlm.sft.data import (
     split_by_prompt,
     task_conversations,
 )
-from scratchlm.tasks.families import check
-from scratchlm.tasks.metrics import exact_match, format_summary, rouge_l, summarise, token_f1
+from scratchlm.tasks import answers
+from scratchlm.tasks.metrics import format_summary
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.tokenizer.chat import ensure_chat_specials, render
+from scratchlm.tokenizer.chat import ensure_chat_specials
 from scratchlm.train.device import pick_device
 from scratchlm.train.loop import Batches, RunResult, train_model
 
@@ -70,30 +67,11 @@ def split(convs: list[Conversation], fraction: float, seed: int
     return train, val, dropped
 
 
-@torch.no_grad()
 def gold_eval(model: nn.Module, tok: Tokenizer, convs: list[Conversation], max_new_tokens: int,
               out_jsonl: Path | None = None, batch: int = 32) -> dict[str, dict[str, float]]:
     """Greedy answers for each conversation's last user turn, scored against its gold answer."""
-    end = tok.special_tokens["<|end|>"]
-    block = model.config.block_size
-    rows: list[dict[str, Any]] = []
-    sample_cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0, stream=False)
-    for i in range(0, len(convs), batch):
-        chunk = convs[i : i + batch]
-        prompts = [render(tok, c.turns[:-1], add_generation_prompt=True)[0][-(block - max_new_tokens):]
-                   for c in chunk]
-        outs = Engine(model).generate(prompts, sample_cfg, valid_vocab=tok.vocab_size, eos_id=end)
-        for c, ids in zip(chunk, outs):
-            pred, gold = tok.decode(ids), c.turns[-1][1]
-            row = {"source": c.source, "family": c.meta.get("family", "all"), "prompt": c.turns[-2][1],
-                   "gold": gold, "generated": pred, "exact": exact_match(pred, gold), "f1": token_f1(pred, gold),
-                   "rouge_l": rouge_l(pred, gold)}
-            if "family" in c.meta:
-                row["checked"] = float(check(c.meta["family"], c.turns[-2][1], pred))
-            rows.append(row)
-    if out_jsonl is not None:
-        write_text(out_jsonl, "".join(json.dumps(r) + "\n" for r in rows))
-    return summarise(rows)
+    return answers.gold_eval(model, tok, [c.turns[:-1] for c in convs], [c.turns[-1][1] for c in convs],
+                             [{"source": c.source, **c.meta} for c in convs], max_new_tokens, out_jsonl, batch)
 
 
 def sft(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_step: int | None = None) -> SFTResult:

@@ -1,0 +1,73 @@
+"""The preference-alignment sections: the pairs (`pref`), the reward model (`rm`), DPO (`dpo`) and
+Constitutional AI (`cai`). Stages: scratchlm/align/."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from scratchlm.config.fields import TEXTS, Range, check_fields
+from scratchlm.errors import UserError
+
+
+@dataclass
+class PrefConfig:
+    """Preference pairs (`scratchlm rm train`, `scratchlm dpo`): read from files, or made from the embedded tasks."""
+
+    base: str = ""  # the SFT run or checkpoint the stage starts from (a path: checked when opened)
+    data: Annotated[list[str], TEXTS] = field(default_factory=list)  # JSON/JSONL pair files; empty = embedded pairs
+    format: Literal["auto", "prompt", "alpaca", "conversational", "hh"] = "auto"
+    identical: Literal["error", "drop"] = "error"  # pairs whose chosen and rejected are the same text
+    overlong: Literal["drop", "error"] = "drop"  # a response longer than the context (prompts are cut from the left)
+    val_fraction: Annotated[float, Range("(0, 1)")] = 0.1  # prompts held out (all their pairs) for evaluation
+    # embedded pairs: corrupted = the right answer vs a wrong one of the same form; on_policy = a right and a
+    # wrong sample of the SFT model itself (judged by the family's checker); both = the two mixed
+    kind: Literal["corrupted", "on_policy", "both"] = "both"
+    n_prompts: Annotated[int, Range(">= 2")] = 2000  # embedded task prompts the pairs are made from
+    samples: Annotated[int, Range("[2, 64]")] = 8  # on_policy: samples drawn per prompt
+    temperature: Annotated[float, Range("> 0")] = 1.0  # on_policy: sampling temperature
+
+    def validate(self) -> None:
+        check_fields(self, "pref.")
+
+
+@dataclass
+class RMConfig:
+    """The reward model (`scratchlm rm train`): the SFT trunk with a scalar head, Bradley-Terry loss."""
+
+    # weight of mean((r_chosen + r_rejected)^2), which keeps rewards near 0 (Eisenstein et al. 2023); 0 = off
+    center_coef: Annotated[float, Range(">= 0", "0 = off")] = 0.01
+    use_margin: bool = True  # subtract a pair's own "margin" field (files that carry one) inside the sigmoid
+
+    def validate(self) -> None:
+        check_fields(self, "rm.")
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (`scratchlm dpo`)."""
+
+    beta: Annotated[float, Range("> 0")] = 0.1  # strength of the implicit KL to the reference model
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid = DPO (Rafailov et al. 2023), ipo = Azar et al. 2023
+    # conservative DPO: the labels are flipped with this probability (sigmoid only)
+    label_smoothing: Annotated[float, Range("[0, 0.5)")] = 0.0
+    eval_max_new_tokens: Annotated[int, Range(">= 1")] = 24
+
+    def validate(self) -> None:
+        check_fields(self, "dpo.")
+        if self.loss == "ipo" and self.label_smoothing:
+            raise UserError(f"dpo.label_smoothing={self.label_smoothing} applies to the sigmoid loss only",
+                            fix="drop --dpo.label_smoothing or use --dpo.loss=sigmoid")
+
+
+@dataclass
+class CAIConfig:
+    """Constitutional AI (`scratchlm cai`): critique, revision, then SFT on revisions and DPO on (revision > original)."""
+
+    constitution: str = ""  # a constitution file (JSON); empty = the embedded one
+    n_prompts: Annotated[int, Range(">= 2")] = 600  # red-team and benign prompts generated
+    val_fraction: Annotated[float, Range("(0, 1)")] = 0.25  # held out for the before/after violation rates
+    max_new_tokens: Annotated[int, Range(">= 1")] = 32
+
+    def validate(self) -> None:
+        check_fields(self, "cai.")
