@@ -47,7 +47,8 @@ from scratchlm.config.sections import (
 )
 
 __all__ = [
-    "CAIConfig", "DPOConfig", "PrefConfig", "RMConfig", "DEFAULT_SPECIALS", "MODEL_FAMILIES", "PRESETS", "SECTIONS", "BigramConfig", "Config", "DataConfig", "GPTConfig",
+    "CAIConfig", "DPOConfig", "PrefConfig", "RMConfig",
+    "DEFAULT_SPECIALS", "MODEL_FAMILIES", "PRESETS", "SECTIONS", "BigramConfig", "Config", "DataConfig", "GPTConfig",
     "LlamaConfig", "MLPConfig", "ModelConfig", "MoEConfig", "Range", "RopeConfig", "Rule", "SFTConfig",
     "SampleConfig", "TokenizerConfig", "TrainConfig", "TransformerConfig", "apply_overrides", "check_fields",
     "family_keys", "flatten", "get_preset", "load_config", "migrate_flat_model", "model_config", "set_field",

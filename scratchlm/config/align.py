@@ -62,7 +62,8 @@ class DPOConfig:
 
 @dataclass
 class CAIConfig:
-    """Constitutional AI (`scratchlm cai`): critique, revision, then SFT on revisions and DPO on (revision > original)."""
+    """Constitutional AI (`scratchlm cai`): critique, revision, then SFT on the revisions and DPO on
+    (revision > original)."""
 
     constitution: str = ""  # a constitution file (JSON); empty = the embedded one
     n_prompts: Annotated[int, Range(">= 2")] = 600  # red-team and benign prompts generated

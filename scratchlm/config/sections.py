@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from scratchlm.config.align import CAIConfig, DPOConfig, PrefConfig, RMConfig
 from scratchlm.config.fields import (
     DEVICE,
     DISTINCT_TEXTS,
@@ -37,7 +38,6 @@ from scratchlm.config.fields import (
     flatten,
     set_field,
 )
-from scratchlm.config.align import CAIConfig, DPOConfig, PrefConfig, RMConfig
 from scratchlm.config.model import GPTConfig, ModelConfig, check_model_key, migrate_flat_model, switch_arch
 from scratchlm.errors import UserError
 from scratchlm.io import write_json
@@ -240,7 +240,8 @@ class Config:
         write_json(path, self.to_dict())
 
 
-SECTIONS = ("tokenizer", "data", "model", "train", "sample", "sft", "pref", "rm", "dpo", "cai")  # Config's fields that are sections
+# Config's fields that are sections
+SECTIONS = ("tokenizer", "data", "model", "train", "sample", "sft", "pref", "rm", "dpo", "cai")
 
 
 # ----------------------------------------------------------------------------------------------
