@@ -236,7 +236,7 @@ def checkpoint_head(ckpt: Path) -> str:
     file = ckpt / "model.safetensors"
     try:
         with safe_open(str(file), framework="pt") as f:
-            if "head.weight" not in f.keys():
+            if "head.weight" not in f.keys():  # noqa: SIM118 - a safetensors handle has no __contains__
                 return "lm"
             return "reward" if f.get_slice("head.weight").get_shape()[0] == 1 else "classifier"
     except (SafetensorError, OSError) as e:
