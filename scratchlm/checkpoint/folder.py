@@ -290,6 +290,17 @@ def load_model_for_inference(path: str | Path, device: str = "cpu", adapters: st
     return model.to(device).eval(), tok, cfg
 
 
+def load_policy(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Tokenizer, Config]:
+    """A language model to train further (the reward model's trunk, DPO's policy): as
+    `load_model_for_inference`, with a LoRA fine-tune's adapters merged into plain (dequantized)
+    weights, so the next stage starts from one ordinary model. Returned in train mode."""
+    model, tok, cfg = load_model_for_inference(path, device)
+    if cfg.sft.lora_r > 0:
+        merge_lora(model, dequantize=True)
+        cfg.sft = SFTConfig()
+    return model.requires_grad_(True).train(), tok, cfg
+
+
 def save_weights_checkpoint(dst: Path, weights: nn.Module | dict[str, torch.Tensor], cfg: Config, tok: Tokenizer,
                             note: dict[str, Any]) -> Path:
     """Write a checkpoint folder at `dst` (atomically) that holds weights but no training history:
