@@ -106,8 +106,8 @@ class Engine:
         return next(self.model.parameters()).device
 
     def context(self, max_len: int | None = None) -> int:
-        """Tokens the model may see at once: block_size, or max_len for a RoPE model with rope_scaling
-        (a GPT's position table and an unscaled RoPE end at block_size)."""
+        """Tokens the model may see at once: block_size, or max_len for a RoPE model with
+        model.rope.scaling set (a GPT's position table and an unscaled RoPE end at block_size)."""
         c = self.model.config
         if max_len is None or max_len == c.block_size:
             return c.block_size
@@ -115,7 +115,7 @@ class Engine:
             raise UserError(f"max_len={max_len} must be >= 1")
         if max_len > c.block_size and not self.model.can_stretch:
             raise UserError(f"max_len={max_len} is longer than model.block_size={c.block_size}",
-                            fix="only a RoPE model with model.rope_scaling set reaches past its block")
+                            fix="only a RoPE model with model.rope.scaling set reaches past its block")
         return max_len
 
     def new_cache(self, batch: int, *, kind: str = "kv", max_len: int | None = None, pad: torch.Tensor | None = None,

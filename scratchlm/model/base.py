@@ -5,7 +5,7 @@
 - `blocks`: the transformer blocks in order (empty for the baselines): per-layer metrics read them.
 - `unembedding`: the output nn.Linear that writes vocabulary logits, or None where there is none.
 - `rotary`: the model's RoPE when positions enter as rotations (the Llama family), else None: only then
-  can cached keys move to new positions (the sink cache) or the context stretch (`rope_scaling`).
+  can cached keys move to new positions (the sink cache) or the context stretch (`model.rope.scaling`).
 - `attention_shape()`: what a cache must hold for this model (layers, key/value heads, head dim, sliding
   window, trained context), or None for a model that cannot decode with one (the baselines); `can_stretch`:
   whether the context may reach past block_size (RoPE with a scaling scheme set).
