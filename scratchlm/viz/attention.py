@@ -19,12 +19,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.errors import UserError
 from scratchlm.infer.text import encode_prompt
 from scratchlm.io import atomic_open
+from scratchlm.model.base import LanguageModel
 from scratchlm.model.gpt import GPT
 from scratchlm.tokenizer import Tokenizer
 
@@ -32,12 +32,11 @@ MAX_LABELLED = 40  # more tokens than this: tick labels would overlap, so none a
 
 
 @torch.inference_mode()
-def attention_weights(model: nn.Module, ids: list[int]) -> list[torch.Tensor]:
+def attention_weights(model: LanguageModel, ids: list[int]) -> list[torch.Tensor]:
     """Run `ids` (cropped from the left to block_size) through a GPT; return each layer's
     attention weights as an (H, T, T) float tensor on the CPU."""
     if not isinstance(model, GPT):
-        arch = getattr(getattr(model, "config", None), "arch", type(model).__name__)
-        raise UserError(f"a {arch} model has no attention to draw",
+        raise UserError(f"a {model.config.arch} model has no attention to draw",
                         fix="pass a GPT checkpoint, one with model.arch=gpt")
     if not ids:
         raise ValueError("need at least one token")
