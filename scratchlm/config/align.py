@@ -65,10 +65,17 @@ class CAIConfig:
     """Constitutional AI (`scratchlm cai`): critique, revision, then SFT on the revisions and DPO on
     (revision > original)."""
 
+    base: str = ""  # the SFT run or checkpoint that answers, is revised and trained (a path: checked when opened)
     constitution: str = ""  # a constitution file (JSON); empty = the embedded one
-    n_prompts: Annotated[int, Range(">= 2")] = 600  # red-team and benign prompts generated
+    n_prompts: Annotated[int, Range(">= 2")] = 600  # red-team prompts generated (benign: n_prompts x val_fraction)
     val_fraction: Annotated[float, Range("(0, 1)")] = 0.25  # held out for the before/after violation rates
     max_new_tokens: Annotated[int, Range(">= 1")] = 32
+    replay: Annotated[float, Range(">= 0", "0 = none")] = 1.0  # embedded tasks trained per red-team training prompt
+    model_revisions: bool = True  # also ask the model to revise (kept only where it passes every check)
+    sft_steps: Annotated[int, Range(">= 1")] = 200  # SFT on the revisions (train.max_steps of that stage)
+    dpo_steps: Annotated[int, Range(">= 0", "0 = no DPO")] = 100  # DPO on (revision > original) after that SFT
+    # DPO's learning rate (its min_lr a tenth of it); bench/cai.py: 1e-4 or 3e-5 cost the task accuracy
+    dpo_lr: Annotated[float, Range("> 0")] = 1e-5
 
     def validate(self) -> None:
         check_fields(self, "cai.")
