@@ -63,33 +63,12 @@ class PooledLM(LanguageModel):
         return self.drop(h[torch.arange(B, device=idx.device), lengths - 1])  # (B, C): the last real position
 
 
-class ClassifierLM(PooledLM):
-    """forward(idx (B, T) right-padded with -1, targets (B,) or (B, 1) class ids)
-    -> (logits (B, 1, K), mean cross-entropy or None)."""
-
-    def __init__(self, body: nn.Module, n_classes: int) -> None:
-        if n_classes < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
-        super().__init__(body, n_classes)
-        self.n_classes = n_classes
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None,
-                doc_mask: DocumentMask | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if cache is not None or doc_mask is not None:
-            raise ValueError("a classifier reads whole texts: no KV cache or document mask")
-        logits = self.head(self.pooled(idx))[:, None]  # (B, 1, K): a one-"token" sequence for the loop
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits[:, 0].float(), targets.reshape(-1), ignore_index=-1)
-            loss = loss + self.aux_loss()
-        return logits, loss
-
     def aux_loss(self) -> torch.Tensor | float:
         """An MoE body's load-balancing and z losses, as its own forward adds them to the LM loss
         (the training loop reads this to average them per micro-batch)."""
         return self.body.aux_loss()
 
-    # -- what the shared loop reads -------------------------------------------------------------
+    # -- what the shared loop reads (the classifier and the reward model alike) -------------------------
     def num_params(self, non_embedding: bool = True) -> int:
         return self.body.num_params(non_embedding) + sum(p.numel() for p in self.head.parameters())
 
@@ -114,3 +93,25 @@ class ClassifierLM(PooledLM):
     @property
     def blocks(self) -> nn.ModuleList:
         return self.body.blocks
+
+
+class ClassifierLM(PooledLM):
+    """forward(idx (B, T) right-padded with -1, targets (B,) or (B, 1) class ids)
+    -> (logits (B, 1, K), mean cross-entropy or None)."""
+
+    def __init__(self, body: nn.Module, n_classes: int) -> None:
+        if n_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
+        super().__init__(body, n_classes)
+        self.n_classes = n_classes
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None,
+                doc_mask: DocumentMask | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if cache is not None or doc_mask is not None:
+            raise ValueError("a classifier reads whole texts: no KV cache or document mask")
+        logits = self.head(self.pooled(idx))[:, None]  # (B, 1, K): a one-"token" sequence for the loop
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits[:, 0].float(), targets.reshape(-1), ignore_index=-1)
+            loss = loss + self.aux_loss()
+        return logits, loss
