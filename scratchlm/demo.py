@@ -2,10 +2,12 @@
 
 Stages run so far: the corpus, the tokenizers (a BPE trained here, compared with the other
 kinds), the pretraining data (filtered, deduplicated token shards, then one batch of
-next-token pairs), pretraining a small GPT with samples from it before and after, and
+next-token pairs), pretraining a small GPT with samples from it before and after,
 supervised fine-tuning on generated, checkable tasks with the base and fine-tuned models scored
-side by side. Each later stage of the project joins this function. Everything is written
-under the run folder, with the resolved config beside each artifact, and `report.md` at the end.
+side by side, a reward model grown from the SFT model and checked on held-out pairs, and DPO on the
+SFT model's own samples with SFT and DPO scored side by side. Each later stage of the project joins
+this function. Everything is written under the run folder, with the resolved config beside each
+artifact, and `report.md` at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from scratchlm.align.dpo import dpo
+from scratchlm.align.reward import train_reward_model
 from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.config import Config, get_preset
 from scratchlm.data.loader import BatchLoader, TokenShards
@@ -120,6 +124,36 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
         f"({scfg.sft.n_tasks} generated, {scfg.sft.val_fraction:.0%} held out), {sft_result.run.steps} steps. "
         "Held-out answers, base model vs fine-tuned (greedy; `checked` is each family's own checker; answers in "
         f"`sft/eval/`):\n\n{sft_result.table}\n"
+    )
+
+    _stage("6. reward model")
+    rcfg = get_preset("rm-tiny")
+    rcfg.seed, rcfg.out_dir, rcfg.pref.base = cfg.seed, str(out / "rm"), str(out / "sft")
+    if quick:
+        rcfg.train.max_steps, rcfg.train.eval_interval = 20, 10
+        rcfg.pref.n_prompts, rcfg.pref.samples = 60, 4
+    rm_result = train_reward_model(rcfg, progress=True)
+    report.append(
+        "## Reward model\n\nThe SFT model's trunk with a one-number head, trained with the Bradley-Terry loss on "
+        f"pairs made from {rcfg.pref.n_prompts} task prompts it never saw in SFT ({rcfg.pref.kind}: the right answer "
+        "against a corrupted one, and a right against a wrong sample of the SFT model itself, judged by each "
+        f"family's checker), {rm_result.run.steps} steps. Held-out checks (picture: `rm/rm_checks.png`):\n\n"
+        f"{rm_result.table}\n"
+    )
+
+    _stage("7. direct preference optimisation")
+    dcfg = get_preset("dpo-tiny")
+    dcfg.seed, dcfg.out_dir, dcfg.pref.base = cfg.seed, str(out / "dpo"), str(out / "sft")
+    if quick:
+        dcfg.train.max_steps, dcfg.train.eval_interval = 10, 5
+        dcfg.pref.n_prompts, dcfg.pref.samples, dcfg.dpo.eval_prompts = 60, 4, 20
+        dcfg.pref.kind = "both"  # a 20-step SFT model is never right: its own samples give no pairs
+    dpo_result = dpo(dcfg, progress=True)
+    report.append(
+        "## Direct preference optimisation\n\nDPO on the SFT model's own right-vs-wrong samples "
+        f"(beta {dcfg.dpo.beta:g}, {dpo_result.run.steps} steps), the SFT model as the frozen reference. Held-out "
+        "prompts no earlier stage trained on, greedy answers scored by each family's checker (`checked`), SFT "
+        f"vs DPO (curves: `dpo/dpo.png`):\n\n{dpo_result.table}\n"
     )
 
     total = time.perf_counter() - t_start

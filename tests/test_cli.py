@@ -95,6 +95,8 @@ def test_demo_quick(capsys, tmp_path):
     assert code == 0, out
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "## Tokenizers" in report and "## Pretraining data" in report
+    assert "## Reward model" in report and "## Direct preference optimisation" in report
+    assert (tmp_path / "demo" / "rm" / "rm_checks.png").exists() and (tmp_path / "demo" / "dpo" / "dpo.png").exists()
     assert (tmp_path / "demo" / "data" / "manifest.json").exists()
     assert (tmp_path / "demo" / "tokenizers.png").exists()
 

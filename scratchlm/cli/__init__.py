@@ -25,6 +25,7 @@ import argparse
 import os
 import sys
 
+from scratchlm.cli.align import add_parsers as add_align_parsers
 from scratchlm.cli.commands import (
     cmd_chat,
     cmd_classify,
@@ -61,6 +62,9 @@ VERB_SECTIONS: dict[str, tuple[str, ...]] = {
     "classify": ("train", "sft"),  # classify train; classify predict reads its checkpoint's config
     "experiment norms": ("tokenizer", "data", "model", "train"),
     "demo": ("tokenizer", "data", "model", "train", "sample", "sft"),
+    "rm train": ("train", "pref", "rm", "sft"),  # sft: its LoRA settings (lora_r > 0: adapters on the trunk)
+    "dpo": ("train", "sample", "pref", "dpo", "sft"),
+    "cai": ("train", "sample", "pref", "dpo", "cai", "sft"),
     "sample": ("sample",),
     "chat": ("sample",),
 }
@@ -193,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="run folder (default: the preset's out_dir)")
     sp.add_argument("--resume", action="store_true")
     sp.set_defaults(fn=cmd_sft)
+
+    add_align_parsers(verbs, with_common, writes)
 
     sp = writes(with_common(verbs.add_parser("classify", help="classification fine-tuning: a class head on a "
                                                               "pretrained LM"), "sft-tiny"))
