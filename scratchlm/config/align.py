@@ -51,7 +51,11 @@ class DPOConfig:
     loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid = DPO (Rafailov et al. 2023), ipo = Azar et al. 2023
     # conservative DPO: the labels are flipped with this probability (sigmoid only)
     label_smoothing: Annotated[float, Range("[0, 0.5)")] = 0.0
+    # weight of the chosen answers' mean token NLL beside the DPO loss (RPO, Pang et al. 2024; TRL's rpo_alpha)
+    rpo_alpha: Annotated[float, Range(">= 0", "0 = off")] = 0.0
     eval_max_new_tokens: Annotated[int, Range(">= 1")] = 24
+    # embedded task prompts the gold evaluation asks before and after, none the SFT or DPO run trained on
+    eval_prompts: Annotated[int, Range(">= 1")] = 500
 
     def validate(self) -> None:
         check_fields(self, "dpo.")

@@ -43,6 +43,9 @@ Module names: a wrapped layer keeps its name (`h.0.attn.c_attn`) and the base mo
 (`h.0.attn.c_attn.base.weight`), so load base checkpoints before applying LoRA, or merge with
 `merge_lora` (which also puts the plain layers back) before saving a full checkpoint.
 
+`adapters_disabled(model)` runs the wrapped model as its base for a while (every LoRA layer skips
+its update): DPO's reference model is the policy's own base this way, with no second copy held.
+
 Left out: low-rank updates of embeddings, LoRA on the MoE experts (3-D parameter tensors, not
 nn.Linear: routed expert adapters are a design of their own), per-layer ranks, DoRA / rsLoRA
 variants, and several adapters on one base.
@@ -50,8 +53,9 @@ variants, and several adapters on one base.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,10 +95,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default: U(±1/√in)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # `adapters_disabled`: forward is the base alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (..., out)
-        if self.merged:  # the update already lives in the base weight
+        if self.merged or self.disabled:  # merged: the update already lives in the base weight
             return y
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., in) -> (..., r)
         return y + F.linear(h, self.lora_B.to(x.dtype)) * self.scaling  # (..., r) -> (..., out)
@@ -246,6 +251,24 @@ def adapt_model(model: nn.Module, cfg: Config, tok: Tokenizer | None = None) -> 
             for _, table in train_token_rows(model, ids):
                 table.lr_scale = s.lora_embedding_lr_mult
     return wrapped
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every LoRA layer of `model` computes its base alone (the adapters skipped,
+    not zeroed: they and their gradients are untouched), so the model is its base again; on leaving,
+    the adapters are back. Merged layers are refused: their base weight holds the update.
+    Token rows trained beside the adapters (`train_token_rows`) are not undone."""
+    layers = [m for _, m in lora_layers(model)]
+    if any(m.merged for m in layers):
+        raise UserError("cannot disable merged LoRA adapters", fix="unmerge() the LoRA layers first")
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 # -- token rows: the chat markers ----------------------------------------------------------------

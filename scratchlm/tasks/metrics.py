@@ -5,10 +5,13 @@
 - token F1: harmonic mean of precision and recall of the normalised tokens' multiset overlap;
 - ROUGE-L: F-measure of the longest common subsequence of tokens (Lin 2004), beta = 1.
 All three are pure functions on strings; `summarise` averages them per task family.
+`paired_bootstrap` puts a confidence interval on the difference of two models' scores on the same items.
 """
 
 from __future__ import annotations
 
+import math
+import random
 import re
 import string
 from collections import Counter, defaultdict
@@ -86,3 +89,18 @@ def format_summary(named: dict[str, dict[str, dict[str, float]]]) -> str:
                  for m in models for k in metric_keys]
         lines.append(f"| {fam} | {named[models[0]][fam]['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_bootstrap(a: list[float], b: list[float], n: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean of a - b, low, high): the percentile 95% interval of the mean difference over n resamples
+    of the items with replacement (Efron & Tibshirani 1993). a[i] and b[i] score the same item (one
+    prompt answered by two models), so each resample keeps them together: the interval reflects how
+    much the difference depends on which items were drawn, not the spread of either score alone."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need the same items: {len(a)} and {len(b)}")
+    if not a:
+        raise ValueError("no items to compare")
+    diffs = [x - y for x, y in zip(a, b)]
+    rng, k = random.Random(seed), len(diffs)
+    means = sorted(sum(diffs[rng.randrange(k)] for _ in range(k)) / k for _ in range(n))
+    return sum(diffs) / k, means[int(0.025 * (n - 1))], means[math.ceil(0.975 * (n - 1))]

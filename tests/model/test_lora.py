@@ -16,6 +16,7 @@ from scratchlm.errors import UserError
 from scratchlm.model import build_model, resize_embeddings
 from scratchlm.model.lora import (
     LoRALinear,
+    adapters_disabled,
     apply_lora,
     count_parameters,
     default_targets,
@@ -85,6 +86,28 @@ def test_the_wrapped_model_starts_exactly_as_the_base(arch):
         apply_lora(model, default_targets(model))
         out, _ = model(idx)
     assert torch.equal(out, ref)  # B = 0: the update is exactly zero
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_adapters_disabled_gives_the_base_and_then_the_adapted_model_back(arch):
+    model = tiny(arch)
+    idx, _ = batch()
+    with torch.no_grad():
+        ref, _ = model(idx)
+    apply_lora(model, default_targets(model), r=4, alpha=8)
+    train(model, 3)
+    adapters = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    with torch.no_grad():
+        adapted, _ = model(idx)
+        with adapters_disabled(model) as same:
+            off, _ = same(idx)
+        back, _ = model(idx)
+    assert not torch.allclose(adapted, ref)
+    assert torch.equal(off, ref) and torch.equal(back, adapted)
+    assert all(torch.equal(v, adapters[k]) for k, v in lora_state_dict(model).items())
+    next(m for m in model.modules() if isinstance(m, LoRALinear)).merge()
+    with pytest.raises(UserError, match="merged"), adapters_disabled(model):
+        pass
 
 
 def test_merge_and_unmerge_agree_and_restore_the_base():

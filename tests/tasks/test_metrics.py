@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from scratchlm.tasks.metrics import exact_match, format_summary, lcs_length, normalise, rouge_l, summarise, token_f1
+from scratchlm.tasks.metrics import (
+    exact_match,
+    format_summary,
+    lcs_length,
+    normalise,
+    paired_bootstrap,
+    rouge_l,
+    summarise,
+    token_f1,
+)
 
 
 def test_normalise_and_exact_match():
@@ -35,3 +44,17 @@ def test_summary_per_family():
     assert s["all"]["n"] == 3 and s["all"]["exact"] == pytest.approx(2 / 3)
     table = format_summary({"base": s, "sft": s})
     assert "| add | 2 | 50.0% | 0.750 | 0.750 | 50.0% |" in table
+
+
+def test_paired_bootstrap():
+    assert paired_bootstrap([1.0, 0.0, 1.0], [1.0, 0.0, 1.0]) == (0.0, 0.0, 0.0)
+    assert paired_bootstrap([1.0] * 5, [0.0] * 5) == (1.0, 1.0, 1.0)  # every resample differs by 1
+    # 60 of 100 items won, 10 lost, 30 tied: the mean difference is 0.5, its standard error
+    # sqrt((0.7 - 0.25) / 100) = 0.067, so the interval is about 0.5 +- 0.13
+    a, b = [1.0] * 60 + [0.0] * 10 + [1.0] * 30, [0.0] * 60 + [1.0] * 10 + [1.0] * 30
+    mean, lo, hi = paired_bootstrap(a, b, n=2000, seed=1)
+    assert mean == pytest.approx(0.5) and 0.34 < lo < 0.40 and 0.60 < hi < 0.66
+    assert paired_bootstrap(a, b, n=2000, seed=1) == (mean, lo, hi)  # seeded
+    assert paired_bootstrap(b, a, n=2000, seed=1) == pytest.approx((-mean, -hi, -lo))  # the mirror image
+    with pytest.raises(ValueError, match="same items"):
+        paired_bootstrap([1.0], [1.0, 0.0])
