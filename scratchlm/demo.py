@@ -151,7 +151,9 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
     dpo_result = dpo(dcfg, progress=True)
     report.append(
         "## Direct preference optimisation\n\nDPO on the SFT model's own right-vs-wrong samples "
-        f"(beta {dcfg.dpo.beta:g}, {dpo_result.run.steps} steps), the SFT model as the frozen reference. Held-out "
+        f"(beta {dcfg.dpo.beta:g}, {dpo_result.run.steps} steps"
+        + (f", plus {dcfg.dpo.rpo_alpha:g} x the NLL of the chosen answers (RPO)" if dcfg.dpo.rpo_alpha else "")
+        + "), the SFT model as the frozen reference. Held-out "
         "prompts no earlier stage trained on, greedy answers scored by each family's checker (`checked`), SFT "
         f"vs DPO (curves: `dpo/dpo.png`):\n\n{dpo_result.table}\n"
     )
