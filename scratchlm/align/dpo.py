@@ -58,6 +58,7 @@ from scratchlm.align.data import PreferencePair, TokenizedPair, prompt_key, toke
 from scratchlm.align.reward import build_pairs, embedded_tasks, trained_prompts
 from scratchlm.checkpoint import ADAPTER_TENSORS, base_fingerprint, save_adapters
 from scratchlm.config import Config
+from scratchlm.data.order import EpochOrder
 from scratchlm.errors import UserError
 from scratchlm.io import write_json, write_text
 from scratchlm.losses import DPOOutput, dpo_loss, sequence_logprobs
@@ -223,36 +224,15 @@ class DPOLoader:
         self.packing = packing
         self.units: list[list[Row]] = pack_pairs(pairs, block_size) if packing else [
             [(p.chosen_ids, p.chosen_labels, []), (p.rejected_ids, p.rejected_labels, [])] for p in pairs]
-        self.batch_size, self.shuffle, self.fill, self.seed, self.device = batch_size, shuffle, fill, seed, device
-        self.epoch, self.pos = 0, 0
-        self._order = self._make_order()
+        self.batch_size, self.device = batch_size, device
+        self.order = EpochOrder(len(self.units), shuffle=shuffle, fill=fill, seed=seed)
 
     def __len__(self) -> int:
         """Batches in one pass."""
         return math.ceil(len(self.units) / self.batch_size)
 
-    def _make_order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.units)))
-        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        return torch.randperm(len(self.units), generator=g).tolist()
-
-    def _next_epoch(self) -> None:
-        self.epoch, self.pos = self.epoch + 1, 0
-        self._order = self._make_order()
-
     def next_batch(self) -> tuple[torch.Tensor, ...]:
-        if self.pos >= len(self._order):
-            self._next_epoch()
-        picks: list[int] = []
-        while len(picks) < self.batch_size:
-            if self.pos >= len(self._order):
-                if not self.fill:
-                    break
-                self._next_epoch()
-            picks.append(self._order[self.pos])
-            self.pos += 1
-        rows = [row for i in picks for row in self.units[i]]
+        rows = [row for i in self.order.take(self.batch_size) for row in self.units[i]]
         T = max(len(ids) for ids, _, _ in rows)
         ids = torch.tensor([r[0] + [0] * (T - len(r[0])) for r in rows])  # (R, T)
         labels = torch.tensor([r[1] + [-1] * (T - len(r[1])) for r in rows])
@@ -263,14 +243,14 @@ class DPOLoader:
         return x, y, docs.to(self.device)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos, "units": len(self.units)}
+        epoch, pos = self.order.state()
+        return {"epoch": epoch, "pos": pos, "units": len(self.units)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("units") != len(self.units):
             raise UserError("cannot resume: the preference pairs changed since the checkpoint",
                             fix="use the same data and pref settings")
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self._order = self._make_order()
+        self.order.restore(state["epoch"], state["pos"])
 
 
 @torch.no_grad()

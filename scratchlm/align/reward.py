@@ -50,6 +50,7 @@ from scratchlm.align.data import (
 )
 from scratchlm.align.pairs import on_policy_pairs
 from scratchlm.config import Config, load_config
+from scratchlm.data.order import EpochOrder
 from scratchlm.errors import UserError
 from scratchlm.io import write_json, write_text
 from scratchlm.losses import bradley_terry_loss
@@ -103,46 +104,24 @@ class PairLoader:
                  seed: int = 0, device: str | torch.device = "cpu") -> None:
         if not pairs:
             raise ValueError("no pairs to batch")
-        self.pairs, self.batch_size, self.shuffle, self.fill = pairs, batch_size, shuffle, fill
-        self.seed, self.device = seed, device
-        self.epoch, self.pos = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.pairs)))
-        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        return torch.randperm(len(self.pairs), generator=g).tolist()
-
-    def _next_epoch(self) -> None:
-        self.epoch, self.pos = self.epoch + 1, 0
-        self._order = self._make_order()
+        self.pairs, self.batch_size, self.device = pairs, batch_size, device
+        self.order = EpochOrder(len(pairs), shuffle=shuffle, fill=fill, seed=seed)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pos >= len(self._order):
-            self._next_epoch()
-        picks: list[int] = []
-        while len(picks) < self.batch_size:
-            if self.pos >= len(self._order):
-                if not self.fill:
-                    break
-                self._next_epoch()
-            picks.append(self._order[self.pos])
-            self.pos += 1
-        chosen = [self.pairs[i] for i in picks]
+        chosen = [self.pairs[i] for i in self.order.take(self.batch_size)]
         x = pad_rows([row for p in chosen for row in (p.chosen_ids, p.rejected_ids)])  # (2B, T)
         y = torch.tensor([float(p.meta.get("margin", 0.0)) for p in chosen])  # (B,)
         return x.to(self.device), y.to(self.device)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos, "pairs": len(self.pairs)}
+        epoch, pos = self.order.state()
+        return {"epoch": epoch, "pos": pos, "pairs": len(self.pairs)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("pairs") != len(self.pairs):
             raise UserError("cannot resume: the preference pairs changed since the checkpoint",
                             fix="use the same data and pref settings")
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self._order = self._make_order()
+        self.order.restore(state["epoch"], state["pos"])
 
 
 # -- the pairs ------------------------------------------------------------------------------------

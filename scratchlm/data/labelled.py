@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from scratchlm.data.order import EpochOrder, python_permutation
 from scratchlm.data.sources import read_records
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import Tokenizer
@@ -149,42 +150,22 @@ class ClassifyLoader:
         if not ids:
             raise UserError("no examples to batch")
         self.ids, self.labels = ids, labels
-        self.batch_size, self.shuffle, self.fill, self.seed, self.device = batch_size, shuffle, fill, seed, device
-        self.epoch, self.pos = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> list[int]:
-        order = list(range(len(self.ids)))
-        if self.shuffle:
-            random.Random(self.seed * 1000 + self.epoch).shuffle(order)
-        return order
-
-    def _next_epoch(self) -> None:
-        self.epoch, self.pos = self.epoch + 1, 0
-        self._order = self._make_order()
+        self.batch_size, self.device = batch_size, device
+        self.order = EpochOrder(len(ids), shuffle=shuffle, fill=fill, seed=seed, permutation=python_permutation)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pos >= len(self._order):
-            self._next_epoch()
-        picks: list[int] = []
-        while len(picks) < self.batch_size:
-            if self.pos >= len(self._order):
-                if not self.fill:
-                    break
-                self._next_epoch()
-            picks.append(self._order[self.pos])
-            self.pos += 1
+        picks = self.order.take(self.batch_size)
         return collate([self.ids[i] for i in picks], [self.labels[i] for i in picks], self.device)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos, "rows": len(self.ids)}
+        epoch, pos = self.order.state()
+        return {"epoch": epoch, "pos": pos, "rows": len(self.ids)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("rows") != len(self.ids):
             raise UserError("cannot resume: the classification data changed since the checkpoint",
                             fix="use the same data")
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self._order = self._make_order()
+        self.order.restore(state["epoch"], state["pos"])
 
 
 def collate(rows: list[list[int]], labels: list[int] | None = None, device: str | torch.device = "cpu"
