@@ -42,7 +42,8 @@ def _stage(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 70 - len(title)), flush=True)
 
 
-def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: bool = False) -> Path:
+def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: bool = False,
+             progress: bool = True) -> Path:
     out = Path(out or cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.json")
@@ -100,7 +101,7 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
     run_dir = out / "pretrain"
     cfg.out_dir = str(run_dir)
     before = _sample_untrained(cfg, tok, prompt)
-    result = pretrain(cfg, data_dir, progress=True)
+    result = pretrain(cfg, data_dir, progress=progress)
     model, tok, _ = load_model_for_inference(run_dir)
     after = _complete(model, tok, cfg, prompt)
     print(f"sample before training: {before!r}\nsample after training:  {after!r}")
@@ -118,7 +119,7 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
     scfg.seed, scfg.out_dir, scfg.sft.base = cfg.seed, str(out / "sft"), str(run_dir)
     if quick:
         scfg.train.max_steps, scfg.train.eval_interval, scfg.sft.n_tasks = 20, 10, 200
-    sft_result = sft(scfg, progress=True)
+    sft_result = sft(scfg, progress=progress)
     report.append(
         "## Supervised fine-tuning\n\nThe pretrained model, fine-tuned on the embedded verifiable tasks "
         f"({scfg.sft.n_tasks} generated, {scfg.sft.val_fraction:.0%} held out), {sft_result.run.steps} steps. "
@@ -132,7 +133,7 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
     if quick:
         rcfg.train.max_steps, rcfg.train.eval_interval = 20, 10
         rcfg.pref.n_prompts, rcfg.pref.samples = 60, 4
-    rm_result = train_reward_model(rcfg, progress=True)
+    rm_result = train_reward_model(rcfg, progress=progress)
     report.append(
         "## Reward model\n\nThe SFT model's trunk with a one-number head, trained with the Bradley-Terry loss on "
         f"pairs made from {rcfg.pref.n_prompts} task prompts it never saw in SFT ({rcfg.pref.kind}: the right answer "
@@ -148,7 +149,7 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
         dcfg.train.max_steps, dcfg.train.eval_interval = 10, 5
         dcfg.pref.n_prompts, dcfg.pref.samples, dcfg.dpo.eval_prompts = 60, 4, 20
         dcfg.pref.kind = "both"  # a 20-step SFT model is never right: its own samples give no pairs
-    dpo_result = dpo(dcfg, progress=True)
+    dpo_result = dpo(dcfg, progress=progress)
     report.append(
         "## Direct preference optimisation\n\nDPO on the SFT model's own right-vs-wrong samples "
         f"(beta {dcfg.dpo.beta:g}, {dpo_result.run.steps} steps"

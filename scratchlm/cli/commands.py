@@ -325,4 +325,4 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> None:
     cfg = _config(args, overrides)
     out = Path(args.out or cfg.out_dir)
     with claim_run_dir(out, overwrite=args.overwrite):
-        run_demo(cfg, out, quick=args.quick, moe=args.moe)
+        run_demo(cfg, out, quick=args.quick, moe=args.moe, progress=not args.quiet)
