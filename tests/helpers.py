@@ -24,10 +24,23 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from scratchlm.checkpoint import save_checkpoint
-from scratchlm.config import Config, GPTConfig, ModelConfig, SampleConfig, TokenizerConfig, model_config, switch_arch
+from scratchlm.config import (
+    Config,
+    GPTConfig,
+    LlamaConfig,
+    ModelConfig,
+    SampleConfig,
+    TokenizerConfig,
+    get_preset,
+    model_config,
+    switch_arch,
+)
+from scratchlm.data.prepare import prepare
 from scratchlm.infer.engine import Engine
 from scratchlm.model import build_model, padded_vocab
+from scratchlm.sft.train import sft
 from scratchlm.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, train_bpe
+from scratchlm.train.pretrain import pretrain
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -264,3 +277,33 @@ def engine_greedy(model, prompts: list[list[int]], n: int, **kw) -> tuple[list[l
 def prompts_of(lengths, vocab: int = 64, seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+# A tiny pretrained base and SFT run on bytes, for the stages built on them (SFT, classify, DPO, CAI).
+
+def tiny_llama_base(root: Path, block_size: int, **model_kw) -> Path:
+    """A 2-layer byte-level Llama pretrained 4 steps on 30 generated documents; returns its run folder.
+    fp32: the tests compare numbers, and "auto" may choose bf16 on some CPUs."""
+    cfg = Config()
+    cfg.data.workers = 1
+    prepare([str(write_corpus(root / "c", make_docs(30, seed=2)))], ByteTokenizer({"<|endoftext|>": 256}), cfg,
+            root / "data", progress=False)
+    cfg.out_dir = str(root / "base")
+    cfg.model = LlamaConfig(block_size=block_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bias=False,
+                            **model_kw)
+    t = cfg.train
+    t.max_steps, t.batch_size, t.eval_interval, t.eval_iters, t.tensorboard, t.log_interval = 4, 4, 4, 1, False, 2
+    t.precision = "fp32"
+    pretrain(cfg, root / "data", progress=False)
+    return root / "base"
+
+
+def tiny_sft_run(root: Path, base: Path, eval_max_new_tokens: int) -> Path:
+    """`base` fine-tuned 4 steps on 40 embedded tasks (fp32); returns the SFT run folder."""
+    s = get_preset("sft-tiny")
+    s.out_dir, s.sft.base, s.sft.n_tasks, s.sft.eval_max_new_tokens = str(root / "sft"), str(base), 40, \
+        eval_max_new_tokens
+    t = s.train
+    t.max_steps, t.batch_size, t.eval_interval, t.eval_iters, t.tensorboard, t.precision = 4, 4, 4, 1, False, "fp32"
+    sft(s, progress=False)
+    return root / "sft"

@@ -20,13 +20,9 @@ from scratchlm.align.constitution import (
     refuses,
 )
 from scratchlm.align.redteam import CAIPrompt, PromptSet, check_disjoint, generate_prompts
-from scratchlm.config import Config, LlamaConfig, get_preset
-from scratchlm.data.prepare import prepare
+from scratchlm.config import Config, get_preset
 from scratchlm.errors import UserError
-from scratchlm.sft.train import sft
-from scratchlm.tokenizer import ByteTokenizer
-from scratchlm.train.pretrain import pretrain
-from tests.helpers import make_docs, write_corpus
+from tests.helpers import tiny_llama_base, tiny_sft_run
 
 # -- the constitution file ------------------------------------------------------------------------
 
@@ -227,21 +223,7 @@ def test_the_loop_records_who_wrote_what(monkeypatch):
 def tiny_policy(tmp_path_factory):
     """A 2-layer Llama on bytes, pretrained 4 steps and fine-tuned 4 on the embedded tasks."""
     root = tmp_path_factory.mktemp("caibase")
-    cfg = Config()
-    cfg.data.workers = 1
-    prepare([str(write_corpus(root / "c", make_docs(30, seed=2)))], ByteTokenizer({"<|endoftext|>": 256}), cfg,
-            root / "data", progress=False)
-    cfg.out_dir = str(root / "base")
-    cfg.model = LlamaConfig(block_size=128, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bias=False)
-    t = cfg.train
-    t.max_steps, t.batch_size, t.eval_interval, t.eval_iters, t.tensorboard, t.precision = 4, 4, 4, 1, False, "fp32"
-    pretrain(cfg, root / "data", progress=False)
-    s = get_preset("sft-tiny")
-    s.out_dir, s.sft.base, s.sft.n_tasks, s.sft.eval_max_new_tokens = str(root / "sft"), str(root / "base"), 40, 4
-    t = s.train
-    t.max_steps, t.batch_size, t.eval_interval, t.eval_iters, t.tensorboard, t.precision = 4, 4, 4, 1, False, "fp32"
-    sft(s, progress=False)
-    return root / "sft"
+    return tiny_sft_run(root, tiny_llama_base(root, 128), 4)
 
 
 def test_cai_end_to_end_writes_the_summary_and_png(tiny_policy, tmp_path):

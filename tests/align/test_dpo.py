@@ -16,18 +16,14 @@ import torch
 from scratchlm.align.data import TokenizedPair, read_pairs
 from scratchlm.align.dpo import DPOLoader, DPOObjective, dpo, response_logprobs
 from scratchlm.checkpoint import ADAPTER_TENSORS
-from scratchlm.config import Config, LlamaConfig, get_preset, model_config
-from scratchlm.data.prepare import prepare
+from scratchlm.config import Config, get_preset, model_config
 from scratchlm.losses import sequence_logprobs
 from scratchlm.model import build_model
 from scratchlm.model.layers import DocumentMask
 from scratchlm.model.lora import adapters_disabled, apply_lora, default_targets
-from scratchlm.sft.train import sft
-from scratchlm.tokenizer import ByteTokenizer
 from scratchlm.train.loop import forward_backward
 from scratchlm.train.objective import count_examples
-from scratchlm.train.pretrain import pretrain
-from tests.helpers import make_docs, write_corpus
+from tests.helpers import tiny_llama_base, tiny_sft_run
 
 V, BLOCK = 64, 24
 
@@ -204,21 +200,7 @@ def test_loader_resumes_where_it_stopped():
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo")
-    cfg = Config()
-    cfg.data.workers = 1
-    prepare([str(write_corpus(root / "c", make_docs(30, seed=2)))], ByteTokenizer({"<|endoftext|>": 256}), cfg,
-            root / "data", progress=False)
-    cfg.out_dir = str(root / "base")
-    cfg.model = LlamaConfig(block_size=96, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bias=False, pad_vocab_to=1)
-    t = cfg.train
-    t.max_steps, t.batch_size, t.eval_interval, t.eval_iters, t.tensorboard, t.precision = 4, 4, 4, 1, False, "fp32"
-    pretrain(cfg, root / "data", progress=False)
-    s = get_preset("sft-tiny")
-    s.out_dir, s.sft.base, s.sft.n_tasks, s.sft.eval_max_new_tokens = str(root / "sft"), str(root / "base"), 40, 2
-    t = s.train
-    t.max_steps, t.batch_size, t.eval_interval, t.eval_iters, t.tensorboard, t.precision = 4, 4, 4, 1, False, "fp32"
-    sft(s, progress=False)
-    return root / "sft"
+    return tiny_sft_run(root, tiny_llama_base(root, 96, pad_vocab_to=1), 2)
 
 
 def dpo_cfg(base, out, **sft_kw) -> Config:

@@ -11,16 +11,14 @@ import pytest
 import torch
 
 from scratchlm.cli import main
-from scratchlm.config import Config, LlamaConfig, apply_overrides, get_preset, model_config
+from scratchlm.config import apply_overrides, get_preset, model_config
 from scratchlm.data.labelled import ClassifyLoader, collate, encode_text, read_labelled, stratified_split
-from scratchlm.data.prepare import prepare
 from scratchlm.errors import UserError
 from scratchlm.model import build_model
 from scratchlm.model.classifier import ClassifierLM
 from scratchlm.sft.classify import ClassifyResult, load_classifier, predict, train_classifier
 from scratchlm.tokenizer import ByteTokenizer
-from scratchlm.train.pretrain import pretrain
-from tests.helpers import make_docs, write_corpus
+from tests.helpers import tiny_llama_base
 
 POS = ("good", "great", "happy", "love", "nice", "fine", "best")
 NEG = ("bad", "awful", "sad", "hate", "poor", "worst", "ugly")
@@ -52,18 +50,7 @@ def write_jsonl(path, rows) -> str:
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clsbase")
-    cfg = Config()
-    cfg.data.workers = 1
-    prepare([str(write_corpus(root / "c", make_docs(30, seed=2)))], ByteTokenizer({"<|endoftext|>": 256}), cfg,
-            root / "data", progress=False)
-    cfg.out_dir = str(root / "base")
-    cfg.model = LlamaConfig(block_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bias=False)
-    t = cfg.train
-    t.max_steps, t.batch_size, t.eval_interval, t.eval_iters, t.tensorboard, t.log_interval = 4, 4, 4, 1, False, 2
-    t.precision = "fp32"  # the tests compare numbers: "auto" may choose bf16 on some CPUs
-    pretrain(cfg, root / "data", progress=False)
-    return root / "base"
+    return tiny_llama_base(tmp_path_factory.mktemp("clsbase"), 64)
 
 
 @pytest.fixture(scope="module")

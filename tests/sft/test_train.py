@@ -12,34 +12,19 @@ from safetensors.torch import load_file, save_file
 
 from scratchlm.checkpoint import find_checkpoint, load_config_and_tokenizer, load_model_for_inference, merge_adapters
 from scratchlm.cli import main
-from scratchlm.config import Config, LlamaConfig, get_preset
-from scratchlm.data.prepare import prepare
+from scratchlm.config import Config, get_preset
 from scratchlm.errors import UserError
 from scratchlm.sft import train as sft_train
 from scratchlm.sft.train import sft
-from scratchlm.tokenizer import ByteTokenizer
 from scratchlm.tokenizer.chat import CHAT_SPECIALS
-from scratchlm.train.pretrain import pretrain
-from tests.helpers import make_docs, write_corpus
+from tests.helpers import tiny_llama_base
 
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sftbase")
-    cfg = Config()
-    cfg.data.workers = 1
     # No chat specials and no vocabulary padding: sft adds the 4 chat tokens and grows the embedding
     # from 257 to 261 rows, which LoRA's adapters must then carry.
-    prepare([str(write_corpus(root / "c", make_docs(30, seed=2)))], ByteTokenizer({"<|endoftext|>": 256}), cfg,
-            root / "data", progress=False)
-    cfg.out_dir = str(root / "base")
-    cfg.model = LlamaConfig(block_size=96, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bias=False,
-                            pad_vocab_to=1)
-    t = cfg.train
-    t.max_steps, t.batch_size, t.eval_interval, t.eval_iters, t.tensorboard, t.log_interval = 4, 4, 4, 1, False, 2
-    t.precision = "fp32"  # the tests compare numbers: "auto" may choose bf16 on some CPUs
-    pretrain(cfg, root / "data", progress=False)
-    return root / "base"
+    return tiny_llama_base(tmp_path_factory.mktemp("sftbase"), 96, pad_vocab_to=1)
 
 
 real_adapt_model = sft_train.adapt_model
