@@ -243,14 +243,10 @@ class DPOLoader:
         return x, y, docs.to(self.device)
 
     def state_dict(self) -> dict[str, int]:
-        epoch, pos = self.order.state()
-        return {"epoch": epoch, "pos": pos, "units": len(self.units)}
+        return self.order.state_dict("units")
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("units") != len(self.units):
-            raise UserError("cannot resume: the preference pairs changed since the checkpoint",
-                            fix="use the same data and pref settings")
-        self.order.restore(state["epoch"], state["pos"])
+        self.order.load_state_dict(state, "units", "preference pairs", "use the same data and pref settings")
 
 
 @torch.no_grad()

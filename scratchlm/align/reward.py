@@ -114,14 +114,10 @@ class PairLoader:
         return x.to(self.device), y.to(self.device)
 
     def state_dict(self) -> dict[str, int]:
-        epoch, pos = self.order.state()
-        return {"epoch": epoch, "pos": pos, "pairs": len(self.pairs)}
+        return self.order.state_dict("pairs")
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("pairs") != len(self.pairs):
-            raise UserError("cannot resume: the preference pairs changed since the checkpoint",
-                            fix="use the same data and pref settings")
-        self.order.restore(state["epoch"], state["pos"])
+        self.order.load_state_dict(state, "pairs", "preference pairs", "use the same data and pref settings")
 
 
 # -- the pairs ------------------------------------------------------------------------------------

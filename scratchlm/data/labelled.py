@@ -158,14 +158,10 @@ class ClassifyLoader:
         return collate([self.ids[i] for i in picks], [self.labels[i] for i in picks], self.device)
 
     def state_dict(self) -> dict[str, int]:
-        epoch, pos = self.order.state()
-        return {"epoch": epoch, "pos": pos, "rows": len(self.ids)}
+        return self.order.state_dict("rows")
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("rows") != len(self.ids):
-            raise UserError("cannot resume: the classification data changed since the checkpoint",
-                            fix="use the same data")
-        self.order.restore(state["epoch"], state["pos"])
+        self.order.load_state_dict(state, "rows", "classification data", "use the same data")
 
 
 def collate(rows: list[list[int]], labels: list[int] | None = None, device: str | torch.device = "cpu"

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from scratchlm.errors import UserError
+
 
 def torch_permutation(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -54,9 +56,13 @@ class EpochOrder:
             self.pos += 1
         return picks
 
-    def state(self) -> tuple[int, int]:
-        return self.epoch, self.pos
+    def state_dict(self, count_key: str) -> dict[str, int]:
+        """The position, and the number of examples under `count_key` (a resume checks it)."""
+        return {"epoch": self.epoch, "pos": self.pos, count_key: self.n}
 
-    def restore(self, epoch: int, pos: int) -> None:
-        self.epoch, self.pos = epoch, pos
+    def load_state_dict(self, state: dict[str, int], count_key: str, what: str, fix: str) -> None:
+        """Continue from `state`; refused when it counted a different number of `what` (the data changed)."""
+        if state.get(count_key) != self.n:
+            raise UserError(f"cannot resume: the {what} changed since the checkpoint", fix=fix)
+        self.epoch, self.pos = state["epoch"], state["pos"]
         self._order = self._make()
