@@ -12,25 +12,17 @@ Without PAIRS the pairs are made from the embedded verifiable tasks (`pref.kind`
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from scratchlm.cli.commands import _config
-from scratchlm.config import Config, apply_overrides, load_config
+from scratchlm.cli.commands import run_config
+from scratchlm.config import Config
 from scratchlm.errors import UserError
 from scratchlm.rundir import claim_run_dir
 
 
 def _stage_config(args: argparse.Namespace, overrides: list[str], verb: str) -> Config:
-    """--preset + overrides, or with --resume the run's own config.json (overrides on top); then the
-    positional pair files, --base and --out."""
-    if getattr(args, "resume", False):
-        run_dir = Path(args.out or _config(args, []).out_dir)
-        if not (run_dir / "config.json").is_file():
-            raise UserError(f"{verb} --resume: {run_dir} holds no run to resume (no config.json)",
-                            fix="pass the run's folder as --out, or start it without --resume")
-        cfg = apply_overrides(load_config(run_dir / "config.json"), overrides)
-    else:
-        cfg = _config(args, overrides)
+    """`run_config` (--preset + overrides, or a resumed run's own config); then the positional pair
+    files, --base and --out."""
+    cfg = run_config(args, overrides, verb)
     if args.base:
         cfg.pref.base = args.base
     if getattr(args, "inputs", None):

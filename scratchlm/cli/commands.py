@@ -26,6 +26,20 @@ def _config(args: argparse.Namespace, overrides: list[str]) -> Config:
     return apply_overrides(cfg, overrides)
 
 
+def run_config(args: argparse.Namespace, overrides: list[str], verb: str) -> Config:
+    """--preset + overrides; with --resume, the run's own config.json (as pretrain --resume continues with
+    its settings), the overrides still applied on top."""
+    if not getattr(args, "resume", False):
+        return _config(args, overrides)
+    from scratchlm.config import load_config
+
+    run_dir = Path(args.out or get_preset(args.preset).out_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{verb} --resume: {run_dir} holds no run to resume (no config.json)",
+                        fix="pass the run's folder as --out, or start it without --resume")
+    return apply_overrides(load_config(run_dir / "config.json"), overrides)
+
+
 # ----------------------------------------------------------------------------------------------
 # tokenizer
 
@@ -169,17 +183,7 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
     from scratchlm.sft.train import sft
 
-    if args.resume:
-        # Continue with the run's own settings, as pretrain --resume does; overrides still apply on top.
-        from scratchlm.config import load_config
-
-        run_dir = Path(args.out or get_preset(args.preset).out_dir)
-        if not (run_dir / "config.json").is_file():
-            raise UserError(f"sft --resume: {run_dir} holds no run to resume (no config.json)",
-                            fix="pass the run's folder as --out, or start it without --resume")
-        cfg = apply_overrides(load_config(run_dir / "config.json"), overrides)
-    else:
-        cfg = _config(args, overrides)
+    cfg = run_config(args, overrides, "sft")
     if args.base:
         cfg.sft.base = args.base
     if args.inputs:
