@@ -1,0 +1,1 @@
+"""Online reinforcement learning from rewards (PPO, GRPO): the loss math in `losses`."""
