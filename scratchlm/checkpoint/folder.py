@@ -49,6 +49,7 @@ from scratchlm.tokenizer import Tokenizer, load_tokenizer
 
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json", "config.json",
          "tokenizer.json")
+EXTRA = "extra.safetensors"  # optional: a stage's own resume tensors (`save_checkpoint(extra=...)`)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -121,9 +122,12 @@ def save_checkpoint(
     *,
     keep_last: int = 2,
     scaler: torch.amp.GradScaler | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `RUN/ckpt/step_N/` atomically, point `latest` at it, drop older ones beyond keep_last.
-    `scaler`: an fp16 run's gradient scaler, whose loss scale and growth count go in trainer.json."""
+    `scaler`: an fp16 run's gradient scaler, whose loss scale and growth count go in trainer.json.
+    `extra`: tensors a stage needs to resume besides the network (an RL run's value head and the rest
+    of its rollout), in `extra.safetensors` (`load_extra`)."""
     root = Path(run_dir) / "ckpt"
     final = root / f"step_{step:07d}"
     with _write_errors(final), atomic_dir(final) as tmp:
@@ -132,6 +136,8 @@ def save_checkpoint(
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        if extra:
+            save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / EXTRA))
         write_json(tmp / "trainer.json", {**trainer, "step": step, "optimizer": opt_meta, "rng": rng_meta,
                                           "scaler": scaler_state(scaler)})
         cfg.save(tmp / "config.json")
@@ -148,7 +154,7 @@ def save_checkpoint(
 def mark_best(ckpt: Path) -> None:
     """Copy a checkpoint to `RUN/ckpt/best` (atomically)."""
     with atomic_dir(ckpt.parent / "best") as tmp:
-        for name in FILES:
+        for name in FILES + ((EXTRA,) if (ckpt / EXTRA).exists() else ()):
             shutil.copy2(ckpt / name, tmp / name)
 
 
@@ -224,6 +230,17 @@ def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer,
         raise UserError(f"{file}: corrupt training state ({type(e).__name__}: {e})",
                         fix="resume from another checkpoint") from None
     return trainer
+
+
+def load_extra(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The tensors `save_checkpoint(extra=...)` wrote; empty when the checkpoint holds none."""
+    file = ckpt / EXTRA
+    if not file.exists():
+        return {}
+    try:
+        return load_file(str(file))
+    except SafetensorError as e:
+        raise UserError(f"{file}: corrupt ({e})", fix="resume from another checkpoint") from None
 
 
 HEADS = {"lm": "a language model (a policy: sample, chat, sft, dpo)", "reward": "a reward model (scratchlm rm)",

@@ -257,9 +257,31 @@ def _save(cfg: Config, step: int, model: nn.Module, optimizer: torch.optim.Optim
     if is_best:
         trainer["best_val_loss"] = val_loss
     path = ckpt_io.save_checkpoint(Path(cfg.out_dir), step, network_of(model), optimizer, cfg, tok, trainer,
-                                   keep_last=cfg.train.keep_last, scaler=scaler)
+                                   keep_last=cfg.train.keep_last, scaler=scaler,
+                                   extra=_extra_tensors(model, train_loader))
     if is_best:
         ckpt_io.mark_best(path)
+
+
+# A stage's objective or loader may hold tensors it needs to resume beyond the network's weights (an RL
+# run's value head, the rest of a rollout): it offers them as `extra_tensors()` and takes them back
+# in `load_extra_tensors(d)`; they travel in the checkpoint's extra.safetensors, keys prefixed by owner.
+_EXTRA_OWNERS = ("objective", "loader")
+
+
+def _extra_tensors(model: nn.Module, loader: Any) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for owner, obj in zip(_EXTRA_OWNERS, (model, loader)):
+        if hasattr(obj, "extra_tensors"):
+            out.update({f"{owner}.{k}": v for k, v in obj.extra_tensors().items()})
+    return out
+
+
+def _load_extra_tensors(model: nn.Module, loader: Any, tensors: dict[str, torch.Tensor]) -> None:
+    for owner, obj in zip(_EXTRA_OWNERS, (model, loader)):
+        if hasattr(obj, "load_extra_tensors"):
+            prefix = owner + "."
+            obj.load_extra_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
 def _header(cfg: Config, model: nn.Module, device: torch.device, precision: str, why: str, threads: int,
@@ -310,12 +332,13 @@ def train_model(
         ckpt_io.load_weights(network_of(model), resume_from)
         trainer = ckpt_io.load_trainer_state(resume_from, optimizer, scaler)
         train_loader.load_state_dict(trainer["loader"])
+        _load_extra_tensors(model, train_loader, ckpt_io.load_extra(resume_from))
         start = trainer["step"]
         trim_metrics(run_dir / "metrics.jsonl", start)
     cfg.save(run_dir / "config.json")
 
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
-    flops_per_step = model.flops_per_token() * tokens_per_step
+    flops_per_token = model.flops_per_token()
     peak = peak_flops(device, precision)
     tbytes = token_bytes(tok, cfg.model.vocab_size)
     print(_header(cfg, model, device, precision, why, threads, threads_why, tokens_per_step, start), flush=True)
@@ -326,7 +349,9 @@ def train_model(
     stop_at = min(stop_at_step or t.max_steps, t.max_steps)
     bar = tqdm(total=stop_at, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     loss_val, val_loss, bpb = float("nan"), float("nan"), float("nan")
-    t_loop, window_t, window_steps, step = time.perf_counter(), time.perf_counter(), 0, start
+    t_loop, window_t, step = time.perf_counter(), time.perf_counter(), start
+    # positions actually run (x's size: a stage with padded rows runs fewer than batch x block_size)
+    window_tokens, run_tokens = 0, 0
     mfu = None
     try:
         with _Stop() as stop:
@@ -349,7 +374,9 @@ def train_model(
                 layer_norms = block_grad_norms(model) if layer_grad_norms and logging_now else {}
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                window_steps += 1
+                step_tokens = sum(mb[0].numel() for mb in micro)
+                window_tokens += step_tokens
+                run_tokens += step_tokens
                 if profiler:
                     profiler.step()
                     if step - start >= t.profile_steps + 1:
@@ -358,9 +385,9 @@ def train_model(
 
                 if logging_now:
                     dt = time.perf_counter() - window_t
-                    tps = tokens_per_step * window_steps / dt
-                    mfu, peak = observe_mfu(flops_per_step * window_steps / dt, peak, device, precision)
-                    window_t, window_steps = time.perf_counter(), 0
+                    tps = window_tokens / dt
+                    mfu, peak = observe_mfu(flops_per_token * window_tokens / dt, peak, device, precision)
+                    window_t, window_tokens = time.perf_counter(), 0
                     routing = model.routing_metrics()
                     if isinstance(model, Objective):
                         routing.update(model.metrics())
@@ -395,7 +422,7 @@ def train_model(
         raise Interrupted(stop.requested, step)
     steps_run = step - start
     result = RunResult(run_dir, step, loss_val, val_loss, bpb, seconds,
-                       tokens_per_step * steps_run / seconds if seconds else 0.0, mfu, runlog.history)
+                       run_tokens / seconds if seconds else 0.0, mfu, runlog.history)
     val = f"val loss {val_loss:.4f}" if batches.make_val is not None else "validation skipped (no validation split)"
     print(f"done: {steps_run} steps in {seconds:.1f}s, train loss {loss_val:.4f}, {val} -> {run_dir}", flush=True)
     return result
