@@ -9,6 +9,7 @@ overrides, validation.
 - `sections.py`: the other sections, the whole `Config` (JSON round trip), `apply_overrides` and
   `load_config`.
 - `align.py`: the preference-alignment sections (pairs, reward model, DPO, Constitutional AI).
+- `rl.py`: the online-RL section (PPO, GRPO).
 - `presets.py`: named presets.
 
 A leaf of the package: it imports only the standard library, `errors` and `io`.
@@ -32,6 +33,7 @@ from scratchlm.config.model import (
     switch_arch,
 )
 from scratchlm.config.presets import PRESETS, get_preset
+from scratchlm.config.rl import RLConfig
 from scratchlm.config.sections import (
     DEFAULT_SPECIALS,
     SECTIONS,
@@ -47,7 +49,7 @@ from scratchlm.config.sections import (
 )
 
 __all__ = [
-    "CAIConfig", "DPOConfig", "PrefConfig", "RMConfig",
+    "CAIConfig", "DPOConfig", "PrefConfig", "RLConfig", "RMConfig",
     "DEFAULT_SPECIALS", "MODEL_FAMILIES", "PRESETS", "SECTIONS", "BigramConfig", "Config", "DataConfig", "GPTConfig",
     "LlamaConfig", "MLPConfig", "ModelConfig", "MoEConfig", "Range", "RopeConfig", "Rule", "SFTConfig",
     "SampleConfig", "TokenizerConfig", "TrainConfig", "TransformerConfig", "apply_overrides", "check_fields",

@@ -39,6 +39,7 @@ from scratchlm.config.fields import (
     set_field,
 )
 from scratchlm.config.model import GPTConfig, ModelConfig, check_model_key, migrate_flat_model, switch_arch
+from scratchlm.config.rl import RLConfig
 from scratchlm.errors import UserError
 from scratchlm.io import write_json
 
@@ -206,6 +207,7 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     cai: CAIConfig = field(default_factory=CAIConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -241,7 +243,7 @@ class Config:
 
 
 # Config's fields that are sections
-SECTIONS = ("tokenizer", "data", "model", "train", "sample", "sft", "pref", "rm", "dpo", "cai")
+SECTIONS = ("tokenizer", "data", "model", "train", "sample", "sft", "pref", "rm", "dpo", "cai", "rl")
 
 
 # ----------------------------------------------------------------------------------------------

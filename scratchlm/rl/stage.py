@@ -1,0 +1,291 @@
+"""`scratchlm rl`: PPO or GRPO on the SFT policy, with held-out checker accuracy before and after.
+
+Flow (`rl`): load the SFT policy (`rl.base`) and, for rewards from a reward model, that model (same
+tokenizer, checked); draw the embedded task prompts: `rl.n_prompts` to train on and
+`rl.eval_prompts` held out, none of them a prompt the SFT run trained on, and disjoint from each
+other (asserted); score the held-out prompts greedily with each family's checker (and pass@k with
+`rl.eval_samples`); train `RLObjective` on `RolloutLoader`'s rollouts with the shared loop; score
+again, and measure the KL of the trained policy to the SFT policy on the held-out prompts. Writes
+RUN/eval/summary.md and .json, the answers as JSONL, and RUN/rl.png (the curves).
+
+Settings the stage fixes: dropout is off (a ratio of two dropout masks is not a probability ratio),
+the precision is resolved once ("auto" is measured here) so the rollout's forwards and the update's
+match, and train.grad_accum is derived: a minibatch is rl.prompts x rl.group / rl.minibatches rows.
+The loop's tokens/s counts train.batch_size x block_size tokens per micro-batch, not the answers'
+real lengths; the rollout's own time is inside each step that starts one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scratchlm import checkpoint as ckpt_io
+from scratchlm.align.reward import trained_prompts
+from scratchlm.checkpoint import ADAPTER_TENSORS, base_fingerprint, save_adapters
+from scratchlm.config import Config, load_config
+from scratchlm.errors import UserError
+from scratchlm.io import write_json, write_text
+from scratchlm.model.lora import adapt_model, adapters_disabled
+from scratchlm.rl.loader import RolloutLoader
+from scratchlm.rl.objective import RLObjective
+from scratchlm.rl.rewards import RewardSource, load_reward_model_for
+from scratchlm.rl.rollout import build_rollout, gather_logprobs, prompt_ids, sample_answers
+from scratchlm.tasks import answers as gold
+from scratchlm.tasks.families import FAMILIES, Task, check, generate_tasks
+from scratchlm.tasks.metrics import format_summary
+from scratchlm.tokenizer import Tokenizer
+from scratchlm.tokenizer.chat import CHAT_SPECIALS
+from scratchlm.train.device import autocast_ctx, linear_shapes, pick_device, pick_precision
+from scratchlm.train.loop import Batches, RunResult, train_model
+
+# -- prompts --------------------------------------------------------------------------------------
+
+
+def sft_prompts(run: str | Path) -> set[str]:
+    """The embedded task prompts a policy run trained on, followed back through the runs it started
+    from: an RL run's own training prompts, plus what `trained_prompts` finds for SFT and preference runs."""
+    cfg = load_config(ckpt_io.find_checkpoint(run) / "config.json")
+    if not cfg.rl.base:
+        return trained_prompts(run)
+    seen = sft_prompts(cfg.rl.base)
+    train, _ = split_prompts(cfg, seen)
+    return seen | {t.instruction for t in train}
+
+
+def families_of(cfg: Config) -> tuple[str, ...]:
+    names = tuple(FAMILIES) if cfg.rl.families == "all" else tuple(f.strip() for f in cfg.rl.families.split(","))
+    unknown = [f for f in names if f not in FAMILIES]
+    if unknown or not names:
+        raise UserError(f"rl.families={cfg.rl.families!r}: unknown family {unknown[0] if unknown else '(none)'}",
+                        fix=f"use all or a comma-separated list of: {', '.join(FAMILIES)}")
+    return names
+
+
+def split_prompts(cfg: Config, seen: set[str]) -> tuple[list[Task], list[Task]]:
+    """(training tasks, held-out tasks): rl.n_prompts then rl.eval_prompts tasks of `rl.families` at
+    cfg.seed, none in `seen`; the two sets share no prompt (asserted)."""
+    r = cfg.rl
+    want = r.n_prompts + r.eval_prompts
+    fams = families_of(cfg)
+    tasks = [t for t in generate_tasks(len(seen) + want + 1000, cfg.seed, fams) if t.instruction not in seen][:want]
+    if len(tasks) < want:
+        raise UserError(f"only {len(tasks)} new task prompts for rl.n_prompts + rl.eval_prompts = {want}",
+                        fix="lower --rl.n_prompts or --rl.eval_prompts")
+    train, held = tasks[: r.n_prompts], tasks[r.n_prompts :]
+    assert not {t.instruction for t in train} & {t.instruction for t in held}, "RL train and held-out prompts overlap"
+    return train, held
+
+
+# -- measuring a policy ---------------------------------------------------------------------------
+
+
+def checker_scores(model: nn.Module, tok: Tokenizer, tasks: list[Task], max_new_tokens: int,
+                   out_jsonl: Path | None = None) -> dict[str, dict[str, float]]:
+    """Greedy answers to the tasks, per family: exact match and each family's checker."""
+    return gold.gold_eval(model, tok, [[("user", t.instruction)] for t in tasks], [t.answer for t in tasks],
+                          [{"family": t.family} for t in tasks], max_new_tokens, out_jsonl, batch=256)
+
+
+@torch.no_grad()
+def pass_at_k(model: nn.Module, tok: Tokenizer, tasks: list[Task], k: int, max_new_tokens: int, seed: int
+              ) -> dict[str, float]:
+    """Per family and "all": the share of tasks with at least one right answer among k samples at temperature 1."""
+    ids, _ = prompt_ids(tok, [t.instruction for t in tasks], model.config.block_size, max_new_tokens)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    rows = [p for p in ids for _ in range(k)]
+    outs: list[list[int]] = []
+    for s in range(0, len(rows), 512):
+        outs += sample_answers(model, tok, rows[s : s + 512], max_new_tokens, gen)[0]
+    hit: dict[str, list[float]] = {}
+    for i, t in enumerate(tasks):
+        right = any(check(t.family, t, tok.decode(a)) for a in outs[i * k : (i + 1) * k])
+        hit.setdefault(t.family, []).append(float(right))
+        hit.setdefault("all", []).append(float(right))
+    return {f: sum(v) / len(v) for f, v in hit.items()}
+
+
+@torch.no_grad()
+def kl_to_reference(policy: nn.Module, reference: nn.Module | None, tok: Tokenizer, tasks: list[Task],
+                    max_new_tokens: int, seed: int, batch: int = 64) -> float:
+    """KL(policy || reference) per answer, in nats: the mean over answers sampled from the policy at
+    temperature 1 of Σ_t log π(a_t) - log π_ref(a_t) (an unbiased estimate). `reference=None`: the
+    policy with its LoRA adapters disabled. fp32, eval mode."""
+    was = policy.training
+    policy.eval()
+    ids, _ = prompt_ids(tok, [t.instruction for t in tasks], policy.config.block_size, max_new_tokens)
+    gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
+    end = tok.special_tokens["<|end|>"]
+    total, n = 0.0, 0
+    for s in range(0, len(ids), batch):
+        rows = ids[s : s + batch]
+        answers, ended = sample_answers(policy, tok, rows, max_new_tokens, gen)
+        roll = build_rollout(rows, answers, ended, end)
+        x, targets = roll.x.to(gen.device), roll.targets.to(gen.device)
+        logp = gather_logprobs(policy(x)[0], targets)
+        if reference is None:
+            with adapters_disabled(policy):
+                ref = gather_logprobs(policy(x)[0], targets)
+        else:
+            ref = gather_logprobs(reference(x)[0], targets)
+        total += float((logp - ref).sum())
+        n += len(rows)
+    policy.train(was)
+    return total / n
+
+
+# -- the picture ----------------------------------------------------------------------------------
+
+PANELS = (("reward", ("reward", "accuracy", "rm_score"), "reward and checker accuracy (per rollout)"),
+          ("kl", ("kl_ref",), "KL to the reference (nats per answer)"),
+          ("entropy", ("entropy",), "policy entropy (nats per token)"),
+          ("clip", ("clip_frac", "approx_kl"), "clip fraction, approx KL to the rollout policy"),
+          ("value", ("value_loss", "explained_variance"), "value loss, explained variance (PPO)"),
+          ("groups", ("zero_spread", "ended"), "zero-spread groups (GRPO), answers that stopped"))
+
+
+def plot_rl(metrics: Path, out: Path, kl_target: float = 0.0) -> None:
+    """The per-step curves of metrics.jsonl, one panel per concern (empty panels are dropped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
+
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in records if isinstance(r.get(key), float) and math.isfinite(r[key])]
+
+    panels = [(keys, title) for _, keys, title in PANELS if any(series(k) for k in keys)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (keys, title) in zip(axes[0], panels):
+        for key in keys:
+            points = series(key)
+            if points:
+                ax.plot(*zip(*points), "-", label=key)
+        if "kl_ref" in keys and kl_target > 0:
+            ax.axhline(kl_target, color="gray", ls="--", lw=1, label="target")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+
+@dataclass
+class RLResult:
+    run: RunResult
+    scores: dict[str, dict[str, dict[str, float]]]  # "sft" / "rl" -> family -> metric -> value
+    summary: dict[str, Any]
+    table: str
+
+
+def _resolve(cfg: Config, policy: nn.Module, device: torch.device) -> str:
+    r, t = cfg.rl, cfg.train
+    if cfg.model.dropout:
+        print(f"dropout {cfg.model.dropout} -> 0: a ratio of two dropout masks is not a probability ratio")
+        cfg.model.dropout = 0.0
+        for m in policy.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+    rows = r.prompts * r.group
+    if rows % (r.minibatches * t.batch_size):
+        raise UserError(f"a rollout of rl.prompts x rl.group = {rows} answers does not split into rl.minibatches="
+                        f"{r.minibatches} minibatches of train.batch_size={t.batch_size} rows",
+                        fix="make rl.prompts x rl.group a multiple of rl.minibatches x train.batch_size")
+    t.grad_accum = rows // (r.minibatches * t.batch_size)
+    precision, why = pick_precision(t.precision, device, linear_shapes(policy, t.batch_size * 64))
+    print(f"precision {precision} ({why}) for rollouts and updates alike; a minibatch = {rows // r.minibatches} "
+          f"answers = {t.grad_accum} micro-batches of {t.batch_size}")
+    t.precision = precision
+    return precision
+
+
+def rl(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_step: int | None = None) -> RLResult:
+    """PPO or GRPO from `rl.base`, then the held-out evaluation (module docstring)."""
+    run_dir, r = Path(cfg.out_dir), cfg.rl
+    if not r.base:
+        raise UserError("rl.base is not set", fix="pass --base RUN (an SFT run or checkpoint folder)")
+    device = pick_device(cfg.train.device)
+    base = ckpt_io.find_checkpoint(r.base)
+    policy, tok, base_cfg = ckpt_io.load_policy(base, str(device))
+    missing = [s for s in CHAT_SPECIALS if s not in tok.special_tokens]
+    if missing:
+        raise UserError(f"{r.base}: its tokenizer lacks the chat tokens {', '.join(missing)}: not an SFT run",
+                        fix="pass a run of `scratchlm sft` as --base")
+    cfg.model = replace(base_cfg.model)
+    torch.manual_seed(cfg.seed)
+    precision = _resolve(cfg, policy, device)
+
+    seen = sft_prompts(base)
+    train_tasks, held_tasks = split_prompts(cfg, seen)
+    ids, cut = prompt_ids(tok, [t.instruction for t in train_tasks], cfg.model.block_size, r.max_new_tokens)
+    if cut:
+        print(f"{cut} prompts longer than the context less rl.max_new_tokens were cut from the left")
+    rewards = RewardSource(r, tok, device)
+    critic = None
+    if r.algo == "ppo" and r.value_head == "separate":
+        critic = load_reward_model_for(r.reward_model, tok, device)[0].requires_grad_(True).train()
+    print(f"{len(train_tasks)} training prompts, {len(held_tasks)} held out (none seen by the SFT run); "
+          f"reward: {r.reward}" + (f" ({r.reward_model})" if r.reward != "checker" else ""))
+
+    eval_dir = run_dir / "eval"
+    scores = {"sft": checker_scores(policy.eval(), tok, held_tasks, r.max_new_tokens, eval_dir / "answers_sft.jsonl")}
+    passk = {"sft": pass_at_k(policy, tok, held_tasks, r.eval_samples, r.max_new_tokens, cfg.seed)} \
+        if r.eval_samples else {}
+    if cfg.sft.lora_r > 0:
+        if cfg.sft.lora_embedding != "none":
+            print("RL with LoRA trains the adapters only (sft.lora_embedding=none): the reference is the policy "
+                  "with its adapters disabled")
+            cfg.sft.lora_embedding = "none"
+        fingerprint, vocab = base_fingerprint(policy), policy.config.vocab_size
+    wrapped = adapt_model(policy, cfg, tok)
+    objective = RLObjective(policy, r, critic)
+    amp = lambda: autocast_ctx(precision, device)  # noqa: E731 - the loader opens a fresh context per forward
+    loader = RolloutLoader(objective, tok, train_tasks, ids, rewards, cfg, amp, device)
+    latest = ckpt_io.find_checkpoint(run_dir) if resume else None
+    result = train_model(cfg, objective.train(), tok, Batches(train=loader, make_val=None), resume_from=latest,
+                         progress=progress, stop_at_step=stop_at_step, desc=r.algo)
+    if wrapped:
+        save_adapters(policy, run_dir / ADAPTER_TENSORS, base=str(base), base_fingerprint=fingerprint,
+                      base_vocab_size=vocab)
+
+    policy.eval()
+    scores["rl"] = checker_scores(policy, tok, held_tasks, r.max_new_tokens, eval_dir / "answers_rl.jsonl")
+    if r.eval_samples:
+        passk["rl"] = pass_at_k(policy, tok, held_tasks, r.eval_samples, r.max_new_tokens, cfg.seed)
+    kl = kl_to_reference(policy, objective.reference, tok, held_tasks, r.max_new_tokens, cfg.seed + 1)
+    table = format_summary(scores)
+    lines = [table, "", f"{r.algo}, {result.steps} steps ({loader.rollouts} rollouts of {r.prompts} x {r.group}), "
+             f"reward {r.reward}; KL to the SFT policy on the held-out prompts {kl:.3f} nats per answer"]
+    if passk:
+        lines.append(f"pass@{r.eval_samples}: " + ", ".join(
+            f"{f} {passk['sft'][f]:.1%} -> {passk['rl'][f]:.1%}" for f in passk["sft"]))
+    history = [h for h in result.history if "accuracy" in h]
+    if r.reward != "checker" and len(history) >= 4:  # the reward model's score up while the checker's accuracy falls
+        half = len(history) // 2
+        mean = lambda rows, k: sum(h[k] for h in rows) / len(rows)  # noqa: E731
+        first, last = history[:half], history[half:]
+        if mean(last, "reward") > mean(first, "reward") and mean(last, "accuracy") < mean(first, "accuracy"):
+            lines.append("REWARD HACKING: the reward rose while the checker's accuracy fell over the run")
+    summary = {"base": str(base), "algo": r.algo, "reward": r.reward, "steps": result.steps,
+               "rollouts": loader.rollouts, "scores": scores, "pass_at_k": passk, "kl_to_sft": kl,
+               "early_stops": loader.early_stops, "kl_coef": loader.kl_ctl.value}
+    write_text(eval_dir / "summary.md", "\n".join(lines) + "\n")
+    write_json(eval_dir / "summary.json", summary)
+    plot_rl(run_dir / "metrics.jsonl", run_dir / "rl.png", r.kl_target)
+    print("\n".join(lines))
+    print(f"-> {run_dir / 'rl.png'}, {eval_dir / 'summary.md'}")
+    return RLResult(result, scores, summary, "\n".join(lines))
+
