@@ -4,10 +4,11 @@ Stages run so far: the corpus, the tokenizers (a BPE trained here, compared with
 kinds), the pretraining data (filtered, deduplicated token shards, then one batch of
 next-token pairs), pretraining a small GPT with samples from it before and after,
 supervised fine-tuning on generated, checkable tasks with the base and fine-tuned models scored
-side by side, a reward model grown from the SFT model and checked on held-out pairs, and DPO on the
-SFT model's own samples with SFT and DPO scored side by side. Each later stage of the project joins
-this function. Everything is written under the run folder, with the resolved config beside each
-artifact, and `report.md` at the end.
+side by side, a reward model grown from the SFT model and checked on held-out pairs, DPO on the SFT
+model's own samples with SFT and DPO scored side by side, online RL from the SFT model (GRPO with the
+task checkers as reward, PPO with the reward model), and one table of every stage on the same
+held-out prompts. Each later stage of the project joins this function. Everything is written under
+the run folder, with the resolved config beside each artifact, and `report.md` at the end.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from scratchlm.infer.engine import Engine
 from scratchlm.infer.text import encode_prompt
 from scratchlm.io import write_text
 from scratchlm.model import build_model, padded_vocab
+from scratchlm.rl.compare import stage_table, unseen_tasks
+from scratchlm.rl.stage import rl
 from scratchlm.sft.train import sft
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.tokenizer.base import KINDS
@@ -158,6 +161,37 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
         "prompts no earlier stage trained on, greedy answers scored by each family's checker (`checked`), SFT "
         f"vs DPO (curves: `dpo/dpo.png`):\n\n{dpo_result.table}\n"
     )
+
+    _stage("8. online RL: GRPO with the task checkers as reward")
+    rl_runs = {}
+    for algo in ("grpo", "ppo"):
+        if algo == "ppo":
+            _stage("9. online RL: PPO with the reward model as reward")
+        gcfg = get_preset(f"{algo}-tiny")
+        gcfg.seed, gcfg.out_dir, gcfg.rl.base = cfg.seed, str(out / algo), str(out / "sft")
+        if algo == "ppo":
+            gcfg.rl.reward, gcfg.rl.reward_model = "rm", str(out / "rm")
+        if quick:
+            gcfg.train.max_steps, gcfg.rl.n_prompts, gcfg.rl.eval_prompts = 4, 100, 20
+        rl_result = rl(gcfg, progress=progress)
+        rl_runs[algo.upper()] = out / algo
+        s = rl_result.summary
+        report.append(
+            f"## Online RL: {algo.upper()}\n\n{algo.upper()} from the SFT model, reward: "
+            + ("each family's checker" if gcfg.rl.reward == "checker" else "the reward model of stage 6")
+            + f", {s['rollouts']} rollouts of {gcfg.rl.prompts} prompts x {gcfg.rl.group} answers, {s['steps']} "
+            f"updates (curves: `{algo}/rl.png`). Held-out greedy answers before and after:\n\n{rl_result.table}\n")
+
+    _stage("10. every stage on the same held-out prompts")
+    stages = {"SFT": out / "sft", "DPO": out / "dpo", **rl_runs}
+    tasks = unseen_tasks(list(stages.values()) + [out / "rm"], 50 if quick else 500, cfg.seed + 7)
+    headline, _ = stage_table(stages, out / "sft", out / "rm", tasks, seed=cfg.seed)
+    print(headline)
+    report.append(
+        "## Every stage on the same held-out prompts\n\n"
+        f"{len(tasks)} task prompts no stage trained on (asserted); per family the share of greedy answers each "
+        "family's checker accepts, the reward model's mean score of those answers, and the KL of each stage's "
+        "policy to the SFT model (nats per answer, sampled at temperature 1):\n\n" + headline + "\n")
 
     total = time.perf_counter() - t_start
     report.append(f"\nTotal time: {total:.1f}s.\n")

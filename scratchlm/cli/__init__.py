@@ -46,6 +46,7 @@ from scratchlm.cli.commands import (
     cmd_viz_attention,
     cmd_viz_routing,
 )
+from scratchlm.cli.rl import add_parsers as add_rl_parsers
 from scratchlm.config import MODEL_FAMILIES, PRESETS, SECTIONS, ModelConfig, family_keys
 from scratchlm.errors import Interrupted, UserError
 
@@ -65,6 +66,7 @@ VERB_SECTIONS: dict[str, tuple[str, ...]] = {
     "rm train": ("train", "pref", "rm", "sft"),  # sft: its LoRA settings (lora_r > 0: adapters on the trunk)
     "dpo": ("train", "sample", "pref", "dpo", "sft"),
     "cai": ("train", "sample", "pref", "dpo", "cai", "sft"),
+    "rl": ("train", "rl", "sft"),  # sft: its LoRA settings
     "sample": ("sample",),
     "chat": ("sample",),
 }
@@ -199,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_sft)
 
     add_align_parsers(verbs, with_common, writes)
+    add_rl_parsers(verbs, with_common, writes)
 
     sp = writes(with_common(verbs.add_parser("classify", help="classification fine-tuning: a class head on a "
                                                               "pretrained LM"), "sft-tiny"))

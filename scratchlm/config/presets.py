@@ -159,6 +159,31 @@ def dpo_tiny() -> Config:
     return cfg
 
 
+@preset
+def grpo_tiny() -> Config:
+    """GRPO on the demo's SFT policy with the task checkers as reward: 16 prompts x 8 answers per
+    rollout, one update per rollout, the k3 KL term at beta 0.04 (DeepSeekMath's)."""
+    cfg = sft_tiny()
+    cfg.name, cfg.out_dir = "grpo-tiny", "runs/grpo-tiny"
+    cfg.rl.algo = "grpo"
+    t = cfg.train
+    t.max_steps, t.batch_size, t.lr, t.min_lr, t.warmup_steps, t.log_interval = 100, 32, 1e-4, 1e-5, 5, 1
+    t.grad_clip = 1.0
+    return cfg
+
+
+@preset
+def ppo_tiny() -> Config:
+    """PPO on the demo's SFT policy: 64 prompts x 1 answer per rollout, 2 epochs of 2 minibatches, the
+    value head on the policy's trunk, the adaptive KL controller aiming at 2 nats per answer."""
+    cfg = grpo_tiny()
+    cfg.name, cfg.out_dir = "ppo-tiny", "runs/ppo-tiny"
+    r = cfg.rl
+    r.algo, r.prompts, r.group, r.epochs, r.minibatches = "ppo", 64, 1, 2, 2
+    r.kl_coef, r.kl_target, r.kl_horizon = 0.05, 2.0, 10000
+    return cfg
+
+
 def get_preset(name: str) -> Config:
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}", fix=suggest(name, PRESETS, "presets"))

@@ -18,7 +18,10 @@ class RLConfig:
     sequences per micro-batch; train.grad_accum is derived). train.max_steps counts optimizer steps."""
 
     base: str = ""  # the SFT run or checkpoint the policy (and the frozen reference) start from
-    algo: Literal["grpo", "ppo"] = "grpo"
+    # rft = rejection-sampling fine-tuning, the baseline RL must beat: SFT on the policy's own answers whose
+    # reward reaches rft_threshold (no baseline, ratio, clipping or KL)
+    algo: Literal["grpo", "ppo", "rft"] = "grpo"
+    rft_threshold: float = 1.0  # rft: the reward an answer needs to be trained on (checker: 1 = right)
     # checker = each task family's own checker (1 right, 0 wrong); rm = the reward model `reward_model`;
     # both = checker + rm_weight x the reward model's score
     reward: Literal["checker", "rm", "both"] = "checker"

@@ -1,6 +1,10 @@
 """The RL loop's data: a loader that makes a rollout, scores it, computes what the update needs
 once, then hands out its micro-batches for `epochs` passes of `minibatches` optimizer steps.
 
+`rl.algo=rft` (rejection-sampling fine-tuning, the baseline at equal compute) trains the same
+rollouts' accepted answers (reward >= rl.rft_threshold) with their NLL: the surrogate with advantage
+1 on their tokens and none elsewhere, no KL term.
+
 Per rollout (`_rollout`):
 1. `rl.prompts` task prompts (a resumable shuffled order over the training prompts), each answered
    `rl.group` times through the engine at temperature 1 (`rollout.sample_answers`); with
@@ -151,6 +155,7 @@ class RolloutLoader:
                              self.tok.special_tokens["<|end|>"])
         x, targets = roll.x.to(self.device), roll.targets.to(self.device)
         mask = targets != -1
+        lengths = mask.sum(1).float()
         old_logp, ref_logp, old_values = (torch.zeros(x.shape, device=self.device) for _ in range(3))
         for s in range(0, N, self.batch):  # the update's micro-batches, in its precision and mode
             rows = slice(s, s + self.batch)
@@ -168,6 +173,12 @@ class RolloutLoader:
             advantages = torch.where(mask, ga.advantages[:, None].expand_as(mask), 0.0)
             returns = torch.zeros_like(advantages)
             stats["zero_spread"] = float(ga.zero_spread.float().mean())
+        elif r.algo == "rft":  # only accepted answers are trained on: their tokens' NLL (advantage 1, ratio 1)
+            accepted = total >= r.rft_threshold
+            targets = torch.where(accepted[:, None], targets, -1)
+            mask = targets != -1
+            advantages, returns = mask.float(), torch.zeros(mask.shape, device=self.device)
+            stats["accepted"] = float(accepted.float().mean())
         else:
             token_rewards = -self.kl_ctl.value * kl_tok
             last = mask.float().cumsum(1).argmax(1)  # (N,) each answer's last token (the first max of the count)
@@ -181,7 +192,6 @@ class RolloutLoader:
         self.plan = self._plan()
         self.pos = 0
         self.rollouts += 1
-        lengths = mask.sum(1).float()
         stats.update(reward=float(total.mean()), reward_std=float(total.std()) if N > 1 else 0.0,
                      accuracy=float(parts["checker"].mean()), kl_ref=float(seq_kl.mean()),
                      length=float(lengths.mean()), ended=float(sum(ended) / N), rollout=float(self.rollouts),

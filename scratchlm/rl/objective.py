@@ -9,6 +9,8 @@ the policy (and with PPO its value head) and returns the loss of `scratchlm.rl.l
 - GRPO: clipped surrogate on the group-normalised advantages + kl_coef x the k1/k2/k3 estimate of
   KL(policy || reference) on the sampled tokens, both aggregated per token, per answer or over a
   constant length (`rl.loss_agg`).
+- RFT: the same surrogate with advantage 1 on the accepted answers' tokens (and no others): the
+  gradient of their mean NLL (rejection-sampling fine-tuning, the baseline).
 - PPO: clipped surrogate on GAE advantages (the KL penalty is in the rewards) + value_coef x the
   clipped value loss. The value head reads the policy's own final hidden states (`shared`: one
   linear layer, captured from the forward that gives the logits) or is a separate critic grown

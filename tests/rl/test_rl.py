@@ -63,7 +63,8 @@ def metrics(run) -> list[dict]:
 @pytest.mark.parametrize("settings", [
     {"rl.algo": "grpo"}, {"rl.algo": "ppo", "rl.kl_target": "0.1"}, {"rl.algo": "grpo", "sft.lora_r": "4"},
     {"rl.algo": "ppo", "rl.value_head": "separate", "rl.reward": "both"},
-], ids=["grpo", "ppo", "grpo-lora", "ppo-critic"])
+    {"rl.algo": "rft", "rl.rft_threshold": "0"},
+], ids=["grpo", "ppo", "grpo-lora", "ppo-critic", "rft"])
 def test_first_update_ratio_is_one_and_kl_zero(sft_run, random_rm, tmp_path, settings):
     settings = {"rl.reward": "rm", "rl.reward_model": str(random_rm), "rl.epochs": "2", **settings}
     cfg = rl_cfg(sft_run, tmp_path / "run", **settings)
@@ -71,6 +72,8 @@ def test_first_update_ratio_is_one_and_kl_zero(sft_run, random_rm, tmp_path, set
     first = metrics(tmp_path / "run")[0]
     assert first["step"] == 1 and first["ratio"] == 1.0 and first["approx_kl"] == 0.0 and first["clip_frac"] == 0.0
     assert first["kl_ref"] == 0.0  # the first rollout: policy == reference, same forward, same batches
+    if cfg.rl.algo == "rft":  # only the answers the (random) reward model scores >= 0 are trained on
+        assert 0 < first["accepted"] < 1 and "kl_loss" not in first
     later = [m for m in metrics(tmp_path / "run") if m["step"] == 2][0]
     assert later["approx_kl"] > 0  # the second epoch reads the same rollout with the updated policy
     assert (tmp_path / "run" / "rl.png").stat().st_size > 0
