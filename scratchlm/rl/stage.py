@@ -69,12 +69,20 @@ def families_of(cfg: Config) -> tuple[str, ...]:
 
 
 def split_prompts(cfg: Config, seen: set[str]) -> tuple[list[Task], list[Task]]:
-    """(training tasks, held-out tasks): rl.n_prompts then rl.eval_prompts tasks of `rl.families` at
-    cfg.seed, none in `seen`; the two sets share no prompt (asserted)."""
+    """(training tasks, held-out tasks): rl.n_prompts then rl.eval_prompts tasks of `rl.families`, none
+    in `seen`; the two sets share no prompt (asserted). Drawn from all families at cfg.seed (whose first
+    tasks are an SFT run's own at that seed), then filtered to `rl.families`."""
     r = cfg.rl
     want = r.n_prompts + r.eval_prompts
     fams = families_of(cfg)
-    tasks = [t for t in generate_tasks(len(seen) + want + 1000, cfg.seed, fams) if t.instruction not in seen][:want]
+    n = len(seen) + math.ceil((want + 500) * len(FAMILIES) / len(fams))
+    try:
+        drawn = generate_tasks(n, cfg.seed)
+    except UserError:  # a family ran out of distinct prompts
+        raise UserError(f"rl.n_prompts + rl.eval_prompts = {want} prompts of {', '.join(fams)} beyond the "
+                        f"{len(seen)} the base trained on: the task families hold too few distinct prompts",
+                        fix="lower --rl.n_prompts or --rl.eval_prompts") from None
+    tasks = [t for t in drawn if t.family in fams and t.instruction not in seen][:want]
     if len(tasks) < want:
         raise UserError(f"only {len(tasks)} new task prompts for rl.n_prompts + rl.eval_prompts = {want}",
                         fix="lower --rl.n_prompts or --rl.eval_prompts")

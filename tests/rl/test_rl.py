@@ -152,13 +152,16 @@ def test_dynamic_sampling_keeps_informative_groups(sft_run, tmp_path):
     assert 0 < plain and dynamic < plain
 
 
-def test_held_out_prompts_are_disjoint_from_sft_and_rl_training(sft_run, tmp_path):
-    cfg = rl_cfg(sft_run, tmp_path / "run")
-    seen = {t.instruction for t in generate_tasks(40, cfg.seed)}
+@pytest.mark.parametrize("families", ["all", "add,sort"])
+def test_held_out_prompts_are_disjoint_from_sft_and_rl_training(sft_run, tmp_path, families):
+    cfg = rl_cfg(sft_run, tmp_path / "run", **{"rl.families": families, "rl.n_prompts": "300"})
+    seen = {t.instruction for t in generate_tasks(2000, cfg.seed)}
     train, held = split_prompts(cfg, seen)
     names = lambda ts: {t.instruction for t in ts}  # noqa: E731
     assert not names(train) & names(held) and not (names(train) | names(held)) & seen
     assert len(train) == cfg.rl.n_prompts and len(held) == cfg.rl.eval_prompts
+    assert {t.family for t in train + held} == ({"add", "sort"} if families != "all" else
+                                                {"add", "count", "repeat", "reverse", "sort"})
 
 
 @pytest.mark.parametrize("settings, words", [
