@@ -99,6 +99,10 @@ def test_demo_quick(capsys, tmp_path):
     assert (tmp_path / "demo" / "rm" / "rm_checks.png").exists() and (tmp_path / "demo" / "dpo" / "dpo.png").exists()
     assert (tmp_path / "demo" / "data" / "manifest.json").exists()
     assert (tmp_path / "demo" / "tokenizers.png").exists()
+    assert "## Online RL: GRPO" in report and "## Online RL: PPO" in report
+    assert (tmp_path / "demo" / "grpo" / "rl.png").exists() and (tmp_path / "demo" / "ppo" / "rl.png").exists()
+    table = report.split("## Every stage on the same held-out prompts", 1)[1]
+    assert all(f"| {stage} |" in table for stage in ("SFT", "DPO", "GRPO", "PPO")) and "KL to SFT" in table
 
 
 # ----------------------------------------------------------------------------------------------
