@@ -68,8 +68,8 @@ from scratchlm.model.lora import adapt_model, adapters_disabled, lora_layers
 from scratchlm.tasks import answers
 from scratchlm.tasks.families import Task, generate_tasks
 from scratchlm.tasks.metrics import format_summary
-from scratchlm.tokenizer.chat import CHAT_SPECIALS
 from scratchlm.train.device import pick_device
+from scratchlm.train.instruments import plot_panels
 from scratchlm.train.loop import Batches, RunResult, train_model
 from scratchlm.train.objective import Objective
 
@@ -301,31 +301,9 @@ def write_pairs(path: Path, pairs: list[PreferencePair]) -> None:
 
 def plot_dpo(metrics: Path, out: Path) -> None:
     """Margins, accuracy, and the chosen and rejected log-probabilities against step (metrics.jsonl)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
-
-    def series(key: str) -> list[tuple[int, float]]:
-        return [(r["step"], r[key]) for r in records if isinstance(r.get(key), float)]
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, keys, title in ((axes[0], ("margin", "val_margin"), "implicit reward margin"),
-                            (axes[1], ("accuracy", "val_accuracy"), "implicit reward accuracy"),
-                            (axes[2], ("logp_chosen", "logp_rejected"), "policy log-probability")):
-        for key in keys:
-            points = series(key)
-            if points:
-                ax.plot(*zip(*points), "o-" if key.startswith("val_") else "-", label=key, markersize=3)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    plot_panels(metrics, out, [(("margin", "val_margin"), "implicit reward margin"),
+                               (("accuracy", "val_accuracy"), "implicit reward accuracy"),
+                               (("logp_chosen", "logp_rejected"), "policy log-probability")])
 
 
 # -- the stage ------------------------------------------------------------------------------------
@@ -345,15 +323,9 @@ class DPOResult:
 def dpo(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_step: int | None = None) -> DPOResult:
     """DPO from `pref.base` on `build_pairs`' pairs, then the gold evaluation (module docstring)."""
     run_dir, d = Path(cfg.out_dir), cfg.dpo
-    if not cfg.pref.base:
-        raise UserError("pref.base is not set", fix="pass --base RUN (an SFT run or checkpoint folder)")
     device = pick_device(cfg.train.device)
+    policy, tok, base_cfg = ckpt_io.load_chat_policy(cfg.pref.base, device, "pref.base")
     base = ckpt_io.find_checkpoint(cfg.pref.base)
-    policy, tok, base_cfg = ckpt_io.load_policy(base, str(device))
-    missing = [s for s in CHAT_SPECIALS if s not in tok.special_tokens]
-    if missing:
-        raise UserError(f"{cfg.pref.base}: its tokenizer lacks the chat tokens {', '.join(missing)}: not an SFT run",
-                        fix="pass a run of `scratchlm sft` as --base")
     cfg.model = replace(base_cfg.model)
     torch.manual_seed(cfg.seed)
 

@@ -258,14 +258,8 @@ def train_reward_model(cfg: Config, *, progress: bool = True, resume: bool = Fal
     """Train a reward model from `pref.base` on `build_pairs`' pairs, then check it on the held-out
     ones; everything lands in cfg.out_dir (see the module docstring)."""
     run_dir = Path(cfg.out_dir)
-    if not cfg.pref.base:
-        raise UserError("pref.base is not set", fix="pass --base RUN (an SFT run or checkpoint folder)")
     device = pick_device(cfg.train.device)  # where train_model will put the model; on-policy samples are drawn there
-    policy, tok, base_cfg = ckpt_io.load_policy(cfg.pref.base, str(device))
-    missing = [s for s in CHAT_SPECIALS if s not in tok.special_tokens]
-    if missing:
-        raise UserError(f"{cfg.pref.base}: its tokenizer lacks the chat tokens {', '.join(missing)}: not an SFT run",
-                        fix="pass a run of `scratchlm sft` as --base")
+    policy, tok, base_cfg = ckpt_io.load_chat_policy(cfg.pref.base, device, "pref.base")
     cfg.model = replace(base_cfg.model)
     torch.manual_seed(cfg.seed)
 

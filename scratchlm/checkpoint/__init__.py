@@ -26,6 +26,7 @@ from scratchlm.checkpoint.folder import (
     HEADS,
     checkpoint_head,
     find_checkpoint,
+    load_chat_policy,
     load_config_and_tokenizer,
     load_extra,
     load_model_for_inference,
@@ -42,8 +43,8 @@ from scratchlm.checkpoint.folder import (
 
 __all__ = [
     "ADAPTER_TENSORS", "FILES", "HEADS", "adapter_files", "adapter_tokenizer", "base_fingerprint", "checkpoint_head",
-    "find_checkpoint", "load_adapters", "load_config_and_tokenizer", "load_extra", "load_model_for_inference",
-    "load_policy", "load_reward_model",
+    "find_checkpoint", "load_adapters", "load_chat_policy", "load_config_and_tokenizer", "load_extra",
+    "load_model_for_inference", "load_policy", "load_reward_model",
     "load_trainer_state", "load_weights", "mark_best", "merge_adapters", "read_adapters", "require_head",
     "save_adapters", "save_checkpoint", "save_weights_checkpoint",
 ]

@@ -46,6 +46,7 @@ from scratchlm.model.lora import adapt_model, merge_lora
 from scratchlm.model.quant import dequantize_model
 from scratchlm.model.reward import RewardModel
 from scratchlm.tokenizer import Tokenizer, load_tokenizer
+from scratchlm.tokenizer.chat import CHAT_SPECIALS
 
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json", "config.json",
          "tokenizer.json")
@@ -316,6 +317,20 @@ def load_policy(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Token
         merge_lora(model, dequantize=True)
         cfg.sft = SFTConfig()
     return model.requires_grad_(True).train(), tok, cfg
+
+
+def load_chat_policy(path: str | Path, device: str | torch.device = "cpu", setting: str = "base"
+                     ) -> tuple[nn.Module, Tokenizer, Config]:
+    """`load_policy` for the stages after SFT (reward model, DPO, RL): `path` (the value of `setting`)
+    must be set and hold a chat model, one whose tokenizer has the chat tokens an SFT run adds."""
+    if not path:
+        raise UserError(f"{setting} is not set", fix="pass --base RUN (an SFT run or checkpoint folder)")
+    policy, tok, cfg = load_policy(path, str(device))
+    missing = [s for s in CHAT_SPECIALS if s not in tok.special_tokens]
+    if missing:
+        raise UserError(f"{path}: its tokenizer lacks the chat tokens {', '.join(missing)}: not an SFT run",
+                        fix="pass a run of `scratchlm sft` as --base")
+    return policy, tok, cfg
 
 
 def save_weights_checkpoint(dst: Path, weights: nn.Module | dict[str, torch.Tensor], cfg: Config, tok: Tokenizer,

@@ -17,7 +17,6 @@ real lengths; the rollout's own time is inside each step that starts one.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,8 +40,8 @@ from scratchlm.tasks import answers as gold
 from scratchlm.tasks.families import FAMILIES, Task, check, generate_tasks
 from scratchlm.tasks.metrics import format_summary
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.tokenizer.chat import CHAT_SPECIALS
 from scratchlm.train.device import autocast_ctx, linear_shapes, pick_device, pick_precision
+from scratchlm.train.instruments import plot_panels
 from scratchlm.train.loop import Batches, RunResult, train_model
 
 # -- prompts --------------------------------------------------------------------------------------
@@ -150,42 +149,17 @@ def kl_to_reference(policy: nn.Module, reference: nn.Module | None, tok: Tokeniz
 
 # -- the picture ----------------------------------------------------------------------------------
 
-PANELS = (("reward", ("reward", "accuracy", "rm_score"), "reward and checker accuracy (per rollout)"),
-          ("kl", ("kl_ref",), "KL to the reference (nats per answer)"),
-          ("entropy", ("entropy",), "policy entropy (nats per token)"),
-          ("clip", ("clip_frac", "approx_kl"), "clip fraction, approx KL to the rollout policy"),
-          ("value", ("value_loss", "explained_variance"), "value loss, explained variance (PPO)"),
-          ("groups", ("zero_spread", "ended"), "zero-spread groups (GRPO), answers that stopped"))
+PANELS = [(("reward", "accuracy", "rm_score"), "reward and checker accuracy (per rollout)"),
+          (("kl_ref",), "KL to the reference (nats per answer)"),
+          (("entropy",), "policy entropy (nats per token)"),
+          (("clip_frac", "approx_kl"), "clip fraction, approx KL to the rollout policy"),
+          (("value_loss", "explained_variance"), "value loss, explained variance (PPO)"),
+          (("zero_spread", "accepted", "ended"), "zero-spread groups (GRPO), accepted (RFT), answers that stopped")]
 
 
 def plot_rl(metrics: Path, out: Path, kl_target: float = 0.0) -> None:
-    """The per-step curves of metrics.jsonl, one panel per concern (empty panels are dropped)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
-
-    def series(key: str) -> list[tuple[int, float]]:
-        return [(r["step"], r[key]) for r in records if isinstance(r.get(key), float) and math.isfinite(r[key])]
-
-    panels = [(keys, title) for _, keys, title in PANELS if any(series(k) for k in keys)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (keys, title) in zip(axes[0], panels):
-        for key in keys:
-            points = series(key)
-            if points:
-                ax.plot(*zip(*points), "-", label=key)
-        if "kl_ref" in keys and kl_target > 0:
-            ax.axhline(kl_target, color="gray", ls="--", lw=1, label="target")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    """The per-step curves of metrics.jsonl, one panel per concern; the KL target as a dashed line."""
+    plot_panels(metrics, out, PANELS, {"kl_ref": kl_target} if kl_target > 0 else None)
 
 
 # -- the stage ------------------------------------------------------------------------------------
@@ -223,15 +197,9 @@ def _resolve(cfg: Config, policy: nn.Module, device: torch.device) -> str:
 def rl(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_step: int | None = None) -> RLResult:
     """PPO or GRPO from `rl.base`, then the held-out evaluation (module docstring)."""
     run_dir, r = Path(cfg.out_dir), cfg.rl
-    if not r.base:
-        raise UserError("rl.base is not set", fix="pass --base RUN (an SFT run or checkpoint folder)")
     device = pick_device(cfg.train.device)
+    policy, tok, base_cfg = ckpt_io.load_chat_policy(r.base, device, "rl.base")
     base = ckpt_io.find_checkpoint(r.base)
-    policy, tok, base_cfg = ckpt_io.load_policy(base, str(device))
-    missing = [s for s in CHAT_SPECIALS if s not in tok.special_tokens]
-    if missing:
-        raise UserError(f"{r.base}: its tokenizer lacks the chat tokens {', '.join(missing)}: not an SFT run",
-                        fix="pass a run of `scratchlm sft` as --base")
     cfg.model = replace(base_cfg.model)
     torch.manual_seed(cfg.seed)
     precision = _resolve(cfg, policy, device)

@@ -10,6 +10,7 @@ not ask for them never pays their import time.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -117,5 +118,41 @@ def plot_losses(metrics: Path, out: Path) -> None:
     fig.tight_layout()
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def plot_panels(metrics: Path, out: Path, panels: list[tuple[tuple[str, ...], str]],
+                lines: dict[str, float] | None = None) -> None:
+    """One panel per (keys, title): each key of metrics.jsonl against step (`val_*` keys as points),
+    panels with no data dropped; `lines`: a dashed horizontal line on the panel holding that key (a target)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
+
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in records if isinstance(r.get(key), float) and math.isfinite(r[key])]
+
+    panels = [(keys, title) for keys, title in panels if any(series(k) for k in keys)]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.5), squeeze=False)
+    for ax, (keys, title) in zip(axes[0], panels):
+        for key in keys:
+            points = series(key)
+            if points:
+                ax.plot(*zip(*points), "o-" if key.startswith("val_") else "-", label=key, markersize=3)
+            if lines and key in lines:
+                ax.axhline(lines[key], color="gray", ls="--", lw=1, label=f"{key} target")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, out)
