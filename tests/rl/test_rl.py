@@ -188,3 +188,35 @@ def test_reward_model_with_another_tokenizer_is_refused(sft_run, tmp_path):
     cfg = rl_cfg(sft_run, tmp_path / "run", **{"rl.reward": "rm", "rl.reward_model": str(tmp_path / "rm")})
     with pytest.raises(UserError, match="tokenizer differs"):
         rl(cfg, progress=False)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_one_update_raises_the_answers_with_positive_advantage(algo):
+    """The sign of the whole objective: a small gradient step makes answers with a positive advantage
+    more likely and those with a negative one less likely (float64, plain SGD)."""
+    from scratchlm.config import model_config
+    from scratchlm.model import build_model
+    from scratchlm.rl.objective import FIELDS
+
+    torch.manual_seed(0)
+    policy = build_model(model_config(arch="llama", vocab_size=32, block_size=16, n_layer=2, n_head=2, n_kv_head=1,
+                                      n_embd=16, dropout=0.0)).double()
+    obj = RLObjective(policy, RLConfig(algo=algo, kl_coef=0.0, value_coef=0.0)).double()
+    x = torch.randint(0, 32, (4, 10))
+    targets = torch.randint(0, 32, (4, 10))
+    targets[:, :4] = -1  # prompt positions
+    mask = targets != -1
+    with torch.no_grad():
+        old = gather_logprobs(obj.policy_logits(x), targets)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)[:, None].expand(4, 10) * mask
+    zeros = torch.zeros(4, 10, dtype=torch.float64)
+    y = torch.stack([targets.double(), old, old, adv, zeros, zeros], dim=1)
+    assert y.shape[1] == len(FIELDS)
+    _, loss = obj(x, y)
+    loss.backward()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p -= 1e-2 * p.grad
+        new = gather_logprobs(obj.policy_logits(x), targets)
+    change = (new - old).sum(1)  # per answer
+    assert change[0] > 0 and change[2] > 0 and change[1] < 0 and change[3] < 0, change
