@@ -128,9 +128,10 @@ def kl_tracking(run: Path, target: float, warmup: int) -> tuple[float, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds for GRPO and RFT")
-    p.add_argument("--steps", type=int, default=0, help="override the presets' train.max_steps")
-    p.add_argument("--lr", type=float, default=0.0, help="override the presets' train.lr (min_lr = lr / 10)")
-    p.add_argument("--eval-prompts", type=int, default=1000, help="held-out prompts (add and sort alike)")
+    p.add_argument("--steps", type=int, default=600, help="train.max_steps of every run (0: the presets')")
+    p.add_argument("--lr", type=float, default=1e-4, help="train.lr of every run, min_lr = lr / 10 (0: the "
+                   "presets'); on this policy GRPO at 1e-4 beat 3e-5 (+4.2 vs +2.3 points on add) and 3e-4")
+    p.add_argument("--eval-prompts", type=int, default=1200, help="held-out prompts (add and sort; >= 500 each)")
     p.add_argument("--skip-grpo", action="store_true")
     p.add_argument("--skip-ppo", action="store_true")
     args = p.parse_args()
@@ -143,7 +144,9 @@ def main() -> None:
         for seed in map(int, args.seeds.split(",")):
             for method, algo in (("GRPO", "grpo"), ("RFT", "rft")):
                 name = f"rl-{algo}-s{seed}"
-                summary, minutes = run_rl(name, policy, seed, args, algo=algo, **common)
+                # GRPO's dynamic sampling: sort is solved (its groups have no spread) and would dilute add's
+                extra = {"rl.skip_zero_spread": "true"} if algo == "grpo" else {}
+                summary, minutes = run_rl(name, policy, seed, args, algo=algo, **common, **extra)
                 rows.append({"seed": seed, "method": method, "run": RUNS / name, "summary": summary,
                              "minutes": minutes})
         report += ["## GRPO vs rejection-sampling fine-tuning (checker reward, add and sort)", "", grpo_table(rows), ""]

@@ -42,8 +42,10 @@ class RLConfig:
     loss_agg: Literal["token", "sequence", "constant"] = "token"
     kl_coef: Annotated[float, Range(">= 0", "0 = no KL term")] = 0.04  # GRPO's beta; PPO's initial coefficient
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # GRPO's KL term (PPO's per-token penalty is k1)
-    kl_target: Annotated[float, Range(">= 0", "0 = fixed coefficient")] = 0.0  # PPO: the adaptive controller's target
-    kl_horizon: Annotated[int, Range(">= 1")] = 10000  # PPO: the controller's horizon, in samples
+    # PPO: fixed = kl_coef throughout; adaptive = Ziegler et al.'s controller steering the KL to kl_target
+    kl_control: Literal["fixed", "adaptive"] = "fixed"
+    kl_target: Annotated[float, Range("> 0")] = 1.0  # PPO, adaptive: KL to the reference, nats per answer
+    kl_horizon: Annotated[int, Range(">= 1")] = 10000  # PPO, adaptive: the controller's horizon, in answers
     scale_by_std: bool = True  # GRPO: divide by the group's std (false = Dr. GRPO)
     skip_zero_spread: bool = False  # GRPO: drop groups whose rewards are all equal (dynamic sampling)
     value_head: Literal["shared", "separate"] = "shared"  # PPO: on the policy's trunk, or a critic from the RM
@@ -60,6 +62,10 @@ class RLConfig:
         if self.algo == "grpo" and self.group < 2:
             raise UserError(f"rl.group={self.group}: GRPO compares samples within a group and needs at least 2",
                             fix="use --rl.group=8")
+        if self.skip_zero_spread and self.algo != "grpo":
+            raise UserError(f"rl.skip_zero_spread is GRPO's dynamic sampling (a group whose rewards are all equal "
+                            f"teaches GRPO nothing); rl.algo={self.algo} learns from such groups",
+                            fix="drop --rl.skip_zero_spread, or use --rl.algo=grpo")
         if self.reward in ("rm", "both") and not self.reward_model:
             raise UserError(f"rl.reward={self.reward} needs a reward model",
                             fix="pass --reward rm:RUN/rm (or --rl.reward_model=RUN/rm)")

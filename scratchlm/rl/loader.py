@@ -74,14 +74,15 @@ class RolloutLoader:
         self.order = EpochOrder(len(tasks), shuffle=True, fill=True, seed=cfg.seed)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.kl_ctl = (AdaptiveKLController(r.kl_coef, r.kl_target, r.kl_horizon)
-                       if r.algo == "ppo" and r.kl_target > 0 else FixedKLController(r.kl_coef))
+                       if r.algo == "ppo" and r.kl_control == "adaptive" else FixedKLController(r.kl_coef))
         self.rollouts, self.pos, self.early_stops = 0, 0, 0
         self.buffer: dict[str, torch.Tensor] | None = None
         self.plan: torch.Tensor | None = None  # (micro-batches, batch_size) row indices
 
     # -- the loop's side ----------------------------------------------------------------------------------
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        step_start = self.buffer is not None and self.pos % self.accum == 0 and self.pos > 0
+        step_start = (self.buffer is not None and self.plan is not None and 0 < self.pos < len(self.plan)
+                      and self.pos % self.accum == 0)
         if step_start and self.r.target_kl > 0 and self.objective.take_step_kl() > self.r.target_kl:
             self.early_stops += 1  # the last minibatch moved too far from the rollout policy: a new rollout
             self.buffer = None
@@ -160,10 +161,10 @@ class RolloutLoader:
         for s in range(0, N, self.batch):  # the update's micro-batches, in its precision and mode
             rows = slice(s, s + self.batch)
             with self.amp():
-                old_logp[rows] = gather_logprobs(obj.policy_logits(x[rows]), targets[rows])
+                old_logp[rows] = gather_logprobs(obj.policy_logits(x[rows]), targets[rows], obj.valid_vocab)
                 if r.algo == "ppo":
                     old_values[rows] = obj.values(x[rows])
-                ref_logp[rows] = gather_logprobs(obj.reference_logits(x[rows]), targets[rows])
+                ref_logp[rows] = gather_logprobs(obj.reference_logits(x[rows]), targets[rows], obj.valid_vocab)
         kl_tok = torch.where(mask, old_logp - ref_logp, 0.0)
         seq_kl = kl_tok.sum(1)  # (N,) k1 per answer: an unbiased estimate of KL(π_old || ref) per answer
         total = total.to(self.device)

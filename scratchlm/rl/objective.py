@@ -43,16 +43,17 @@ from scratchlm.rl.losses import (
     kl_penalty,
     masked_mean,
 )
-from scratchlm.rl.rollout import HiddenStates, gather_logprobs
+from scratchlm.rl.rollout import HiddenStates, gather_logprobs, sampled_logits
 from scratchlm.train.objective import Objective
 
 FIELDS = ("targets", "old_logp", "ref_logp", "advantages", "returns", "old_values")
 
 
 class RLObjective(Objective):
-    def __init__(self, network: LanguageModel, cfg: RLConfig, critic: RewardModel | None = None) -> None:
+    def __init__(self, network: LanguageModel, cfg: RLConfig, critic: RewardModel | None = None,
+                 valid_vocab: int | None = None) -> None:
         super().__init__(network)
-        self.c = cfg
+        self.c, self.valid_vocab = cfg, valid_vocab  # the tokenizer's vocabulary: the ids the engine samples
         self.max_len = cfg.max_new_tokens + 1  # an answer's tokens and its <|end|>: Dr. GRPO's constant
         # The frozen reference, taken before any hook is put on the network.
         self.reference = None if lora_layers(network) else copy.deepcopy(network).requires_grad_(False).eval()
@@ -95,6 +96,10 @@ class RLObjective(Objective):
 
     # -- the update ---------------------------------------------------------------------------------------
     def count(self, y: torch.Tensor) -> int:
+        """Answer tokens (token aggregation) or answers. A micro-batch with no answer token (RFT, all its
+        answers rejected) counts as 1 with loss 0: a step with none is no update, not a NaN loss."""
+        if not bool((y[:, 0] != -1).any()):
+            return 1
         return int((y[:, 0] != -1).sum()) if self.c.loss_agg == "token" else int(y.shape[0])
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, doc_mask=None):
@@ -107,12 +112,14 @@ class RLObjective(Objective):
         targets = y[:, 0].long()
         old_logp, ref_logp, adv, returns, old_values = (y[:, i].float() for i in range(1, 6))
         mask = targets != -1
-        logp = gather_logprobs(logits, targets)
+        logp = gather_logprobs(logits, targets, self.valid_vocab)
         pg = clipped_surrogate(logp, old_logp, adv, mask, c.clip_eps, c.loss_agg, self.max_len)
         loss = pg.loss
         n = self.count(y)
+        if not bool(mask.any()):  # nothing to train on here (RFT): no statistics to record either
+            return logits, loss + self.network.aux_loss()
         with torch.no_grad():
-            entropy = masked_mean(entropy_from_logits(logits.float()), mask)
+            entropy = masked_mean(entropy_from_logits(sampled_logits(logits, self.valid_vocab)), mask)
             stats = {"pg_loss": pg.loss.detach(), "clip_frac": pg.clip_frac, "approx_kl": pg.approx_kl,
                      "ratio": masked_mean(pg.ratio, mask), "entropy": entropy}
         if c.algo == "grpo" and c.kl_coef > 0:

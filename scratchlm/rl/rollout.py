@@ -80,9 +80,21 @@ def build_rollout(prompts: list[list[int]], answers: list[list[int]], ended: lis
     return Rollout(x, targets, answers, ended, [len(p) for p in prompts])
 
 
-def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits (B, T, V), targets (B, T) with -1 off the answers -> (B, T) fp32 log p(target), 0 off them."""
-    logp = F.log_softmax(logits.float(), dim=-1)
+def sampled_logits(logits: torch.Tensor, valid_vocab: int | None = None) -> torch.Tensor:
+    """fp32 logits of the distribution the engine samples from: ids past the tokenizer's vocabulary
+    (the model's padded rows, `valid_vocab` and up) get a logit far below any other, so they carry no
+    probability, as the sampler's `mask_padding` gives them none (finite, so entropies stay defined)."""
+    logits = logits.float()
+    if valid_vocab is not None and valid_vocab < logits.shape[-1]:
+        logits = logits.clone()
+        logits[..., valid_vocab:] = -1e9
+    return logits
+
+
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, valid_vocab: int | None = None) -> torch.Tensor:
+    """logits (B, T, V), targets (B, T) with -1 off the answers -> (B, T) fp32 log p(target), 0 off them;
+    p over the first `valid_vocab` ids (`sampled_logits`)."""
+    logp = F.log_softmax(sampled_logits(logits, valid_vocab), dim=-1)
     picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     return picked.masked_fill(targets == -1, 0.0)
 

@@ -11,8 +11,9 @@ RUN/eval/summary.md and .json, the answers as JSONL, and RUN/rl.png (the curves)
 Settings the stage fixes: dropout is off (a ratio of two dropout masks is not a probability ratio),
 the precision is resolved once ("auto" is measured here) so the rollout's forwards and the update's
 match, and train.grad_accum is derived: a minibatch is rl.prompts x rl.group / rl.minibatches rows.
-The loop's tokens/s counts train.batch_size x block_size tokens per micro-batch, not the answers'
-real lengths; the rollout's own time is inside each step that starts one.
+The loop's tokens/s counts the positions of the padded rollout rows it trains on; the rollout's own
+time is inside each step that starts one. torch.compile is off: the rollout's forwards run eager, and
+the ratio of a compiled to an eager forward is not exactly 1.
 """
 
 from __future__ import annotations
@@ -135,12 +136,12 @@ def kl_to_reference(policy: nn.Module, reference: nn.Module | None, tok: Tokeniz
         answers, ended = sample_answers(policy, tok, rows, max_new_tokens, gen)
         roll = build_rollout(rows, answers, ended, end)
         x, targets = roll.x.to(gen.device), roll.targets.to(gen.device)
-        logp = gather_logprobs(policy(x)[0], targets)
+        logp = gather_logprobs(policy(x)[0], targets, tok.vocab_size)
         if reference is None:
             with adapters_disabled(policy):
-                ref = gather_logprobs(policy(x)[0], targets)
+                ref = gather_logprobs(policy(x)[0], targets, tok.vocab_size)
         else:
-            ref = gather_logprobs(reference(x)[0], targets)
+            ref = gather_logprobs(reference(x)[0], targets, tok.vocab_size)
         total += float((logp - ref).sum())
         n += len(rows)
     policy.train(was)
@@ -173,14 +174,28 @@ class RLResult:
     table: str
 
 
+def no_dropout(*modules: nn.Module | None) -> None:
+    """Every dropout off: `nn.Dropout` layers and the attention layers' own rate (passed to SDPA), in
+    the policy, its LoRA layers and a critic: a ratio of two dropout masks is not a probability ratio."""
+    for module in modules:
+        for m in module.modules() if module is not None else ():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+            elif isinstance(getattr(m, "dropout", None), float):
+                m.dropout = 0.0
+
+
 def _resolve(cfg: Config, policy: nn.Module, device: torch.device) -> str:
     r, t = cfg.rl, cfg.train
     if cfg.model.dropout:
         print(f"dropout {cfg.model.dropout} -> 0: a ratio of two dropout masks is not a probability ratio")
         cfg.model.dropout = 0.0
-        for m in policy.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = 0.0
+    if t.compile:
+        print("train.compile -> false: the rollout's forwards run eager, and the first ratio must be exactly 1")
+        t.compile = False
+    if r.max_new_tokens >= cfg.model.block_size:
+        raise UserError(f"rl.max_new_tokens={r.max_new_tokens} leaves no room for the prompt in the context "
+                        f"(model.block_size={cfg.model.block_size})", fix="lower --rl.max_new_tokens")
     rows = r.prompts * r.group
     if rows % (r.minibatches * t.batch_size):
         raise UserError(f"a rollout of rl.prompts x rl.group = {rows} answers does not split into rl.minibatches="
@@ -227,7 +242,8 @@ def rl(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_step
             cfg.sft.lora_embedding = "none"
         fingerprint, vocab = base_fingerprint(policy), policy.config.vocab_size
     wrapped = adapt_model(policy, cfg, tok)
-    objective = RLObjective(policy, r, critic)
+    no_dropout(policy, critic)
+    objective = RLObjective(policy, r, critic, valid_vocab=tok.vocab_size)
     amp = lambda: autocast_ctx(precision, device)  # noqa: E731 - the loader opens a fresh context per forward
     loader = RolloutLoader(objective, tok, train_tasks, ids, rewards, cfg, amp, device)
     latest = ckpt_io.find_checkpoint(run_dir) if resume else None
@@ -260,7 +276,7 @@ def rl(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_step
                "early_stops": loader.early_stops, "kl_coef": loader.kl_ctl.value}
     write_text(eval_dir / "summary.md", "\n".join(lines) + "\n")
     write_json(eval_dir / "summary.json", summary)
-    plot_rl(run_dir / "metrics.jsonl", run_dir / "rl.png", r.kl_target)
+    plot_rl(run_dir / "metrics.jsonl", run_dir / "rl.png", r.kl_target if r.kl_control == "adaptive" else 0.0)
     print("\n".join(lines))
     print(f"-> {run_dir / 'rl.png'}, {eval_dir / 'summary.md'}")
     return RLResult(result, scores, summary, "\n".join(lines))

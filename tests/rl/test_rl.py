@@ -61,7 +61,7 @@ def metrics(run) -> list[dict]:
 
 
 @pytest.mark.parametrize("settings", [
-    {"rl.algo": "grpo"}, {"rl.algo": "ppo", "rl.kl_target": "0.1"}, {"rl.algo": "grpo", "sft.lora_r": "4"},
+    {"rl.algo": "grpo"}, {"rl.algo": "ppo", "rl.kl_control": "adaptive"}, {"rl.algo": "grpo", "sft.lora_r": "4"},
     {"rl.algo": "ppo", "rl.value_head": "separate", "rl.reward": "both"},
     {"rl.algo": "rft", "rl.rft_threshold": "0"},
 ], ids=["grpo", "ppo", "grpo-lora", "ppo-critic", "rft"])
@@ -122,7 +122,8 @@ def test_resume_mid_rollout_equals_uninterrupted(sft_run, random_rm, tmp_path, a
     # 2 epochs x 2 minibatches = 4 steps per rollout: stopped at step 6, inside the second rollout; the
     # resumed run finishes it from the saved tensors, then samples the third with the saved generator
     settings = {"rl.algo": algo, "rl.epochs": "2", "rl.minibatches": "2", "train.max_steps": "10",
-                "rl.reward": "rm", "rl.reward_model": str(random_rm), "rl.kl_target": "0.05"}
+                "rl.reward": "rm", "rl.reward_model": str(random_rm), "rl.kl_control": "adaptive",
+                "rl.kl_target": "0.05"}
     full = rl(rl_cfg(sft_run, tmp_path / "full", **settings), progress=False)
     cut = rl_cfg(sft_run, tmp_path / "cut", **settings)
     rl(cut, progress=False, stop_at_step=6)
@@ -135,6 +136,9 @@ def test_resume_mid_rollout_equals_uninterrupted(sft_run, random_rm, tmp_path, a
     losses = lambda run: [(m["step"], m["loss"]) for m in metrics(run) if "loss" in m]  # noqa: E731
     assert losses(tmp_path / "full") == losses(tmp_path / "cut")
     assert full.summary["scores"] == resumed.summary["scores"]
+    if algo == "ppo":  # the adaptive controller moved the coefficient, and the resumed run carried it on
+        coefs = [m["kl_coef"] for m in metrics(tmp_path / "cut") if "kl_coef" in m]
+        assert coefs[0] == 0.04 and coefs[-1] != coefs[0] and full.summary["kl_coef"] == resumed.summary["kl_coef"]
 
 
 def _weights(ckpt):
@@ -169,7 +173,9 @@ def test_held_out_prompts_are_disjoint_from_sft_and_rl_training(sft_run, tmp_pat
     ({"rl.reward": "rm"}, "needs a reward model"),
     ({"rl.prompts": "3", "rl.group": "3"}, "does not split"),
     ({"rl.families": "add,nope"}, "unknown family"),
-    ({"rl.kl_target": "-1"}, "rl.kl_target"),
+    ({"rl.kl_target": "0"}, "rl.kl_target"),
+    ({"rl.algo": "ppo", "rl.group": "1", "rl.prompts": "8", "rl.skip_zero_spread": "true"}, "dynamic sampling"),
+    ({"rl.max_new_tokens": "96"}, "no room for the prompt"),
 ])
 def test_bad_settings_get_one_line(sft_run, tmp_path, settings, words):
     with pytest.raises(UserError, match=words):
@@ -220,3 +226,35 @@ def test_one_update_raises_the_answers_with_positive_advantage(algo):
         new = gather_logprobs(obj.policy_logits(x), targets)
     change = (new - old).sum(1)  # per answer
     assert change[0] > 0 and change[2] > 0 and change[1] < 0 and change[3] < 0, change
+
+
+def test_dropout_is_off_everywhere():
+    """A base trained with dropout: every dropout (layers and the attention's own rate) goes, so two
+    training-mode forwards agree exactly."""
+    from scratchlm.config import model_config
+    from scratchlm.model import build_model
+    from scratchlm.rl.stage import no_dropout
+
+    torch.manual_seed(0)
+    gpt = build_model(model_config(arch="gpt", vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16,
+                                   dropout=0.3)).train()
+    x = torch.randint(0, 32, (2, 12))
+    assert not torch.equal(gpt(x)[0], gpt(x)[0])
+    no_dropout(gpt, None)
+    assert torch.equal(gpt(x)[0], gpt(x)[0])
+
+
+def test_rft_micro_batch_without_accepted_answers_is_a_zero_update():
+    from scratchlm.config import model_config
+    from scratchlm.model import build_model
+
+    torch.manual_seed(0)
+    policy = build_model(model_config(arch="llama", vocab_size=32, block_size=16, n_layer=1, n_head=2, n_kv_head=1,
+                                      n_embd=16, dropout=0.0))
+    obj = RLObjective(policy, RLConfig(algo="rft"))
+    x = torch.randint(0, 32, (2, 6))
+    y = torch.zeros(2, 6, 6)
+    y[:, 0] = -1  # every answer rejected: no target
+    assert obj.count(y) == 1
+    _, loss = obj(x, y)
+    assert float(loss.detach()) == 0.0 and obj.metrics() == {}
