@@ -1,7 +1,7 @@
 """Online RL measured: GRPO against rejection-sampling fine-tuning at equal compute, on the gap between
 a plateaued SFT policy's greedy accuracy and its pass@8; then PPO with the reward model as reward.
 
-    python bench/rl.py [--seeds 0,1] [--steps N] [--lr LR] [--skip-ppo] [--skip-grpo]
+    python bench/rl.py [--seeds 0,1] [--steps N] [--lr LR] [--skip-ppo] [--skip-grpo] [--reuse]
 
 1. The policy (`rl_base`, built once into bench/.runs/rl-base, reused): the `rl-base` preset
    pretrained on the embedded corpus, then SFT-trained to a plateau on the embedded tasks (the
@@ -78,13 +78,30 @@ def run_rl(name: str, policy: Path, seed: int, args: argparse.Namespace, **setti
         cfg.train.max_steps = args.steps
     if args.lr:
         cfg.train.lr, cfg.train.min_lr = args.lr, args.lr / 10
+    done = Path(cfg.out_dir) / "eval" / "summary.json"
+    if args.reuse and done.exists() and same_run(Path(cfg.out_dir) / "config.json", cfg):
+        print(f"\nreusing {cfg.out_dir} (same settings)", flush=True)
+        return json.loads(done.read_text()), json.loads((Path(cfg.out_dir) / "minutes.json").read_text())
     shutil.rmtree(cfg.out_dir, ignore_errors=True)
     flags = " ".join(f"--{k}={v}" for k, v in settings.items())
     print(f"\n$ scratchlm rl --algo {algo} --base {policy} --out {cfg.out_dir} --seed {seed} {flags} "
           f"--train.max_steps={cfg.train.max_steps} --train.lr={cfg.train.lr:g}", flush=True)
     t0 = time.perf_counter()
     result = rl(cfg, progress=False)
-    return result.summary, (time.perf_counter() - t0) / 60
+    minutes = (time.perf_counter() - t0) / 60
+    (Path(cfg.out_dir) / "minutes.json").write_text(json.dumps(minutes))
+    return result.summary, minutes
+
+
+def same_run(saved: Path, cfg) -> bool:
+    """Whether a finished run was made with these RL settings, seed, steps and learning rate."""
+    from dataclasses import asdict
+
+    from scratchlm.config import load_config
+
+    old = load_config(saved)
+    key = lambda c: (asdict(c.rl), c.seed, c.train.max_steps, c.train.lr, c.train.min_lr)  # noqa: E731
+    return key(old) == key(cfg)
 
 
 def checked(run: Path, which: str, family: str | None = None) -> list[float]:
@@ -134,6 +151,7 @@ def main() -> None:
     p.add_argument("--eval-prompts", type=int, default=1200, help="held-out prompts (add and sort; >= 500 each)")
     p.add_argument("--skip-grpo", action="store_true")
     p.add_argument("--skip-ppo", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="keep a finished run whose settings are the same")
     args = p.parse_args()
     t0 = time.perf_counter()
     policy = rl_base()
