@@ -94,14 +94,16 @@ def run_rl(name: str, policy: Path, seed: int, args: argparse.Namespace, **setti
 
 
 def same_run(saved: Path, cfg) -> bool:
-    """Whether a finished run was made with these RL settings, seed, steps and learning rate."""
-    from dataclasses import asdict
+    """Whether a finished run was made with these RL settings, seed, steps and learning rate (the KL
+    controller's settings count for PPO only: the other algorithms never read them)."""
+    old, new = json.loads(saved.read_text()), cfg.to_dict()
 
-    from scratchlm.config import load_config
+    def key(d: dict) -> tuple:
+        rl = {k: v for k, v in d["rl"].items() if d["rl"]["algo"] == "ppo" or not k.startswith("kl_")
+              or k in ("kl_coef", "kl_estimator")}
+        return rl, d["seed"], d["train"]["max_steps"], d["train"]["lr"], d["train"]["min_lr"]
 
-    old = load_config(saved)
-    key = lambda c: (asdict(c.rl), c.seed, c.train.max_steps, c.train.lr, c.train.min_lr)  # noqa: E731
-    return key(old) == key(cfg)
+    return key(old) == key(new)
 
 
 def checked(run: Path, which: str, family: str | None = None) -> list[float]:
