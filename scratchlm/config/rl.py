@@ -44,7 +44,7 @@ class RLConfig:
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # GRPO's KL term (PPO's per-token penalty is k1)
     # PPO: fixed = kl_coef throughout; adaptive = Ziegler et al.'s controller steering the KL to kl_target
     kl_control: Literal["fixed", "adaptive"] = "fixed"
-    kl_target: Annotated[float, Range("> 0")] = 1.0  # PPO, adaptive: KL to the reference, nats per answer
+    kl_target: Annotated[float, Range(">= 0")] = 1.0  # PPO, adaptive: KL to the reference, nats per answer (> 0)
     kl_horizon: Annotated[int, Range(">= 1")] = 10000  # PPO, adaptive: the controller's horizon, in answers
     scale_by_std: bool = True  # GRPO: divide by the group's std (false = Dr. GRPO)
     skip_zero_spread: bool = False  # GRPO: drop groups whose rewards are all equal (dynamic sampling)
@@ -62,6 +62,9 @@ class RLConfig:
         if self.algo == "grpo" and self.group < 2:
             raise UserError(f"rl.group={self.group}: GRPO compares samples within a group and needs at least 2",
                             fix="use --rl.group=8")
+        if self.kl_control == "adaptive" and self.kl_target <= 0:
+            raise UserError(f"rl.kl_target={self.kl_target}: the adaptive KL controller needs a target above 0",
+                            fix="use e.g. --rl.kl_target=1 (nats per answer), or --rl.kl_control=fixed")
         if self.skip_zero_spread and self.algo != "grpo":
             raise UserError(f"rl.skip_zero_spread is GRPO's dynamic sampling (a group whose rewards are all equal "
                             f"teaches GRPO nothing); rl.algo={self.algo} learns from such groups",

@@ -25,7 +25,8 @@ def test_rl_refuses_bad_settings_and_inputs_in_one_line(capsys, tmp_path):
     one_line(*run(capsys, "rl", *out), "no base model", "--base")
     one_line(*run(capsys, "rl", "--base", "x", "--reward", "rm", *out), "--reward 'rm' is not understood")
     one_line(*run(capsys, "rl", "--base", "x", "--rl.group=1", *out), "rl.group=1", "at least 2")
-    one_line(*run(capsys, "rl", "--base", "x", "--rl.kl_target=0", *out), "rl.kl_target")
+    one_line(*run(capsys, "rl", "--algo", "ppo", "--base", "x", "--rl.kl_target=0", *out), "rl.kl_target=0.0",
+             "needs a target above 0")
     one_line(*run(capsys, "rl", "--base", "x", "--model.n_layer=2", *out), "not a setting this verb reads")
     one_line(*run(capsys, "rl", "--base", str(tmp_path / "missing"), *out), "missing")
     # a policy without the chat tokens (a pretraining run) is not an SFT policy

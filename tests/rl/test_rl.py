@@ -173,7 +173,8 @@ def test_held_out_prompts_are_disjoint_from_sft_and_rl_training(sft_run, tmp_pat
     ({"rl.reward": "rm"}, "needs a reward model"),
     ({"rl.prompts": "3", "rl.group": "3"}, "does not split"),
     ({"rl.families": "add,nope"}, "unknown family"),
-    ({"rl.kl_target": "0"}, "rl.kl_target"),
+    ({"rl.kl_control": "adaptive", "rl.kl_target": "0"}, "rl.kl_target=0.0"),
+    ({"rl.kl_target": "-1"}, "rl.kl_target"),
     ({"rl.algo": "ppo", "rl.group": "1", "rl.prompts": "8", "rl.skip_zero_spread": "true"}, "dynamic sampling"),
     ({"rl.max_new_tokens": "96"}, "no room for the prompt"),
 ])
