@@ -64,7 +64,8 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def run_rl(name: str, policy: Path, seed: int, args: argparse.Namespace, **settings) -> tuple[dict, float]:
+def run_rl(name: str, policy: Path, seed: int, args: argparse.Namespace, steps: int, lr: float, **settings
+           ) -> tuple[dict, float]:
     from scratchlm.config import get_preset, set_setting
     from scratchlm.rl.stage import rl
 
@@ -74,10 +75,10 @@ def run_rl(name: str, policy: Path, seed: int, args: argparse.Namespace, **setti
     cfg.rl.algo = algo
     for k, v in settings.items():
         set_setting(cfg, k, v)
-    if args.steps:
-        cfg.train.max_steps = args.steps
-    if args.lr:
-        cfg.train.lr, cfg.train.min_lr = args.lr, args.lr / 10
+    if steps:
+        cfg.train.max_steps = steps
+    if lr:
+        cfg.train.lr, cfg.train.min_lr = lr, lr / 10
     done = Path(cfg.out_dir) / "eval" / "summary.json"
     if args.reuse and done.exists() and same_run(Path(cfg.out_dir) / "config.json", cfg):
         print(f"\nreusing {cfg.out_dir} (same settings)", flush=True)
@@ -147,9 +148,11 @@ def kl_tracking(run: Path, target: float, warmup: int) -> tuple[float, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds for GRPO and RFT")
-    p.add_argument("--steps", type=int, default=600, help="train.max_steps of every run (0: the presets')")
-    p.add_argument("--lr", type=float, default=1e-4, help="train.lr of every run, min_lr = lr / 10 (0: the "
-                   "presets'); on this policy GRPO at 1e-4 beat 3e-5 (+4.2 vs +2.3 points on add) and 3e-4")
+    p.add_argument("--steps", type=int, default=600, help="train.max_steps of GRPO and RFT (0: the preset's)")
+    p.add_argument("--lr", type=float, default=1e-4, help="train.lr of GRPO and RFT, min_lr = lr / 10 (0: the "
+                   "preset's); on this policy GRPO at 1e-4 beat 3e-5 (+4.2 vs +2.3 points on add) and 3e-4")
+    p.add_argument("--ppo-steps", type=int, default=400, help="PPO's train.max_steps (4 per rollout)")
+    p.add_argument("--ppo-lr", type=float, default=3e-5, help="PPO's train.lr (1e-4 ran the KL to 9 nats)")
     p.add_argument("--eval-prompts", type=int, default=1200, help="held-out prompts (add and sort; >= 500 each)")
     p.add_argument("--skip-grpo", action="store_true")
     p.add_argument("--skip-ppo", action="store_true")
@@ -166,7 +169,7 @@ def main() -> None:
                 name = f"rl-{algo}-s{seed}"
                 # GRPO's dynamic sampling: sort is solved (its groups have no spread) and would dilute add's
                 extra = {"rl.skip_zero_spread": "true"} if algo == "grpo" else {}
-                summary, minutes = run_rl(name, policy, seed, args, algo=algo, **common, **extra)
+                summary, minutes = run_rl(name, policy, seed, args, args.steps, args.lr, algo=algo, **common, **extra)
                 rows.append({"seed": seed, "method": method, "run": RUNS / name, "summary": summary,
                              "minutes": minutes})
         report += ["## GRPO vs rejection-sampling fine-tuning (checker reward, add and sort)", "", grpo_table(rows), ""]
@@ -187,7 +190,7 @@ def main() -> None:
             print(f"\n$ scratchlm rm train --base {policy} --out {rm_dir}", flush=True)
             train_reward_model(cfg, progress=False)
         rm_summary = json.loads((rm_dir / "eval" / "rm_summary.json").read_text())
-        summary, minutes = run_rl("rl-ppo", policy, 0, args, algo="ppo", **{
+        summary, minutes = run_rl("rl-ppo", policy, 0, args, args.ppo_steps, args.ppo_lr, algo="ppo", **{
             "rl.reward": "rm", "rl.reward_model": str(rm_dir), "rl.eval_prompts": str(args.eval_prompts)})
         run = RUNS / "rl-ppo"
         before, after = checked(run, "sft"), checked(run, "rl")

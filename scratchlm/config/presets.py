@@ -210,13 +210,14 @@ def grpo_tiny() -> Config:
 @preset
 def ppo_tiny() -> Config:
     """PPO on the demo's SFT policy: 64 prompts x 1 answer per rollout, 2 epochs of 2 minibatches, the
-    value head on the policy's trunk, the adaptive KL controller (horizon 1,000 answers) steering the KL to
-    the SFT policy towards 1 nat per answer."""
+    value head on the policy's trunk, the adaptive KL controller (horizon 200 answers) steering the KL to
+    the SFT policy towards 1 nat per answer. bench/rl.py: at lr 1e-4 (horizon 1,000) the KL ran to 9 nats
+    and held-out accuracy fell 28 points while the reward model's score rose (reward hacking)."""
     cfg = grpo_tiny()
     cfg.name, cfg.out_dir = "ppo-tiny", "runs/ppo-tiny"
     r = cfg.rl
     r.algo, r.prompts, r.group, r.epochs, r.minibatches = "ppo", 64, 1, 2, 2
-    r.kl_coef, r.kl_control, r.kl_target, r.kl_horizon = 0.05, "adaptive", 1.0, 1000
+    r.kl_coef, r.kl_control, r.kl_target, r.kl_horizon = 0.1, "adaptive", 1.0, 200
     cfg.train.max_steps = 200
     return cfg
 
