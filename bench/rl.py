@@ -82,7 +82,8 @@ def run_rl(name: str, policy: Path, seed: int, args: argparse.Namespace, steps: 
     done = Path(cfg.out_dir) / "eval" / "summary.json"
     if args.reuse and done.exists() and same_run(Path(cfg.out_dir) / "config.json", cfg):
         print(f"\nreusing {cfg.out_dir} (same settings)", flush=True)
-        return json.loads(done.read_text()), json.loads((Path(cfg.out_dir) / "minutes.json").read_text())
+        timed = Path(cfg.out_dir) / "minutes.json"
+        return json.loads(done.read_text()), json.loads(timed.read_text()) if timed.exists() else float("nan")
     shutil.rmtree(cfg.out_dir, ignore_errors=True)
     flags = " ".join(f"--{k}={v}" for k, v in settings.items())
     print(f"\n$ scratchlm rl --algo {algo} --base {policy} --out {cfg.out_dir} --seed {seed} {flags} "
