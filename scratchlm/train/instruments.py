@@ -139,8 +139,12 @@ def plot_panels(metrics: Path, out: Path, panels: list[tuple[tuple[str, ...], st
     panels = [(keys, title) for keys, title in panels if any(series(k) for k in keys)]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.5), squeeze=False)
-    for ax, (keys, title) in zip(axes[0], panels):
+    cols = min(3, len(panels))  # rows of three: wide enough to read, short enough to see at once
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (keys, title) in zip(axes.flat, panels):
         for key in keys:
             points = series(key)
             if points:
