@@ -123,9 +123,9 @@ def grpo_table(rows: list[dict]) -> str:
             before, after = checked(r["run"], "sft", fam), checked(r["run"], "rl", fam)
             g0, g1, p8 = sum(before) / len(before), sum(after) / len(after), r["summary"]["pass_at_k"]["sft"][fam]
             mean, lo, hi = paired_bootstrap(after, before, 1000, seed=0)
-            gap = (g1 - g0) / (p8 - g0) if p8 > g0 else float("nan")
+            gap = f"{(g1 - g0) / (p8 - g0):.0%}" if p8 - g0 >= 0.01 else "no gap"  # < 1 point: nothing to close
             out.append(f"| {r['seed']} | {r['method']} | {fam} | {len(before)} | {g0:.1%} | {p8:.1%} | {g1:.1%} | "
-                       f"{gap:.0%} | {100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | {r['minutes']:.1f} |")
+                       f"{gap} | {100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | {r['minutes']:.1f} |")
     return "\n".join(out)
 
 
