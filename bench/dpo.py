@@ -151,7 +151,8 @@ def report(rows: dict[str, list[dict]], results: dict, minutes: float) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=0, help="override dpo-tiny's train.max_steps")
-    p.add_argument("--lr", type=float, default=0.0, help="override dpo-tiny's train.lr (min_lr = lr / 10)")
+    p.add_argument("--lr", type=float, default=3e-4, help="train.lr (min_lr = lr / 10; 0: dpo-tiny's); 3e-4 "
+                   "on this policy measured DPO+NLL +9.2 points over SFT")
     p.add_argument("--beta", type=float, default=0.0, help="override dpo-tiny's dpo.beta")
     p.add_argument("--batch", type=int, default=0, help="override dpo-tiny's train.batch_size (pairs)")
     p.add_argument("--loss", choices=["sigmoid", "ipo"], default="", help="override dpo-tiny's dpo.loss")

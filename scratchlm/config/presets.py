@@ -152,13 +152,14 @@ def rm_tiny() -> Config:
 def dpo_tiny() -> Config:
     """DPO on the demo's SFT policy with its own on-policy pairs, plus the chosen answers' NLL (RPO):
     plain DPO lowered the policy's exact match on these near-miss pairs (bench/dpo.py measured these
-    settings: 6,000 prompts sampled at 0.7 give about 2,000 pairs)."""
+    settings, at lr 3e-4 on its weaker policy: 6,000 prompts sampled at 0.7 give about 2,000 pairs). lr 1e-4:
+    on the demo's 65% SFT policy 3e-4 cost 5 points of held-out exact match (66.8% -> 61.8%), 1e-4 none."""
     cfg = sft_tiny()
     cfg.name, cfg.out_dir = "dpo-tiny", "runs/dpo-tiny"
     cfg.pref.kind, cfg.pref.n_prompts, cfg.pref.temperature = "on_policy", 6000, 0.7
     cfg.dpo.beta, cfg.dpo.rpo_alpha = 0.1, 1.0
     t = cfg.train
-    t.max_steps, t.batch_size, t.lr, t.min_lr, t.warmup_steps, t.eval_interval = 300, 16, 3e-4, 3e-5, 10, 100
+    t.max_steps, t.batch_size, t.lr, t.min_lr, t.warmup_steps, t.eval_interval = 300, 16, 1e-4, 1e-5, 10, 100
     return cfg
 
 
