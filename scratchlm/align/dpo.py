@@ -56,7 +56,7 @@ import torch
 from scratchlm import checkpoint as ckpt_io
 from scratchlm.align.data import PreferencePair, TokenizedPair, prompt_key, tokenize_pairs
 from scratchlm.align.reward import build_pairs, embedded_tasks, trained_prompts
-from scratchlm.checkpoint import ADAPTER_TENSORS, base_fingerprint, save_adapters
+from scratchlm.checkpoint.adapters import adapt_beside_reference
 from scratchlm.config import Config
 from scratchlm.data.order import EpochOrder
 from scratchlm.errors import UserError
@@ -64,7 +64,7 @@ from scratchlm.io import write_json, write_text
 from scratchlm.losses import DPOOutput, dpo_loss, sequence_logprobs
 from scratchlm.model.base import LanguageModel
 from scratchlm.model.layers import DocumentMask
-from scratchlm.model.lora import adapt_model, adapters_disabled, lora_layers
+from scratchlm.model.lora import adapters_disabled, lora_layers
 from scratchlm.tasks import answers
 from scratchlm.tasks.families import Task, generate_tasks
 from scratchlm.tasks.metrics import format_summary
@@ -348,15 +348,7 @@ def dpo(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_ste
     eval_dir, batch = run_dir / "eval", 256
     scores = {"sft": answers.gold_eval(policy.eval(), tok, prompts, golds, metas, d.eval_max_new_tokens,
                                        eval_dir / "answers_sft.jsonl", batch)}
-    if cfg.sft.lora_r > 0:
-        if cfg.sft.lora_embedding != "none":
-            print("DPO with LoRA trains the adapters only (sft.lora_embedding=none): the reference is the policy "
-                  "with its adapters disabled, which trained token rows would change")
-            cfg.sft.lora_embedding = "none"
-        fingerprint, vocab = base_fingerprint(policy), policy.config.vocab_size
-    wrapped = adapt_model(policy, cfg, tok)
-    if wrapped:
-        print(f"LoRA r={cfg.sft.lora_r} on {len(wrapped)} layers; the reference is the policy with them disabled")
+    save_lora = adapt_beside_reference(policy, cfg, tok, "DPO")
     objective = DPOObjective(policy, beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing,
                              rpo_alpha=d.rpo_alpha)
     t = cfg.train
@@ -367,9 +359,8 @@ def dpo(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_ste
     latest = ckpt_io.find_checkpoint(run_dir) if resume else None
     result = train_model(cfg, objective.train(), tok, batches, resume_from=latest, progress=progress,
                          stop_at_step=stop_at_step, desc="dpo")
-    if wrapped:
-        save_adapters(policy, run_dir / ADAPTER_TENSORS, base=str(base), base_fingerprint=fingerprint,
-                      base_vocab_size=vocab)
+    if save_lora:
+        save_lora(run_dir, base)
 
     heldout = heldout_rewards(objective, held_tp, t.batch_size, device)
     scores["dpo"] = answers.gold_eval(policy.eval(), tok, prompts, golds, metas, d.eval_max_new_tokens,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from torch import nn
 from scratchlm.errors import UserError
 from scratchlm.io import atomic_open, write_json
 from scratchlm.model import resize_embeddings
-from scratchlm.model.lora import lora_layers, lora_state_dict, token_tables, wrap_layers
+from scratchlm.model.lora import adapt_model, lora_layers, lora_state_dict, token_tables, wrap_layers
 from scratchlm.model.quant import QuantLinear
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.tokenizer.base import with_specials
@@ -220,3 +221,26 @@ def adapter_tokenizer(tok: Tokenizer, record: dict[str, Any], where: str | Path 
         raise UserError(f"{where}: the base tokenizer does not give the fine-tune's token ids {wrong or ''}",
                         fix="pass the base checkpoint the adapters were trained from")
     return tok
+
+
+def adapt_beside_reference(policy: nn.Module, cfg: Any, tok: Tokenizer, stage: str
+                           ) -> Callable[[Path, str | Path], None] | None:
+    """LoRA (`sft.lora_r > 0`) on a policy whose reference is the policy itself with its adapters
+    disabled (DPO, RL): only the adapters train (`sft.lora_embedding` is set to none, since trained
+    token rows would change the reference too). Returns a function that saves the adapters into a run
+    folder against `base`, or None without LoRA."""
+    if cfg.sft.lora_r <= 0:
+        return None
+    if cfg.sft.lora_embedding != "none":
+        print(f"{stage} with LoRA trains the adapters only (sft.lora_embedding=none): the reference is the policy "
+              "with its adapters disabled, which trained token rows would change")
+        cfg.sft.lora_embedding = "none"
+    fingerprint, vocab = base_fingerprint(policy), policy.config.vocab_size
+    wrapped = adapt_model(policy, cfg, tok)
+    print(f"LoRA r={cfg.sft.lora_r} on {len(wrapped)} layers; the reference is the policy with them disabled")
+
+    def save(run_dir: Path, base: str | Path) -> None:
+        save_adapters(policy, run_dir / ADAPTER_TENSORS, base=str(base), base_fingerprint=fingerprint,
+                      base_vocab_size=vocab)
+
+    return save

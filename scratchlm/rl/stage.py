@@ -28,11 +28,11 @@ from torch import nn
 
 from scratchlm import checkpoint as ckpt_io
 from scratchlm.align.reward import trained_prompts
-from scratchlm.checkpoint import ADAPTER_TENSORS, base_fingerprint, save_adapters
+from scratchlm.checkpoint.adapters import adapt_beside_reference
 from scratchlm.config import Config, load_config
 from scratchlm.errors import UserError
 from scratchlm.io import write_json, write_text
-from scratchlm.model.lora import adapt_model, adapters_disabled
+from scratchlm.model.lora import adapters_disabled
 from scratchlm.rl.loader import RolloutLoader
 from scratchlm.rl.objective import RLObjective
 from scratchlm.rl.rewards import RewardSource, load_reward_model_for
@@ -235,13 +235,7 @@ def rl(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_step
     scores = {"sft": checker_scores(policy.eval(), tok, held_tasks, r.max_new_tokens, eval_dir / "answers_sft.jsonl")}
     passk = {"sft": pass_at_k(policy, tok, held_tasks, r.eval_samples, r.max_new_tokens, cfg.seed)} \
         if r.eval_samples else {}
-    if cfg.sft.lora_r > 0:
-        if cfg.sft.lora_embedding != "none":
-            print("RL with LoRA trains the adapters only (sft.lora_embedding=none): the reference is the policy "
-                  "with its adapters disabled")
-            cfg.sft.lora_embedding = "none"
-        fingerprint, vocab = base_fingerprint(policy), policy.config.vocab_size
-    wrapped = adapt_model(policy, cfg, tok)
+    save_lora = adapt_beside_reference(policy, cfg, tok, "RL")
     no_dropout(policy, critic)
     objective = RLObjective(policy, r, critic, valid_vocab=tok.vocab_size)
     amp = lambda: autocast_ctx(precision, device)  # noqa: E731 - the loader opens a fresh context per forward
@@ -249,9 +243,8 @@ def rl(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_step
     latest = ckpt_io.find_checkpoint(run_dir) if resume else None
     result = train_model(cfg, objective.train(), tok, Batches(train=loader, make_val=None), resume_from=latest,
                          progress=progress, stop_at_step=stop_at_step, desc=r.algo)
-    if wrapped:
-        save_adapters(policy, run_dir / ADAPTER_TENSORS, base=str(base), base_fingerprint=fingerprint,
-                      base_vocab_size=vocab)
+    if save_lora:
+        save_lora(run_dir, base)
 
     policy.eval()
     scores["rl"] = checker_scores(policy, tok, held_tasks, r.max_new_tokens, eval_dir / "answers_rl.jsonl")
