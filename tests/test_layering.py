@@ -26,9 +26,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("train",),
     ("infer",),
     ("tasks",),  # verifiable task families and gold metrics, shared by the stages above
-    # The stages (later ones, such as eval and serve, join this tuple). The pretraining stage
+    # The stages (later ones, such as serve, join this tuple). The pretraining stage
     # is train/pretrain.py, held to the train layer by its path.
-    ("sft", "align", "rl", "convert", "viz", "experiments"),
+    ("sft", "align", "rl", "eval", "convert", "viz", "experiments"),
+    ("report",),  # the report card reads every stage's run folder
     ("cli", "demo", "__main__"),
 ]
 
