@@ -154,6 +154,16 @@ class TokenShards:
             i, lo = i + 1, 0
         return np.concatenate(parts)
 
+    def documents(self, split: str) -> list[np.ndarray]:
+        """The split's documents as token arrays, cut at the end-of-text id that `prepare` writes before
+        each one (the ids themselves left out); a folder written without separators is one document."""
+        stream = self.read(split, 0, self.tokens(split))
+        if self.eot_id is None:
+            return [stream] if len(stream) else []
+        pieces = np.split(stream, np.flatnonzero(stream == self.eot_id))  # each starts with the id, but the first
+        docs = [p[1:] if len(p) and p[0] == self.eot_id else p for p in pieces]
+        return [d for d in docs if len(d)]
+
     def data_id(self, split: str) -> str:
         """A short hash of a split's shard list: names a loader's stream in its state."""
         blob = json.dumps([self.tokenizer_fingerprint, self.manifest["splits"].get(split)], sort_keys=True)
