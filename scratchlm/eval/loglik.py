@@ -4,8 +4,8 @@
 batches and returns, per row, the summed log-probability of those targets and whether each was the
 argmax (lm-eval's `is_greedy`). Rows are right-padded to the longest in their batch; a causal model's
 positions never see what follows them, so the padding changes nothing that is scored. Log-probabilities
-are taken over the model's whole output in fp32, as the training loss takes them (the ids a padded
-vocabulary adds carry next to no mass once trained).
+are taken over the model's whole output in fp32 (fp64 for a float64 model), as the training loss takes
+them (the ids a padded vocabulary adds carry next to no mass once trained).
 
 On top of it:
 - `pair_rows`: (context, continuation) pairs, left-truncated to the model's context, lm-eval's
@@ -60,7 +60,8 @@ def score_tails(model: nn.Module, rows: Sequence[Row], *, batch_tokens: int = 81
         logits, _ = model(idx.to(device))  # (B, width, V)
         for b, i in enumerate(batch):
             inp, targets = rows[i]
-            tail = logits[b, len(inp) - len(targets) : len(inp)].float()  # (k, V)
+            tail = logits[b, len(inp) - len(targets) : len(inp)]  # (k, V)
+            tail = tail.to(torch.promote_types(tail.dtype, torch.float32))  # bf16/fp16 -> fp32, fp64 kept
             logp = F.log_softmax(tail, dim=-1)
             want = torch.tensor(targets, device=device)
             total = logp.gather(1, want[:, None]).sum().item()

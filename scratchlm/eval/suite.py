@@ -173,12 +173,16 @@ def run_eval(ckpt: str | Path, out: str | Path, *, data: str | Path | None = Non
             rows.append(_bpb_row("heldout", documents["heldout"]))
             log(f"held-out bits per byte: {rows[-1]['value']:.4f} over {len(val)} documents of {data}")
             items = build_cloze(val, ngram_set(train), cloze_items, seed=seed)
-            scored = score_choices(model, tok, items, batch_tokens=batch_tokens, progress=bar("cloze"))
-            choice_rows += [{"task": "cloze", **r} for r in scored]
-            for metric in ("acc", "acc_norm"):
-                rows.append(_acc_row("cloze", metric, [r[metric] for r in scored], chance=1 / len(items[0].choices)))
-            log(f"cloze ({len(items)} items from held-out documents, no 13-gram in training): "
-                f"acc {rows[-2]['value']:.1%}, acc_norm {rows[-1]['value']:.1%}")
+            if items:
+                scored = score_choices(model, tok, items, batch_tokens=batch_tokens, progress=bar("cloze"))
+                choice_rows += [{"task": "cloze", **r} for r in scored]
+                for metric in ("acc", "acc_norm"):
+                    rows.append(_acc_row("cloze", metric, [r[metric] for r in scored],
+                                         chance=1 / len(items[0].choices)))
+                log(f"cloze ({len(items)} items from held-out documents, no 13-gram in training): "
+                    f"acc {rows[-2]['value']:.1%}, acc_norm {rows[-1]['value']:.1%}")
+            else:
+                log("cloze: skipped (the held-out documents have no sentence of 10 words or more)")
         elif suite:
             log("held-out bits per byte and cloze: skipped (no prepared data folder: pass --data DIR)")
         for path in texts:
