@@ -6,8 +6,9 @@ next-token pairs), pretraining a small GPT with samples from it before and after
 supervised fine-tuning on generated, checkable tasks with the base and fine-tuned models scored
 side by side, a reward model grown from the SFT model and checked on held-out pairs, DPO on the SFT
 model's own samples with SFT and DPO scored side by side, online RL from the SFT model (GRPO with the
-task checkers as reward, PPO with the reward model), and one table of every stage on the same
-held-out prompts. Each later stage of the project joins this function. Everything is written under
+task checkers as reward, PPO with the reward model), one table of every stage on the same
+held-out prompts, and the evaluation suite (held-out bits per byte, a cloze task, the task families) of
+the pretrained and fine-tuned models. Each later stage of the project joins this function. Everything is written under
 the run folder, with the resolved config beside each artifact, and `report.md` at the end.
 """
 
@@ -26,6 +27,7 @@ from scratchlm.config import Config, get_preset
 from scratchlm.data.loader import BatchLoader, TokenShards
 from scratchlm.data.prepare import prepare
 from scratchlm.data.sources import read_corpus_text
+from scratchlm.eval.suite import run_eval, side_by_side
 from scratchlm.experiments.tokenizers import compare, format_table, plot
 from scratchlm.infer.engine import Engine
 from scratchlm.infer.text import encode_prompt
@@ -192,6 +194,19 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
         f"{len(tasks)} task prompts no stage trained on (asserted); per family the share of greedy answers each "
         "family's checker accepts, the reward model's mean score of those answers, and the KL of each stage's "
         "policy to the SFT model (nats per answer, sampled at temperature 1):\n\n" + headline + "\n")
+
+    _stage("11. evaluation")
+    evals = {}
+    for name in ("pretrain", "sft"):
+        evals[name] = run_eval(out / name, out / "evaluation" / name, data=data_dir, cloze_items=50 if quick else 200,
+                               task_prompts=50 if quick else 200, seed=cfg.seed, progress=progress)
+    report.append(
+        "## Evaluation\n\n`scratchlm eval` on the pretrained and the fine-tuned model: bits per byte of the held-out "
+        "chapters (every token scored once, lm-eval's rolling windows), a cloze task made from those chapters only "
+        "(four endings, none sharing a 13-gram with the training chapters; acc_norm divides by the ending's "
+        "length in characters), and, for the chat model, the task families (pictures and per-item files: "
+        "`evaluation/*/`):\n\n" + side_by_side({n: r.rows for n, r in evals.items()}) + "\n")
+    print(side_by_side({n: r.rows for n, r in evals.items()}))
 
     total = time.perf_counter() - t_start
     report.append(f"\nTotal time: {total:.1f}s.\n")

@@ -103,6 +103,11 @@ def test_demo_quick(capsys, tmp_path):
     assert (tmp_path / "demo" / "grpo" / "rl.png").exists() and (tmp_path / "demo" / "ppo" / "rl.png").exists()
     table = report.split("## Every stage on the same held-out prompts", 1)[1]
     assert all(f"| {stage} |" in table for stage in ("SFT", "DPO", "GRPO", "PPO")) and "KL to SFT" in table
+    evaluation = report.split("## Evaluation", 1)[1]
+    assert "| heldout | bits_per_byte |" in evaluation and "| cloze | acc_norm |" in evaluation
+    assert "| tasks:all | checked | - |" in evaluation  # the base model answers no chat tasks; the SFT model does
+    for name in ("pretrain", "sft"):
+        assert (tmp_path / "demo" / "evaluation" / name / "summary.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------

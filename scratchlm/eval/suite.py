@@ -109,6 +109,21 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(results: dict[str, list[dict[str, Any]]]) -> str:
+    """One markdown table of several models' rows (a column per model; a dash where one has no such row)."""
+    keys = list(dict.fromkeys((r["task"], r["metric"]) for rows in results.values() for r in rows))
+    found = {name: {(r["task"], r["metric"]): r for r in rows} for name, rows in results.items()}
+    lines = ["| task | metric | " + " | ".join(results) + " |", "|---|---|" + "---|" * len(results)]
+    for task, metric in keys:
+        cells = []
+        for name in results:
+            r = found[name].get((task, metric))
+            value = "-" if r is None else f"{r['value']:.4f}" if metric == "bits_per_byte" else f"{r['value']:.1%}"
+            cells.append(value)
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_eval(documents: dict[str, list[DocScore]], rows: list[dict[str, Any]], out: Path) -> None:
     """Per-document bits per byte (a histogram per corpus) beside every accuracy (a bar, chance dashed)."""
     import matplotlib
