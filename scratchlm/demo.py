@@ -9,7 +9,8 @@ model's own samples with SFT and DPO scored side by side, online RL from the SFT
 task checkers as reward, PPO with the reward model), one table of every stage on the same
 held-out prompts, and the evaluation suite (held-out bits per byte, a cloze task, the task families) of
 the pretrained and fine-tuned models. Each later stage of the project joins this function. Everything is written under
-the run folder, with the resolved config beside each artifact, and `report.md` at the end.
+the run folder, with the resolved config beside each artifact, and `report.md` and the report card
+`report.html` (one self-contained page of every stage's numbers and pictures) at the end.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from scratchlm.infer.engine import Engine
 from scratchlm.infer.text import encode_prompt
 from scratchlm.io import write_text
 from scratchlm.model import build_model, padded_vocab
+from scratchlm.report import write_card
 from scratchlm.rl.compare import stage_table, unseen_tasks
 from scratchlm.rl.stage import rl
 from scratchlm.sft.train import sft
@@ -212,7 +214,8 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
     report.append(f"\nTotal time: {total:.1f}s.\n")
     write_text(out / "report.md", "\n".join(report))
     _stage("report")
-    print(f"done in {total:.1f}s; report: {out / 'report.md'}")
+    card = write_card(out, out / "report.html", overwrite=True)  # the demo's own folder, claimed for this run
+    print(f"done in {total:.1f}s; report: {out / 'report.md'}; report card: {card}")
     return out
 
 

@@ -3,9 +3,8 @@
     scratchlm report RUN [--out FILE] [--overwrite]           # -> RUN/report.html
     scratchlm report RUN_A RUN_B [--out FILE] [--overwrite]   # -> RUN_A/compare-<name of RUN_B>.html
 
-Glue only, as `commands.py`: the arguments, then `scratchlm.report.write_card`. A card written
-earlier (by this verb or the demo) is replaced; any other file at the output path only with
---overwrite.
+Glue only, as `commands.py`: the arguments, then `scratchlm.report.write_card`. An existing file at
+the output path, an earlier card included, is replaced only with --overwrite.
 """
 
 from __future__ import annotations

@@ -11,9 +11,8 @@ from report.md, its summary tables, its own pictures), the evaluation scores, an
 Two runs: the same sections, each with a column per run; settings as the keys that differ, the
 curves drawn over each other, and numbers, scores and timings as one table with a column per run.
 
-A card carries `<meta name="generator" content="scratchlm report">`: a file with it was written
-here and may be replaced by a new card; any other file at the output path is kept unless the
-user says --overwrite.
+A card carries `<meta name="generator" content="scratchlm report">` (`is_card`). Like every verb, the
+report replaces an existing file at its output path, an earlier card included, only with --overwrite.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scratchlm.errors import UserError
 from scratchlm.io import write_text
 from scratchlm.report import markdown as md
 from scratchlm.report.runs import Run, Stage, all_row, curve, read_run, training_numbers
@@ -79,7 +77,7 @@ figcaption{font-size:12px}
 
 
 def is_card(path: str | os.PathLike) -> bool:
-    """Whether `path` is a card written here (so a new card may replace it)."""
+    """Whether `path` is a card written here."""
     try:
         with open(path, "rb") as f:
             return GENERATOR.encode() in f.read(4096)
@@ -98,13 +96,10 @@ def default_output(run: str | os.PathLike, other: str | os.PathLike | None = Non
 def write_card(run: str | os.PathLike, out: str | os.PathLike | None = None, *,
                other: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Write the card of `run` (beside `other` when given) to `out` (default: `default_output`);
-    an existing file that is not a card is replaced only with `overwrite`."""
+    an existing file, an earlier card included, is replaced only with `overwrite`."""
     runs = [read_run(run)] + ([read_run(other)] if other is not None else [])
     out = Path(out) if out is not None else default_output(run, other)
-    if out.is_file() and not overwrite and not is_card(out):
-        raise UserError(f"{out}: exists and is not a report card", fix="pass --overwrite to replace it, or choose "
-                        "another --out")
-    check_output_path(out, overwrite=overwrite or is_card(out))
+    check_output_path(out, overwrite=overwrite)
     write_text(out, render(runs))
     return out
 

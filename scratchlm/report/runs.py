@@ -6,8 +6,9 @@ folder of stage folders (`scratchlm demo`: pretrain/, sft/, rm/, dpo/, grpo/, pp
 tokenizer, data/ and report.md). A stage is recognised by what it wrote, not by its folder's name:
 an RL summary names its algorithm, a DPO summary its beta, the reward model writes rm_summary.json,
 SFT the base model's answers, CAI cai_summary.json, classification labels.json; a folder with only
-metrics.jsonl or checkpoints is a pretraining run. An evaluation (`scratchlm eval`) is an
-`eval/summary.json` whose "format" is "scratchlm.eval", beside the stage it scored or in the run itself.
+metrics.jsonl or checkpoints is a pretraining run. An evaluation (`scratchlm eval`) is a
+`summary.json` whose "format" is "scratchlm.eval", in `evaluation/` (the verb's default), `evaluation/<model>/`
+(the demo's) or `eval/`, beside the stage it scored or in the run itself.
 
 A file that cannot be read is skipped and named in `Run.problems`, so one torn file costs a line on
 the card, not the card. Timings are what the files record (report.md's total, an evaluation's
@@ -225,15 +226,19 @@ def read_run(path: str | os.PathLike) -> Run:
     for s in run.stages:
         s.key = s.kind if kinds.count(s.kind) == 1 else f"{s.kind}:{s.rel}"
 
-    for rel, folder in [(".", path)] + [(s.rel, s.path) for s in run.stages if s.rel != "."]:
-        for where in (folder / "eval" / "summary.json", folder / "summary.json"):
-            summary = _eval_summary(where, p)
-            if summary is not None:
-                rows = summary.get("rows")
-                if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-                    p.append(f"{where}: \"rows\" is not a list of records")
-                    rows = []
-                run.evals.append(EvalResult(rel, str(summary.get("model", "")), number(summary.get("seconds")), rows))
+    found = [(rel, where) for rel, folder in [(".", path)] + [(s.rel, s.path) for s in run.stages if s.rel != "."]
+             for where in (folder / "eval" / "summary.json", folder / "evaluation" / "summary.json",
+                           folder / "summary.json")]
+    # the demo's evaluation/<model>/ folders, one per model it scored
+    found += [(f"evaluation/{w.parent.name}", w) for w in sorted((path / "evaluation").glob("*/summary.json"))]
+    for rel, where in found:
+        summary = _eval_summary(where, p)
+        if summary is not None:
+            rows = summary.get("rows")
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                p.append(f"{where}: \"rows\" is not a list of records")
+                rows = []
+            run.evals.append(EvalResult(rel, str(summary.get("model", "")), number(summary.get("seconds")), rows))
 
     if (path / "tokenizer.json").is_file():
         tok = read_json(path / "tokenizer.json", p)

@@ -141,19 +141,21 @@ def test_two_runs_side_by_side(tmp_path):
     decoded_sizes(card.images)
 
 
-def test_cli_writes_replaces_its_own_card_and_refuses_other_files(tmp_path, capsys):
+def test_cli_writes_a_card_and_replaces_nothing_without_overwrite(tmp_path, capsys):
     run = demo_run(tmp_path / "demo")
     card = run / "report.html"
     assert main(["report", str(run)]) == 0
     assert capsys.readouterr().out.strip() == str(card)
     assert is_card(card) and not list(run.glob(".*tmp*"))
-    assert main(["report", str(run)]) == 0  # its own card: replaced without --overwrite
-    card.write_text("my notes")
-    assert main(["report", str(run)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == f"scratchlm: error: {card}: exists and is not a report card (pass --overwrite to replace it, or " \
-                  "choose another --out)"
-    assert card.read_text() == "my notes"
+    for earlier in (None, "my notes"):  # an earlier card, like any other file, stays without --overwrite
+        if earlier:
+            card.write_text(earlier)
+        before = card.read_text()
+        assert main(["report", str(run)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"scratchlm: error: {card}: already exists (pass --overwrite to replace it, or choose another " \
+                      "--out)"
+        assert card.read_text() == before
     assert main(["report", str(run), "--overwrite"]) == 0 and is_card(card)
     capsys.readouterr()
     other = training_stage(tmp_path / "other run", config())
