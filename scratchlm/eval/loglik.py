@@ -3,7 +3,8 @@
 `score_tails` runs rows of (input ids, the targets of its last k positions) through the model in
 batches and returns, per row, the summed log-probability of those targets and whether each was the
 argmax (lm-eval's `is_greedy`). Rows are right-padded to the longest in their batch; a causal model's
-positions never see what follows them, so the padding changes nothing that is scored. Log-probabilities
+positions never see what follows them, so the padding changes nothing that is scored (a mixture of experts
+with a capacity limit is the exception: its rows go one at a time). Log-probabilities
 are taken over the model's whole output in fp32 (fp64 for a float64 model), as the training loss takes
 them (the ids a padded vocabulary adds carry next to no mass once trained).
 
@@ -47,12 +48,15 @@ def score_tails(model: nn.Module, rows: Sequence[Row], *, batch_tokens: int = 81
         _check_row(inp, targets, max_len)
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    # A mixture of experts with a capacity limit lets the rows of a batch (and its padding) compete for expert
+    # slots, so each row's score would depend on its batch-mates: such a model scores one row at a time.
+    capped = getattr(model.config, "dropless", True) is False
     out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
     start = 0
     bar = tqdm(total=len(rows), desc=progress, unit="row", disable=progress is None, leave=False)
     while start < len(order):
         width = len(rows[order[start]][0])
-        batch = order[start : start + max(1, batch_tokens // width)]
+        batch = order[start : start + (1 if capped else max(1, batch_tokens // width))]
         start += len(batch)
         idx = torch.zeros(len(batch), width, dtype=torch.long)
         for b, i in enumerate(batch):

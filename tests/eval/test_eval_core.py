@@ -20,7 +20,8 @@ from scratchlm.eval.cloze import build_cloze, ngram_set
 from scratchlm.eval.loglik import pair_rows, rolling_rows, rolling_windows, score_tails
 from scratchlm.eval.perplexity import overall, score_documents
 from scratchlm.eval.suite import heldout_texts
-from tests.helpers import byte_tok, make_cfg, tiny_model, write_corpus
+from scratchlm.model import build_model
+from tests.helpers import byte_tok, make_cfg, moe_cfg, tiny_model, write_corpus
 
 
 class ByteTok:
@@ -190,3 +191,13 @@ def test_cloze_items_share_no_13_gram_with_training(kjv_data):
     # without the filter, some candidate items do overlap the training text (the check has work to do)
     unfiltered = build_cloze(val, set(), 400, seed=0)
     assert any(any(grams(f"{it.context} {c}") & train_grams for c in it.choices) for it in unfiltered)
+
+
+def test_capacity_limited_moe_scores_do_not_depend_on_batch_mates():
+    torch.manual_seed(0)
+    model = build_model(moe_cfg(dropless=False, capacity_factor=1.0, block_size=16, vocab_size=64)).double().eval()
+    rng = random.Random(2)
+    rows = [([rng.randrange(63) for _ in range(n)], [rng.randrange(63)]) for n in (16, 9, 12, 5, 16, 3)]
+    alone = [score_tails(model, [row])[0][0] for row in rows]
+    together = [lp for lp, _ in score_tails(model, rows, batch_tokens=10_000)]
+    assert together == pytest.approx(alone, rel=1e-12)
