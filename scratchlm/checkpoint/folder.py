@@ -18,6 +18,12 @@ pickle: loading cannot run code.
 Loading for inference builds the model, applies a LoRA checkpoint's adapter structure, and puts
 adapter files (scratchlm/checkpoint/adapters.py) on top when asked; `merge_adapters` writes base +
 adapters as a plain checkpoint.
+
+A quantized checkpoint (`scratchlm quantize`) holds one more file, `quant.json`: how it was
+quantized (method, format, group size, skipped layers) and each quantized layer's format
+(`scratchlm.model.quant.quant_record`). Loading for inference rebuilds those QuantLinear layers
+before the packed codes and scales are loaded; loading it to train further is refused (its
+quantized weights are frozen buffers: train from the checkpoint it was quantized from).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from scratchlm.errors import UserError
 from scratchlm.io import atomic_dir, write_json, write_text
 from scratchlm.model import build_model
 from scratchlm.model.lora import adapt_model, merge_lora
-from scratchlm.model.quant import dequantize_model
+from scratchlm.model.quant import QuantLinear, apply_quant_record, dequantize_model
 from scratchlm.model.reward import RewardModel
 from scratchlm.tokenizer import Tokenizer, load_tokenizer
 from scratchlm.tokenizer.chat import CHAT_SPECIALS
@@ -51,6 +57,7 @@ from scratchlm.tokenizer.chat import CHAT_SPECIALS
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json", "config.json",
          "tokenizer.json")
 EXTRA = "extra.safetensors"  # optional: a stage's own resume tensors (`save_checkpoint(extra=...)`)
+QUANT = "quant.json"  # optional: a quantized checkpoint's format record (`scratchlm quantize`)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -184,6 +191,9 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
     """Load `model.safetensors` into `model`; a shape or name mismatch, or a tensor holding NaN or
     inf, says which tensor."""
     file = ckpt / "model.safetensors"
+    if (ckpt / QUANT).exists() and not any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise UserError(f"{ckpt}: a quantized checkpoint ({QUANT}): it loads for inference (sample, chat, eval) only",
+                        fix="train from the full-precision checkpoint it was quantized from")
     try:
         missing, unexpected = load_model(model, str(file), strict=False)
     except SafetensorError as e:
@@ -197,6 +207,7 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
         raise UserError(f"{file}: {'missing' if missing else 'unexpected'} tensors {names}",
                         fix="the checkpoint was made by a different model configuration")
     for name, t in model.state_dict().items():  # NaN/inf weights would sample blank text without a word
+        t = t.float() if t.is_floating_point() and t.element_size() == 1 else t  # fp8 codes: no isfinite of their own
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise UserError(f"{file}: tensor {name} holds {bad} NaN/inf value(s) of {t.numel()}",
@@ -281,6 +292,20 @@ def load_reward_model(path: str | Path, device: str = "cpu") -> tuple[RewardMode
     return model.to(device).eval(), tok, cfg
 
 
+def read_quant_record(ckpt: Path) -> dict[str, Any] | None:
+    """A quantized checkpoint's `quant.json` (method, format, group_size, skipped, layers), or None."""
+    file = Path(ckpt) / QUANT
+    if not file.exists():
+        return None
+    try:
+        record = json.loads(file.read_text())
+        if not isinstance(record.get("layers"), dict):
+            raise ValueError("no 'layers' table")
+    except (json.JSONDecodeError, ValueError, AttributeError) as e:
+        raise UserError(f"{file}: corrupt quantization record ({e})", fix="quantize the checkpoint again") from None
+    return record
+
+
 def load_model_for_inference(path: str | Path, device: str = "cpu", adapters: str | Path | None = None
                              ) -> tuple[nn.Module, Tokenizer, Config]:
     """A trained model ready to sample from or evaluate: (model in eval mode, tokenizer, config).
@@ -300,6 +325,12 @@ def load_model_for_inference(path: str | Path, device: str = "cpu", adapters: st
             raise UserError(f"{ckpt}: a LoRA fine-tune already, not a base model for --adapters",
                             fix="pass the base the adapters were trained from as --ckpt, or drop --adapters")
         adapt_model(model, cfg)
+    quant = read_quant_record(ckpt)
+    if quant is not None:  # a quantized checkpoint: rebuild its QuantLinear layers, then load their buffers
+        if adapters is not None:
+            raise UserError(f"{ckpt}: a quantized checkpoint, not a base for --adapters",
+                            fix="apply the adapters to the full-precision base, then quantize the merged model")
+        apply_quant_record(model, quant["layers"], str(ckpt / QUANT))
     load_weights(model, ckpt)
     if adapters is not None:
         record = load_adapters(model, adapters)
@@ -334,10 +365,11 @@ def load_chat_policy(path: str | Path, device: str | torch.device = "cpu", setti
 
 
 def save_weights_checkpoint(dst: Path, weights: nn.Module | dict[str, torch.Tensor], cfg: Config, tok: Tokenizer,
-                            note: dict[str, Any]) -> Path:
+                            note: dict[str, Any], quant: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint folder at `dst` (atomically) that holds weights but no training history:
     an empty optimizer, step 0, and `note` in trainer.json (where the weights came from).
-    `weights`: a model, or its tensors by name (an import that never built one)."""
+    `weights`: a model, or its tensors by name (an import that never built one). `quant`: a quantized
+    model's record, written as quant.json (it must hold `layers`, see `read_quant_record`)."""
     rng_tensors, rng_meta = rng_state()
     with atomic_dir(dst) as tmp:
         if isinstance(weights, nn.Module):
@@ -350,6 +382,8 @@ def save_weights_checkpoint(dst: Path, weights: nn.Module | dict[str, torch.Tens
                                           "optimizer": {"param_groups": [], "scalars": {}}, "rng": rng_meta})
         cfg.save(tmp / "config.json")
         tok.save(tmp / "tokenizer.json")
+        if quant is not None:
+            write_json(tmp / QUANT, quant)
     return dst
 
 

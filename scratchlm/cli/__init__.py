@@ -47,6 +47,7 @@ from scratchlm.cli.commands import (
     cmd_viz_routing,
 )
 from scratchlm.cli.eval import add_parsers as add_eval_parsers
+from scratchlm.cli.quantize import add_parsers as add_quantize_parsers
 from scratchlm.cli.report import add_parsers as add_report_parsers
 from scratchlm.cli.rl import add_parsers as add_rl_parsers
 from scratchlm.config import MODEL_FAMILIES, PRESETS, SECTIONS, ModelConfig, family_keys
@@ -205,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_align_parsers(verbs, with_common, writes)
     add_rl_parsers(verbs, with_common, writes)
     add_eval_parsers(verbs, with_common, writes)
+    add_quantize_parsers(verbs, with_common, writes)
     add_report_parsers(verbs, with_common, writes)
 
     sp = writes(with_common(verbs.add_parser("classify", help="classification fine-tuning: a class head on a "

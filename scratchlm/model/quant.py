@@ -1,4 +1,5 @@
-"""Weight-only quantization of linear layers (a model part): int8 per output row, int4 per group of inputs.
+"""Weight-only quantization of linear layers (a model part): int8 and fp8 per output row, int4 and NF4 per
+group of inputs.
 
 A weight W (out, in) is stored as small integer codes q and floating-point scales s, and
 dequantized on the fly as W ≈ q · s. Activations stay in floating point, so this saves memory
@@ -21,6 +22,15 @@ Formats, both symmetric "absmax" (the zero weight is exactly representable, no z
   quantize to the code 0 exactly) and sliced off again when dequantizing; the padding costs
   memory only in the last group of each row.
 
+- nf4: QLoRA's NormalFloat (Dettmers et al. 2023): the 16 levels are quantiles of a standard normal
+  (8 positive, 7 negative, and an exact 0), scaled to [-1, 1]; each (row, group) is divided by its
+  absmax (an fp16 scale, rounded up) and each weight takes the nearest level. Same nibble packing
+  and padding as int4 (the nibble is the level's index). Better than int4's uniform grid for
+  normally distributed weights, slower to dequantize (a table lookup).
+- fp8: E4M3 (`torch.float8_e4m3fn`: 4 exponent bits, 3 mantissa bits, largest value 448) with one
+  fp32 scale per output row, s = max|W_row| / 448; the cast rounds to nearest. A floating grid:
+  relative error about 2^-4 for every weight, whatever its size within the row.
+
 Why symmetric rather than asymmetric min/max: one scale per group instead of a scale and an
 offset, an exact zero, and trained weights are nearly symmetric around 0 anyway.
 
@@ -32,11 +42,23 @@ QuantLinear ones (`dequantize_model` swaps them back, e.g. to merge a QLoRA mode
 head tied to the token embedding is left alone (the embedding stays full precision, and quantizing
 the shared matrix would quantize the embedding too).
 
-Left out: NF4 and double quantization of the scales (QLoRA, Dettmers et al. 2023), error-
-compensating quantizers (GPTQ, AWQ), activation quantization (SmoothQuant), and integer matmul
-kernels. The 3-D expert tensors of the MoE model are parameters, not nn.Linear, and stay full
-precision (its router `gate` is skipped by default too: routing is a discrete choice, and a small
-error in its logits changes which experts a token visits).
+A layer may also hold a per-input-channel scale `in_scale` (in,): its weight is then
+Q(W · diag(s)) · diag(1 / s), exactly the AWQ form (Lin et al. 2023) with 1/s folded into the
+dequantized weight, so a search that picked s measured exactly what the layer computes.
+Error-compensating quantizers (GPTQ, AWQ) live in the stage scratchlm/quantize/; they produce the
+codes and scales of these same formats.
+
+A quantized model is a checkpoint: `quant_record` describes its quantized layers (name -> format,
+group size, whether it has an input scale) as JSON, and `apply_quant_record` rebuilds that
+structure (empty QuantLinear layers) in a freshly built model before the packed buffers are loaded.
+The codes, scales and input scales keep their storage dtypes when the model is cast
+(`model.half()`, `model.to(torch.bfloat16)` move them but do not convert them: the format is the
+storage); the bias follows the cast.
+
+Left out: double quantization of the scales (QLoRA), activation quantization (SmoothQuant).
+The 3-D expert tensors of the MoE model are parameters, not nn.Linear, and stay full precision
+(its router `gate` is skipped by default too: routing is a discrete choice, and a small error in
+its logits changes which experts a token visits).
 """
 
 from __future__ import annotations
@@ -46,6 +68,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +78,25 @@ from scratchlm.errors import UserError
 
 INT8_MAX = 127  # symmetric int8 grid [-127, 127]
 INT4_MAX = 7  # symmetric int4 grid [-7, 7] (the nibble also holds -8, never produced)
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+FORMATS = ("int8", "int4", "nf4", "fp8")
+FORMAT_BITS = {"int8": 8, "fp8": 8, "int4": 4, "nf4": 4}
+GROUPED = ("int4", "nf4")  # formats with one scale per (row, group); the others have one per row
+
+
+def _nf4_levels() -> torch.Tensor:
+    """QLoRA's 16 NormalFloat levels, ascending in [-1, 1]: standard-normal quantiles at 8 evenly
+    spaced probabilities from 0.5 up to `p` (the positive half), 7 down from 1 - p (the negative half,
+    one fewer so that 0 is exact), scaled by the largest. p = 0.9677 is QLoRA's choice, the mean of
+    1 - 1/(2·15) and 1 - 1/(2·16)."""
+    p = 0.9677083
+    pos = torch.special.ndtri(torch.linspace(p, 0.5, 9, dtype=torch.float64)[:-1])  # 8 values > 0
+    neg = -torch.special.ndtri(torch.linspace(p, 0.5, 8, dtype=torch.float64)[:-1])  # 7 values < 0
+    levels = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
+    return (levels / levels.abs().max()).float()
+
+
+NF4_LEVELS = _nf4_levels()  # (16,) fp32, index 7 is 0.0
 DEFAULT_SKIP = ("lm_head", "output", "wte", "tok_embeddings", "gate")
 
 
@@ -160,16 +202,140 @@ def dequantize_int4(
     return w[:, :in_features].to(dtype) if in_features is not None else w.to(dtype)
 
 
+# -- nf4: per group of inputs, a normal-float level index per nibble ------------------------------
+def _group_absmax_scales(w: torch.Tensor, group_size: int, top: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, in) -> (w padded and viewed (out, G, group_size), fp16 scales (out, G) = absmax / top,
+    rounded up so that |w / s| <= top)."""
+    check_group_size(group_size)
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    w = w.detach().float()
+    pad = -w.size(1) % group_size
+    if pad:
+        w = F.pad(w, (0, pad))  # zeros: level 0 exactly, sliced off when dequantizing
+    g = w.view(w.size(0), -1, group_size)  # (out, G, group_size)
+    absmax = g.abs().amax(dim=-1)  # (out, G)
+    return g, _fp16_ceil(torch.where(absmax > 0, absmax / top, torch.ones_like(absmax)))
+
+
+def nf4_codes(x: torch.Tensor) -> torch.Tensor:
+    """Values in [-1, 1] -> the index (int8, 0..15) of the nearest NF4 level."""
+    levels = NF4_LEVELS.to(x.device)
+    mids = (levels[1:] + levels[:-1]) / 2  # (15,) decision boundaries
+    return torch.bucketize(x.contiguous(), mids).to(torch.int8)
+
+
+def quantize_nf4(w: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, in) -> packed uint8 (out, in_padded / 2) level indices and fp16 absmax scales (out, G)."""
+    g, scales = _group_absmax_scales(w, group_size, 1.0)
+    idx = nf4_codes(g / scales.float()[..., None])  # (out, G, group_size) in 0..15
+    return pack_int4(idx.view(g.size(0), -1) - 8), scales  # pack_int4 stores code + 8: the index itself
+
+
+def dequantize_nf4(
+    packed: torch.Tensor, scales: torch.Tensor, in_features: int | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """packed (out, in_padded / 2) and scales (out, G) -> weight (out, in_features) in `dtype`."""
+    out, n_groups = scales.shape
+    idx = (unpack_int4(packed).long() + 8).view(out, n_groups, -1)  # (out, G, group_size)
+    w = (NF4_LEVELS.to(packed.device)[idx] * scales.float()[..., None]).view(out, -1)
+    return w[:, :in_features].to(dtype) if in_features is not None else w.to(dtype)
+
+
+# -- fp8: E4M3 per output row --------------------------------------------------------------------
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, in) -> float8_e4m3fn values (out, in) and fp32 scales (out,), w ≈ q · s, |q| <= 448."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    w = w.detach().float()
+    absmax = w.abs().amax(dim=1)  # (out,)
+    scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
+    q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise UserError(f"quantization format {fmt!r} is unsupported", fix=f"use one of {', '.join(FORMATS)}")
+
+
+def quantize_weight(w: torch.Tensor, fmt: str, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest in any format: (storage codes, scales) as `QuantLinear` holds them."""
+    check_format(fmt)
+    if fmt == "int8":
+        return quantize_int8(w)
+    if fmt == "fp8":
+        return quantize_fp8(w)
+    return quantize_int4(w, group_size) if fmt == "int4" else quantize_nf4(w, group_size)
+
+
+def dequantize_weight(
+    qweight: torch.Tensor, scales: torch.Tensor, fmt: str, in_features: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Any format back to a (out, in_features) weight in `dtype` (computed in fp32)."""
+    check_format(fmt)
+    if fmt == "int8":
+        return dequantize_int8(qweight, scales, dtype)
+    if fmt == "fp8":
+        return dequantize_fp8(qweight, scales, dtype)
+    if fmt == "int4":
+        return dequantize_int4(qweight, scales, in_features, dtype)
+    return dequantize_nf4(qweight, scales, in_features, dtype)
+
+
+# -- the same rounding, one column block at a time (for error-compensating quantizers) -------------
+GRID_TOP = {"int8": float(INT8_MAX), "int4": float(INT4_MAX), "nf4": 1.0, "fp8": FP8_MAX}
+
+
+def absmax_scales(absmax: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The scale each format gives a row (or group) of largest magnitude `absmax`, in its storage
+    dtype: fp32 for int8 and fp8, fp16 rounded up for int4 and nf4 (as the quantize_* functions)."""
+    s = torch.where(absmax > 0, absmax.float() / GRID_TOP[fmt], torch.ones_like(absmax, dtype=torch.float32))
+    return _fp16_ceil(s) if fmt in GROUPED else s
+
+
+def grid_round(w: torch.Tensor, scale: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, k) fp32 and one scale per row (out,) -> (codes (out, k), the values they stand for
+    (out, k) fp32). Codes: int8 in [-127, 127] (int8), int8 in [-8, 7] (int4), int8 level indices
+    0..15 (nf4), float8_e4m3fn (fp8). Values beyond the grid clip (RTN never produces them; GPTQ's
+    error feedback can). For weights RTN would see, bit-identical to the quantize_* functions."""
+    s = scale.float()[:, None]
+    if fmt == "int8":
+        codes = torch.round(w / s).clamp(-INT8_MAX, INT8_MAX)
+        return codes.to(torch.int8), codes * s
+    if fmt == "int4":
+        codes = torch.round(w / s).clamp(-8, INT4_MAX)
+        return codes.to(torch.int8), codes * s
+    if fmt == "nf4":
+        idx = nf4_codes((w / s).clamp(-1.0, 1.0))
+        return idx, NF4_LEVELS.to(w.device)[idx.long()] * s
+    check_format(fmt)
+    codes = (w / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes, codes.float() * s
+
+
+def pack_codes(codes: torch.Tensor, fmt: str) -> torch.Tensor:
+    """`grid_round`'s codes (out, in) -> `QuantLinear.qweight` storage (nibbles for int4 and nf4)."""
+    if fmt == "int4":
+        return pack_int4(codes)
+    if fmt == "nf4":
+        return pack_int4(codes - 8)
+    return codes
+
+
 def dequantize(
     qweight: torch.Tensor, scales: torch.Tensor, bits: int, in_features: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Either format back to a (out, in_features) weight in `dtype`."""
-    if bits == 8:
-        return dequantize_int8(qweight, scales, dtype)
-    if bits == 4:
-        return dequantize_int4(qweight, scales, in_features, dtype)
-    raise UserError(f"quantization bits={bits} is unsupported", fix="use 8 or 4")
+    """int8 (bits=8) or int4 (bits=4) back to a (out, in_features) weight in `dtype`."""
+    if bits not in (4, 8):
+        raise UserError(f"quantization bits={bits} is unsupported", fix="use 8 or 4")
+    return dequantize_weight(qweight, scales, "int8" if bits == 8 else "int4", in_features, dtype)
 
 
 # -- the layer -----------------------------------------------------------------------------------
@@ -190,51 +356,86 @@ class _DequantMatmul(torch.autograd.Function):
 
 
 class QuantLinear(nn.Module):
-    """A frozen linear layer with an int8 or int4 weight (see the module docstring).
+    """A frozen linear layer with a quantized weight (see the module docstring).
 
-    Buffers: `qweight` (int8 (out, in), or uint8 (out, in_padded / 2) for int4), `scales` (fp32
-    (out,), or fp16 (out, G) for int4), `bias` (fp32 (out,) or None). `group_size` is 0 for int8
-    (one scale per row). `model.half()` and friends cast the scales and bias too; the dequantized
-    weight is computed in fp32 either way and then cast to the input's dtype."""
+    Buffers: `qweight` (int8 (out, in) for int8, float8_e4m3fn (out, in) for fp8, uint8
+    (out, in_padded / 2) for int4 and nf4), `scales` (fp32 (out,) for int8 and fp8, fp16 (out, G)
+    for int4 and nf4), `in_scale` (fp32 (in,), only when built with `in_scale=True`), `bias`
+    (fp32 (out,) or None). `group_size` is 0 for the per-row formats. `bits` (8 or 4) picks int8 or
+    int4 when `fmt` is not given. The dequantized weight is computed in fp32 and then cast to the
+    input's dtype."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, bits: int = 8, group_size: int = 64,
-        device: torch.device | str | None = None,
+        device: torch.device | str | None = None, fmt: str | None = None, in_scale: bool = False,
     ) -> None:
         super().__init__()
-        if bits not in (4, 8):
-            raise UserError(f"quantization bits={bits} is unsupported", fix="use 8 or 4")
-        self.in_features, self.out_features, self.bits = in_features, out_features, bits
-        if bits == 8:
-            self.group_size = 0
-            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-            self.register_buffer("scales", torch.ones(out_features, device=device))
-        else:
+        if fmt is None:
+            if bits not in (4, 8):
+                raise UserError(f"quantization bits={bits} is unsupported", fix="use 8 or 4")
+            fmt = "int8" if bits == 8 else "int4"
+        check_format(fmt)
+        self.in_features, self.out_features, self.fmt, self.bits = in_features, out_features, fmt, FORMAT_BITS[fmt]
+        if fmt in GROUPED:
             check_group_size(group_size)
             self.group_size = group_size
             padded = -(-in_features // group_size) * group_size
-            self.register_buffer("qweight", torch.full((out_features, padded // 2), 0x88, dtype=torch.uint8,
-                                                       device=device))  # 0x88: two zero codes
+            fill = 0x88 if fmt == "int4" else 0x77  # two zero codes: int4 code 0, nf4 level 7 (0.0)
+            self.register_buffer("qweight", torch.full((out_features, padded // 2), fill, dtype=torch.uint8,
+                                                       device=device))
             self.register_buffer("scales", torch.ones(out_features, padded // group_size, dtype=torch.float16,
                                                       device=device))
+        else:
+            self.group_size = 0
+            dtype = torch.int8 if fmt == "int8" else torch.float8_e4m3fn
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=dtype, device=device))
+            self.register_buffer("scales", torch.ones(out_features, device=device))
+        self.register_buffer("in_scale", torch.ones(in_features, device=device) if in_scale else None)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int = 64) -> QuantLinear:
-        """Quantize an nn.Linear (its weight and bias are copied, the original is left as it was)."""
+    def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int = 64, fmt: str | None = None,
+                    in_scale: torch.Tensor | None = None) -> QuantLinear:
+        """Round-to-nearest quantize an nn.Linear (its weight and bias are copied, the original is left
+        as it was). `in_scale` (in,): quantize W · diag(in_scale) instead, and divide it out again when
+        dequantizing (AWQ's scaling)."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size,
-                    device=linear.weight.device)
-        w = linear.weight.detach()
-        q, s = quantize_int8(w) if bits == 8 else quantize_int4(w, group_size)
-        layer.qweight.copy_(q)
-        layer.scales.copy_(s)
+                    device=linear.weight.device, fmt=fmt, in_scale=in_scale is not None)
+        w = linear.weight.detach().float()
+        if in_scale is not None:
+            layer.in_scale.copy_(in_scale)
+            w = w * layer.in_scale[None, :]
+        layer.set_codes(*quantize_weight(w, layer.fmt, group_size))
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach().float())
         return layer
 
+    def set_codes(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        """Load codes and scales computed elsewhere (GPTQ), in this layer's storage format."""
+        fits = qweight.shape == self.qweight.shape and qweight.dtype == self.qweight.dtype
+        if not fits or scales.shape != self.scales.shape:
+            raise ValueError(f"codes {tuple(qweight.shape)} {qweight.dtype} / scales {tuple(scales.shape)} do not fit "
+                             f"{self.fmt} storage {tuple(self.qweight.shape)} / {tuple(self.scales.shape)}")
+        self.qweight.copy_(qweight)
+        self.scales.copy_(scales)
+
+    def _apply(self, fn, recurse=True):
+        # The codes and scales are the storage format: a cast of the model (half(), to(bfloat16))
+        # must not convert them, only a move to another device may. fn applied to an empty probe
+        # tells which device it moves to.
+        keep = {k: b for k, b in self._buffers.items() if k in ("qweight", "scales", "in_scale") and b is not None}
+        super()._apply(fn, recurse)
+        for k, b in keep.items():
+            device = fn(torch.empty(0, device=b.device)).device
+            self._buffers[k] = b.to(device)
+        return self
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight (out, in) as the codes and scales represent it."""
-        return dequantize(self.qweight, self.scales, self.bits, self.in_features, dtype)
+        """The weight (out, in) as the codes and scales (and the input scale) represent it."""
+        w = dequantize_weight(self.qweight, self.scales, self.fmt, self.in_features)
+        if self.in_scale is not None:
+            w = w / self.in_scale.float()[None, :]
+        return w.to(dtype)
 
     def to_linear(self) -> nn.Linear:
         """A full-precision nn.Linear holding the dequantized weight (e.g. to merge LoRA into it)."""
@@ -251,30 +452,70 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        grouping = "per-row" if self.bits == 8 else f"group_size={self.group_size}"
+        grouping = f"group_size={self.group_size}" if self.group_size else "per-row"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits={self.bits}, {grouping}")
+                f"format={self.fmt}, {grouping}" + (", in_scale" if self.in_scale is not None else ""))
 
 
 # -- whole models --------------------------------------------------------------------------------
-def quantize_model(
-    model: nn.Module, bits: int = 8, group_size: int = 64, skip: Iterable[str] = DEFAULT_SKIP
-) -> int:
-    """Replace every nn.Linear of `model` (in place) by a QuantLinear, except those whose name
-    matches a `skip` pattern (see `name_matches`) and those whose weight is shared with another
-    module (a tied output head). Returns how many were replaced."""
-    if bits not in (4, 8):
-        raise UserError(f"quantization bits={bits} is unsupported", fix="use 8 or 4")
-    if bits == 4:
-        check_group_size(group_size)
+def quantizable_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[str]:
+    """Names of the nn.Linear layers `quantize_model` replaces, in module order: all but those
+    matching a `skip` pattern (see `name_matches`) and those whose weight is shared with another
+    module (a tied output head)."""
     skip = tuple(skip)
     # how many modules hold each parameter: 2 for a head tied to the embedding
     owners = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
-    names = [name for name, m in model.named_modules()
-             if name and isinstance(m, nn.Linear) and owners[id(m.weight)] == 1 and not name_matches(name, skip)]
+    return [name for name, m in model.named_modules()
+            if name and isinstance(m, nn.Linear) and owners[id(m.weight)] == 1 and not name_matches(name, skip)]
+
+
+def quantize_model(
+    model: nn.Module, bits: int = 8, group_size: int = 64, skip: Iterable[str] = DEFAULT_SKIP,
+    fmt: str | None = None,
+) -> int:
+    """Replace every nn.Linear of `model` (in place) by a round-to-nearest QuantLinear, except those
+    `quantizable_linears` leaves out. `fmt` (int8, int4, nf4, fp8) overrides `bits` (8: int8, 4:
+    int4). Returns how many were replaced."""
+    if fmt is None:
+        if bits not in (4, 8):
+            raise UserError(f"quantization bits={bits} is unsupported", fix="use 8 or 4")
+        fmt = "int8" if bits == 8 else "int4"
+    check_format(fmt)
+    if fmt in GROUPED:
+        check_group_size(group_size)
+    names = quantizable_linears(model, skip)
     for name in names:
-        model.set_submodule(name, QuantLinear.from_linear(model.get_submodule(name), bits, group_size))
+        model.set_submodule(name, QuantLinear.from_linear(model.get_submodule(name), group_size=group_size, fmt=fmt))
     return len(names)
+
+
+def quant_record(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The quantized structure of `model` as JSON: layer name -> format, group size, whether it has
+    an input scale and a bias (`apply_quant_record` rebuilds it)."""
+    return {name: {"format": m.fmt, "group_size": m.group_size, "in_scale": m.in_scale is not None,
+                   "bias": m.bias is not None}
+            for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def apply_quant_record(model: nn.Module, layers: dict[str, dict[str, Any]], source: str = "the quant record") -> int:
+    """Replace each named nn.Linear by an empty QuantLinear of the recorded format (its buffers are
+    then loaded from the checkpoint). A name that is not an nn.Linear of this model is refused."""
+    for name, spec in layers.items():
+        try:
+            linear = model.get_submodule(name)
+            fmt, group_size, in_scale = spec["format"], int(spec["group_size"]), bool(spec["in_scale"])
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{source}: layer {name!r} is unreadable or not in this model ({type(e).__name__}: {e})",
+                            fix="the record was written for another model; quantize the checkpoint again") from None
+        if not isinstance(linear, nn.Linear):
+            raise UserError(f"{source}: {name} is a {type(linear).__name__}, not a linear layer",
+                            fix="the record was written for another model; quantize the checkpoint again")
+        check_format(fmt)
+        layer = QuantLinear(linear.in_features, linear.out_features, bool(spec.get("bias", linear.bias is not None)),
+                            group_size=group_size if fmt in GROUPED else 64, device=linear.weight.device, fmt=fmt,
+                            in_scale=in_scale)
+        model.set_submodule(name, layer)
+    return len(layers)
 
 
 def dequantize_model(model: nn.Module) -> int:
@@ -311,6 +552,8 @@ def weight_bytes(model: nn.Module) -> WeightBytes:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             quantized += m.qweight.numel() * m.qweight.element_size() + m.scales.numel() * m.scales.element_size()
+            if m.in_scale is not None:
+                quantized += m.in_scale.numel() * m.in_scale.element_size()
             quantized_fp32 += m.in_features * m.out_features * 4
             if m.bias is not None:
                 other += m.bias.numel() * m.bias.element_size()
