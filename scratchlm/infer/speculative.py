@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm.config import SampleConfig
+from scratchlm.errors import UserError
 from scratchlm.infer.engine import SLIDE_KEEP, Engine, first_stop, trim_at
 from scratchlm.infer.kv_cache import KVCache
 from scratchlm.infer.sample import (
@@ -172,7 +173,7 @@ class ModelDraft:
         return tokens, dists
 
 
-class _LastHidden:
+class LastHidden:
     """The input of a model's LM head (its final normed hidden states (B, T, C)), kept by a hook."""
 
     def __init__(self, model: LanguageModel) -> None:
@@ -185,7 +186,7 @@ class _LastHidden:
 
 class SpeculativeDecoder:
     """Generation from `target` (an Engine) with `draft` proposing up to k tokens per target forward.
-    `stats` counts over the last `generate` call."""
+    `stats` counts over every `generate` call since it was made (or last replaced)."""
 
     def __init__(self, target: Engine, draft: Draft, k: int = 4) -> None:
         if k < 1:
@@ -206,10 +207,17 @@ class SpeculativeDecoder:
         decode: Callable[[list[int]], str] | None = None,
         on_token: Callable[[int, int], None] | None = None,
         generator: torch.Generator | None = None,
+        cache: str = "kv",
+        sink_tokens: int = 4,
+        window: int = 0,
     ) -> list[list[int]]:
-        """As `Engine.generate` (kv cache only): each prompt continued by up to cfg.max_new_tokens tokens,
-        stopping at eos_id (not kept) or a stop string (trimmed); the tokenizer supplies the defaults."""
+        """As `Engine.generate`, whose place it takes (`sample`, chat): each prompt continued by up to
+        cfg.max_new_tokens tokens, stopping at eos_id (not kept) or a stop string (trimmed); the tokenizer
+        supplies the defaults. Only the KV cache can roll back: sink_tokens and window are unused."""
         check_sample_config(cfg)
+        if cache != "kv":
+            raise UserError(f"sample.cache={cache} cannot roll back rejected drafts",
+                            fix="use sample.cache=kv with a draft")
         tok = self.target.tokenizer
         decode = decode or (tok.decode if tok is not None else None)
         valid_vocab = valid_vocab if valid_vocab is not None else (tok.vocab_size if tok is not None else None)
@@ -220,12 +228,11 @@ class SpeculativeDecoder:
             raise ValueError("every prompt needs at least one token (start from the EOS token for an empty prompt)")
         if generator is None:
             generator = torch.Generator(device=self.target.device).manual_seed(cfg.seed)
-        self.stats = SpecStats()
         modules = [self.target.model, self.draft.module]
         was = [m.training for m in modules]
         for m in modules:
             m.eval()  # no dropout while sampling
-        hidden = _LastHidden(self.target.model) if self.draft.needs_features else None
+        hidden = LastHidden(self.target.model) if self.draft.needs_features else None
         try:
             return [self._run(list(p), r, cfg, eos_id, valid_vocab, decode, on_token, generator, hidden)
                     for r, p in enumerate(prompts)]
@@ -236,7 +243,7 @@ class SpeculativeDecoder:
                 m.train(w)
 
     def _run(self, prompt: list[int], row: int, cfg: SampleConfig, eos_id: int | None, valid_vocab: int | None,
-             decode, on_token, generator: torch.Generator, hidden: _LastHidden | None) -> list[int]:
+             decode, on_token, generator: torch.Generator, hidden: LastHidden | None) -> list[int]:
         engine, n_new, greedy = self.target, cfg.max_new_tokens, cfg.temperature == 0
         ctx = engine.context()
         if len(prompt) > ctx:
