@@ -392,6 +392,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.ones(out_features, device=device))
         self.register_buffer("in_scale", torch.ones(in_features, device=device) if in_scale else None)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.kernel = "reference"  # the inference matmul path, see `use_kernel`
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int = 64, fmt: str | None = None,
@@ -447,8 +448,50 @@ class QuantLinear(nn.Module):
                 linear.bias.copy_(self.bias)
         return linear
 
+    # -- matmul paths: "reference" (dequantize to fp32, cast to the input's dtype, F.linear) serves
+    # training and is what every other path is tested against; the others serve inference only (no
+    # gradient) and are picked per machine by scratchlm/model/qkernels.py.
+    KERNELS = {"int8": ("reference", "dequant_bf16", "int8pack"), "fp8": ("reference", "dequant_bf16"),
+               "int4": ("reference", "dequant_bf16", "int4pack"), "nf4": ("reference", "dequant_bf16")}
+
+    def use_kernel(self, kernel: str) -> None:
+        """Switch the inference matmul path (`KERNELS[fmt]`); int4pack builds PyTorch's packed CPU
+        layout (a non-persistent buffer: the checkpoint keeps our own format)."""
+        if kernel not in self.KERNELS[self.fmt]:
+            raise ValueError(f"kernel {kernel!r} is not available for {self.fmt} (have {self.KERNELS[self.fmt]})")
+        self.kernel = kernel
+        if kernel == "int4pack" and getattr(self, "int4pack", None) is None:
+            codes = (unpack_int4(self.qweight).to(torch.int32) + 8).contiguous()  # (out, in_padded) nibbles 0..15
+            self.register_buffer("int4pack", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
+                                 persistent=False)
+            sz = torch.stack([self.scales.float().T, torch.zeros_like(self.scales.float().T)], dim=-1)
+            self.register_buffer("int4pack_sz", sz.contiguous(), persistent=False)  # (G, out, 2): scale, zero
+
+    def _fast(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.kernel
+        if self.in_scale is not None:
+            x = x / self.in_scale.to(x.dtype)
+        if kernel == "dequant_bf16":  # dequantize straight into bf16, bf16 matmul
+            if self.fmt in ("int8", "fp8"):
+                w = self.qweight.to(torch.bfloat16) * self.scales.to(torch.bfloat16)[:, None]
+            else:
+                w = dequantize_weight(self.qweight, self.scales, self.fmt, self.in_features, torch.bfloat16)
+            return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        if kernel == "int8pack":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales.to(x.dtype))
+        else:  # int4pack
+            if self.in_features % self.group_size:
+                x2 = F.pad(x2, (0, -self.in_features % self.group_size))
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.int4pack, self.group_size,
+                                                            self.int4pack_sz.to(x.dtype))
+        return y.view(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _DequantMatmul.apply(x, self)
+        if self.kernel != "reference" and not (torch.is_grad_enabled() and x.requires_grad):
+            y = self._fast(x)
+        else:
+            y = _DequantMatmul.apply(x, self)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
