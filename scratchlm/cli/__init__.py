@@ -46,6 +46,7 @@ from scratchlm.cli.commands import (
     cmd_viz_attention,
     cmd_viz_routing,
 )
+from scratchlm.cli.draft import add_parsers as add_draft_parsers
 from scratchlm.cli.eval import add_parsers as add_eval_parsers
 from scratchlm.cli.quantize import add_parsers as add_quantize_parsers
 from scratchlm.cli.report import add_parsers as add_report_parsers
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_align_parsers(verbs, with_common, writes)
     add_rl_parsers(verbs, with_common, writes)
     add_eval_parsers(verbs, with_common, writes)
+    add_draft_parsers(verbs, with_common, writes)
     add_quantize_parsers(verbs, with_common, writes)
     add_report_parsers(verbs, with_common, writes)
 
@@ -234,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = generating(with_common(verbs.add_parser("sample", help="generate text from a checkpoint")),
                     "a run folder or a checkpoint folder")
     sp.add_argument("--prompt", default="", help="text to continue (default: start from the EOS token)")
+    sp.add_argument("--draft", help="speculative decoding: a draft head folder (scratchlm train-draft) or a smaller "
+                                    "checkpoint with the same tokenizer; prints the mean accepted length")
+    sp.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per target forward")
     sp.set_defaults(fn=cmd_sample)
 
     viz = verbs.add_parser("viz", help="pictures of a model's insides")

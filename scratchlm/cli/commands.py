@@ -257,6 +257,8 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
         raise UserError(f"{wrong[0].split('=')[0]}: sample takes only --sample.KEY=VALUE settings",
                         fix="model and training settings come from the checkpoint")
     check_sample_config(apply_overrides(Config(), overrides).sample)  # fail before loading weights
+    if args.draft is not None and args.draft_k < 1:
+        raise UserError(f"--draft-k {args.draft_k} must be >= 1", fix="the draft proposes at least one token")
     model, tok, cfg = load_model_for_inference(args.ckpt, str(pick_device(args.device, flag="--device")),
                                                adapters=args.adapters)
     sc = apply_overrides(cfg, overrides).sample
@@ -266,7 +268,19 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"scratchlm: warning: the prompt is {len(ids)} tokens; the model sees only the last {block}",
               file=sys.stderr)
         ids = ids[-block:]
-    sample_text(Engine(model, tok), tok, args.prompt, ids, sc, _write)
+    if args.draft is None:
+        sample_text(Engine(model, tok), tok, args.prompt, ids, sc, _write)
+        return
+    from scratchlm.infer.eagle import load_draft
+    from scratchlm.infer.speculative import SpeculativeDecoder
+
+    draft = load_draft(args.draft, model, tok, str(next(model.parameters()).device))
+    spec = SpeculativeDecoder(Engine(model, tok), draft, args.draft_k)
+    sample_text(spec, tok, args.prompt, ids, sc, _write)
+    st = spec.stats
+    print(f"scratchlm: speculative decoding, k={args.draft_k}: {st.produced} tokens from {st.forwards} target "
+          f"forwards, mean accepted length {st.mean_accepted:.2f} ({st.accepted}/{st.drafted} drafted tokens "
+          "accepted)", file=sys.stderr)
 
 
 def cmd_viz_attention(args: argparse.Namespace, overrides: list[str]) -> None:
