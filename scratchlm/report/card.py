@@ -352,9 +352,8 @@ def eval_html(run: Run) -> str:
         return ""
     parts = []
     for e in run.evals:
-        where = "the run" if e.rel == "." else f"{e.rel}/"
         took = f", {e.seconds:.1f}s" if e.seconds is not None else ""
-        parts.append(f"<p>Scored by <code>scratchlm eval</code> ({html.escape(where)}eval/summary.json): "
+        parts.append(f"<p>Scored by <code>scratchlm eval</code> ({html.escape(e.file)}): "
                      f"model <code>{html.escape(e.model)}</code>{html.escape(took)}.</p>")
         parts.append(table(["task", "kind", "metric", "value", "n"],
                            [[str(r.get("task", "")), str(r.get("kind", "")), str(r.get("metric", "")),
@@ -367,7 +366,7 @@ def timings(run: Run) -> dict[str, tuple[float, str]]:
     out = {s.title: (s.seconds, "file times") for s in run.stages if s.seconds is not None}
     for e in run.evals:
         if e.seconds is not None:
-            out[f"evaluation ({e.rel}/)" if e.rel != "." else "evaluation"] = (e.seconds, "eval/summary.json")
+            out[f"evaluation ({e.rel}/)" if e.rel != "." else "evaluation"] = (e.seconds, e.file)
     if run.total_seconds is not None:
         out["whole run"] = (run.total_seconds, "report.md")
     return out
@@ -413,7 +412,7 @@ def _single_sections(run: Run) -> list[tuple[str, str, str]]:
     out += [("curves", "Loss curves", curves), ("training", "Training numbers", training_html(run))]
     out += [(f"s-{_slug(s.key)}", s.title, stage_html(s, run)) for s in run.stages]
     out += [(f"r-{_slug(t)}", t, md.blocks_html(b)) for t, b in run.sections_after]
-    out += [("eval", "Evaluation", eval_html(run)), ("timings", "Timings", timings_html(run)),
+    out += [("eval", "Eval scores", eval_html(run)), ("timings", "Timings", timings_html(run)),
             ("pictures", "Other pictures", pictures_html(run))]
     out.append(("notes", "Notes", notes_html([run])))  # last: pictures above may add to the notes
     return out
@@ -495,7 +494,7 @@ def _compare_sections(a: Run, b: Run) -> list[tuple[str, str, str]]:
                 for w, task, kind, metric, v, _ in eval_rows(r)}
 
     header = "task|kind|metric" if one_each else "where|task|kind|metric"
-    out.append(("eval", "Evaluation", _two_columns(header, a, b, scores(a), scores(b), delta=True, show=eval_value)))
+    out.append(("eval", "Eval scores", _two_columns(header, a, b, scores(a), scores(b), delta=True, show=eval_value)))
     ta = {(k,): round(v, 1) for k, (v, _) in timings(a).items()}
     tb = {(k,): round(v, 1) for k, (v, _) in timings(b).items()}
     out.append(("timings", "Timings (seconds)", _two_columns("what", a, b, ta, tb)))

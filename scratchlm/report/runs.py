@@ -63,10 +63,11 @@ class Stage:
 
 @dataclass
 class EvalResult:
-    rel: str  # the folder holding eval/summary.json, relative to the run
+    rel: str  # the stage (or evaluation/<model>) folder it belongs to, relative to the run
     model: str
     seconds: float | None
     rows: list[dict[str, Any]]
+    file: str = "summary.json"  # the summary itself, relative to the run
 
 
 @dataclass
@@ -238,7 +239,8 @@ def read_run(path: str | os.PathLike) -> Run:
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
                 p.append(f"{where}: \"rows\" is not a list of records")
                 rows = []
-            run.evals.append(EvalResult(rel, str(summary.get("model", "")), number(summary.get("seconds")), rows))
+            run.evals.append(EvalResult(rel, str(summary.get("model", "")), number(summary.get("seconds")), rows,
+                                        where.relative_to(path).as_posix()))
 
     if (path / "tokenizer.json").is_file():
         tok = read_json(path / "tokenizer.json", p)

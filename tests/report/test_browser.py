@@ -55,7 +55,7 @@ def test_the_rendered_page_has_the_tables_and_every_picture_decodes(chromium, ca
     dom = browse(chromium, card, tmp_path / "profile", "--dump-dom")
     rendered = read_card(dom)
     assert len(source.images) == 9 and rendered.images == source.images
-    assert rendered.h2 == source.h2 and "Evaluation" in rendered.h2
+    assert rendered.h2 == source.h2 and "Eval scores" in rendered.h2
     assert rendered.tables == source.tables and len(rendered.tables) >= 10
     assert any(["heldout-bpb", "perplexity", "bits_per_byte", "1.9300", "59"] in t for t in rendered.tables)
     probe = tmp_path / "probe.html"

@@ -81,7 +81,7 @@ def test_demo_card_has_every_section_in_order(tmp_path):
     assert card.h2 == ["Settings", "Corpus", "Tokenizers", "Data", "Loss curves", "Training numbers",
                        "Pretraining (pretrain/)", "Supervised fine-tuning (sft/)", "Reward model (rm/)",
                        "Direct preference optimisation (dpo/)", "Online RL: GRPO (grpo/)",
-                       "Every stage on the same held-out prompts", "Evaluation", "Timings", "Notes"]
+                       "Every stage on the same held-out prompts", "Eval scores", "Timings", "Notes"]
     stages = find_table(card, "stage", "preset", "settings")
     assert [r[:2] for r in stages[1:]] == [["pretrain/", "tiny"], ["sft/", "sft-tiny"], ["rm/", "rm-tiny"],
                                           ["dpo/", "dpo-tiny"], ["grpo/", "grpo-tiny"]]
