@@ -116,7 +116,7 @@ def main() -> None:
         print(f"model: GPT {model.config.n_layer}x{model.config.n_embd}, context {L}, vocab {model.config.vocab_size}, "
               f"{n_params / 1e6:.1f}M parameters; {len(docs)} documents, {sum(lengths):,} tokens, "
               f"{len(windows)} windows ({positions:,} positions run)")
-        print("| way | bits/byte | |diff| to ours | tokens/s | ours-like / HF | MFU |")
+        print("| way | bits/byte | |diff| to ours | tokens/s | speed / lm-eval + HF | MFU |")
         print("|---|---|---|---|---|---|")
         for name in ways:
             tps = sum(lengths) / best[name]
