@@ -1,0 +1,115 @@
+"""Speculative decoding against plain decoding of the same target, batch 1, greedy.
+
+    python bench/specdec.py [--root runs/specdec] [--steps 300] [--threads 1] [--new 64] [--prompts 6]
+
+Trains (once; reused from --root afterwards) a byte-level Llama target on the embedded corpus, a
+smaller Llama draft the same way, and an EAGLE head on the target (`train_draft`); then, on held-out
+prompts (the corpus's validation split), times `Engine.generate` against `SpeculativeDecoder` with
+each draft kind and k, checks that the greedy tokens are identical, and prints tokens/s, the speed
+ratio and the mean accepted length (tokens per target forward). Best of --rounds rounds, so drifts in
+machine load hit both alike; absolute numbers are for this machine only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from scratchlm.checkpoint import load_model_for_inference
+from scratchlm.config import Config, LlamaConfig, SampleConfig
+from scratchlm.data.loader import TokenShards
+from scratchlm.data.prepare import prepare
+from scratchlm.draft.train import DraftTrainSettings, train_draft
+from scratchlm.infer.eagle import load_draft
+from scratchlm.infer.engine import Engine
+from scratchlm.infer.speculative import ModelDraft, SpeculativeDecoder
+from scratchlm.tokenizer import ByteTokenizer
+from scratchlm.train.pretrain import pretrain
+
+
+def train_lm(root: Path, name: str, model: LlamaConfig, steps: int) -> Path:
+    out = root / name
+    if (out / "ckpt").exists():
+        return out
+    cfg = Config(name=name, out_dir=str(out))
+    cfg.data.workers = 1
+    cfg.model = model
+    t = cfg.train
+    t.max_steps, t.batch_size, t.lr, t.warmup_steps = steps, 16, 3e-3, 20
+    t.eval_interval, t.eval_iters, t.tensorboard, t.log_interval, t.precision = steps, 4, False, 50, "fp32"
+    pretrain(cfg, root / "data", progress=False)
+    return out
+
+
+def held_out_prompts(root: Path, n: int, length: int) -> list[list[int]]:
+    shards = TokenShards(root / "data")
+    step = max(1, (shards.tokens("val") - length) // n)
+    return [shards.read("val", i * step, length).tolist() for i in range(n)]
+
+
+def timed(fn, rounds: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", default="runs/specdec")
+    ap.add_argument("--steps", type=int, default=300, help="pretraining steps of the target and the draft")
+    ap.add_argument("--head-steps", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--new", type=int, default=64, help="new tokens per prompt")
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--ks", default="2,4")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    root = Path(args.root)
+    if not (root / "data").exists():
+        cfg = Config()
+        cfg.data.workers = 1
+        prepare(None, ByteTokenizer({"<|endoftext|>": 256}), cfg, root / "data", progress=False)
+    target_dir = train_lm(root, "target", LlamaConfig(block_size=256, n_layer=6, n_head=6, n_kv_head=2, n_embd=384,
+                                                      bias=False), args.steps)
+    draft_dir = train_lm(root, "draft", LlamaConfig(block_size=256, n_layer=1, n_head=2, n_kv_head=1, n_embd=128,
+                                                    bias=False), args.steps)
+    head_dir = root / "head"
+    if not (head_dir / "draft.json").exists():
+        train_draft(target_dir, None, head_dir, DraftTrainSettings(steps=args.head_steps, batch_size=8, seq_len=128,
+                                                                   max_chars=1_000_000))
+    target, tok, _ = load_model_for_inference(target_dir)
+    draft_model, _, _ = load_model_for_inference(draft_dir)
+    prompts = held_out_prompts(root, args.prompts, 32)
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=args.new)
+    engine = Engine(target, tok)
+    n_target = sum(p.numel() for p in target.parameters())
+    n_draft = sum(p.numel() for p in draft_model.parameters())
+    print(f"target {n_target / 1e6:.1f}M params, draft model {n_draft / 1e6:.2f}M, "
+          f"{len(prompts)} held-out prompts x {args.new} new tokens, batch 1, greedy, {args.threads} thread(s)")
+
+    def plain():
+        return [engine.generate([p], cfg)[0] for p in prompts]
+
+    t_plain, ref = timed(plain, args.rounds)
+    n_tok = sum(map(len, ref))
+    print(f"{'draft':<12}{'k':>3}{'tok/s':>9}{'x plain':>9}{'accepted/fwd':>14}{'acceptance':>12}{'identical':>11}")
+    print(f"{'(none)':<12}{'':>3}{n_tok / t_plain:>9.1f}{1.0:>9.2f}{1.0:>14.2f}{'':>12}{'':>11}")
+    for kind in ("model", "eagle"):
+        for k in (int(x) for x in args.ks.split(",")):
+            draft = ModelDraft(draft_model) if kind == "model" else load_draft(head_dir, target, tok)
+            spec = SpeculativeDecoder(engine, draft, k)
+            t, outs = timed(lambda spec=spec: [spec.generate([p], cfg)[0] for p in prompts], args.rounds)
+            s = spec.stats
+            print(f"{kind:<12}{k:>3}{n_tok / t:>9.1f}{t_plain / t:>9.2f}{s.mean_accepted:>14.2f}"
+                  f"{s.acceptance:>12.2f}{str(outs == ref):>11}")
+
+
+if __name__ == "__main__":
+    main()
