@@ -20,7 +20,8 @@ Export (`--from scratchlm --to hf`) goes the other way and writes a folder that
 code (a family's `finish_hf` rewrites the tensors into HF's file layout: the MoE experts one
 matrix each). The exported vocab_size is our padded embedding size (e.g. 50,304 for GPT-2's
 50,257 tokens); the extra rows are never produced by the tokenizer. Non-BPE tokenizers are not
-exported.
+exported. A chat model's `tokenizer_config.json` carries its chat template as Jinja, with <|end|>
+as EOS (`chat_template.py`), so `apply_chat_template` and HF pipelines talk to it as it was trained.
 
 Either way the destination is built under a temporary name and renamed into place, and only an
 empty folder or an earlier output of this converter is replaced.
@@ -41,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from scratchlm.checkpoint import find_checkpoint, load_model_for_inference, save_weights_checkpoint
 from scratchlm.config import Config, TokenizerConfig
 from scratchlm.convert import hf_gpt2, hf_llama, hf_moe
+from scratchlm.convert.chat_template import hf_tokenizer_config
 from scratchlm.convert.hf_common import HFConfig
 from scratchlm.convert.hf_tokenizer import from_tokenizer_json, load_hf_tokenizer
 from scratchlm.errors import UserError
@@ -262,12 +264,18 @@ def export_hf(src: str | Path, dst: str | Path, adapters: str | Path | None = No
     with atomic_dir(dst) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", hf_cfg)
-        write_json(tmp / "generation_config.json", {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id})
+        chat = hf_tokenizer_config(tok)  # a chat model: its template, and it stops at <|end|> too
+        stops = [tok.special_tokens["<|end|>"], tok.eot_id] if chat and tok.eot_id is not None else tok.eot_id
+        write_json(tmp / "generation_config.json", {"bos_token_id": tok.eot_id, "eos_token_id": stops})
         if isinstance(tok, BPETokenizer):
             tok.save_hf(tmp)
+            if chat:
+                fields = json.loads((tmp / "tokenizer_config.json").read_text(encoding="utf-8"))
+                write_json(tmp / "tokenizer_config.json", {**fields, **chat})
     arch = hf_cfg["architectures"][0]
     padded = f" (the tokenizer's {tok.vocab_size} padded up)" if m.vocab_size > tok.vocab_size else ""
-    tok_note = ("tokenizer.json + tokenizer_config.json" if isinstance(tok, BPETokenizer)
+    tok_note = ("tokenizer.json + tokenizer_config.json" + (" with the chat template" if chat else "")
+                if isinstance(tok, BPETokenizer)
                 else f"no tokenizer: the {tok.kind} tokenizer has no HF export")
     print(f"wrote {dst}: {arch}, vocab_size {m.vocab_size}{padded}, {len(tensors)} tensors, config.json, "
           f"{tok_note}; load with AutoModelForCausalLM.from_pretrained({str(dst)!r})")
