@@ -108,6 +108,8 @@ def test_demo_quick(capsys, tmp_path):
     assert "| tasks:all | checked | - |" in evaluation  # the base model answers no chat tasks; the SFT model does
     for name in ("pretrain", "sft"):
         assert (tmp_path / "demo" / "evaluation" / name / "summary.json").exists()
+    faster = report.split("## Faster inference", 1)[1]
+    assert "| int8 |" in faster and "| gptq |" in faster and "identical text" in faster
     card = (tmp_path / "demo" / "report.html").read_text()
     assert "evaluation/pretrain" in card and "evaluation/sft" in card and "bits_per_byte" in card
 
