@@ -358,7 +358,7 @@ class Scheduler:
                 r.first_token_at = now
                 self.metrics.observe_ttft(now - r.submitted)
             r.sampled += 1
-            if r.params.logprobs is not None and t not in r.params.stop_ids:
+            if r.params.logprobs is not None:  # a stop token's too: the text ends, the scores do not
                 lp = F.log_softmax(mask_padding(logits[i : i + 1], self.valid_vocab)[0], dim=-1)
                 r.pending_logprobs.append(self._logprob(lp, t, r.params.logprobs))
             if self._advance(r, t):

@@ -1,0 +1,47 @@
+"""`scratchlm serve`: load a checkpoint, start the scheduler's loop, and serve the API with uvicorn.
+
+Binds 127.0.0.1 unless told otherwise; a server reachable from other machines without an API key is
+allowed (a private network may want it) but warned about.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from scratchlm.checkpoint import load_model_for_inference
+from scratchlm.errors import UserError
+from scratchlm.infer.engine import Engine
+from scratchlm.serve.api import Settings, create_app
+from scratchlm.serve.scheduler import Scheduler
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def build_app(ckpt: str | Path, settings: Settings, *, device: str = "cpu", adapters: str | None = None,
+              max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 2048) -> FastAPI:
+    """The app over a checkpoint; its scheduler starts with the app (uvicorn's lifespan)."""
+    for name, v in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--prefill-tokens", prefill_tokens)):
+        if v < 1:
+            raise UserError(f"{name}={v} must be >= 1")
+    model, tok, _ = load_model_for_inference(ckpt, device, adapters=adapters)
+    scheduler = Scheduler(Engine(model, tok), tok, max_batch=max_batch, max_queue=max_queue,
+                          prefill_tokens=prefill_tokens)
+    app = create_app(scheduler, tok, settings)
+    app.state.scheduler = scheduler
+    return app
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, sock: socket.socket | None = None,
+          log_level: str = "info") -> None:
+    """Run the app until Ctrl-C / SIGTERM (uvicorn's own handling)."""
+    if host not in LOOPBACK and app.state.settings.api_key is None:
+        print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the model",
+              file=sys.stderr)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock] if sock is not None else None)
