@@ -257,11 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="routing.png")
     sp.set_defaults(fn=cmd_viz_routing)
 
-    sp = writes(with_common(verbs.add_parser("convert", help="HF transformers checkpoints <-> scratchlm checkpoints")))
+    sp = writes(with_common(verbs.add_parser("convert", help="HF transformers checkpoints <-> scratchlm checkpoints; "
+                                                             "scratchlm -> GGUF (llama.cpp)")))
     sp.add_argument("src", help="an HF model folder (config.json + weights) or a scratchlm run/checkpoint")
-    sp.add_argument("dst", help="the folder to write")
+    sp.add_argument("dst", help="the folder to write (with --to gguf: the .gguf file)")
     sp.add_argument("--from", dest="from_", choices=["hf", "scratchlm"], required=True)
-    sp.add_argument("--to", choices=["hf", "scratchlm"], required=True)
+    sp.add_argument("--to", choices=["hf", "scratchlm", "gguf"], required=True)
+    sp.add_argument("--dtype", choices=["f32", "f16", "q8_0"],
+                    help="with --to gguf: the matrices' type (default f32; norms stay f32)")
     sp.add_argument("--tokenizer", help="with --from hf: a scratchlm tokenizer file to bundle (default: byte-level "
                                         "GPT-2 files in the HF folder, if present)")
     sp.add_argument("--adapters", help="with --from scratchlm: " + ADAPTERS_HELP + " (exported merged)")

@@ -305,9 +305,9 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> None:
     from scratchlm.convert import convert
 
     check_output_path(args.dst, overwrite=args.overwrite, inputs=[args.src, *filter(None, [args.adapters])],
-                      folder=True)
+                      folder=args.to != "gguf")  # GGUF is one file
     convert(args.src, args.dst, src_format=args.from_, dst_format=args.to, tokenizer=args.tokenizer,
-                adapters=args.adapters)
+            adapters=args.adapters, dtype=args.dtype)
 
 
 def cmd_merge(args: argparse.Namespace, overrides: list[str]) -> None:

@@ -43,6 +43,7 @@ from scratchlm.checkpoint import find_checkpoint, load_model_for_inference, save
 from scratchlm.config import Config, TokenizerConfig
 from scratchlm.convert import hf_gpt2, hf_llama, hf_moe
 from scratchlm.convert.chat_template import hf_tokenizer_config
+from scratchlm.convert.gguf_export import export_gguf
 from scratchlm.convert.hf_common import HFConfig
 from scratchlm.convert.hf_tokenizer import from_tokenizer_json, load_hf_tokenizer
 from scratchlm.errors import UserError
@@ -52,7 +53,7 @@ from scratchlm.model.lora import merge_lora
 from scratchlm.model.quant import dequantize_model
 from scratchlm.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
 
-FORMATS = ("hf", "scratchlm")
+FORMATS = ("hf", "scratchlm", "gguf")  # gguf: written only (gguf_export.py)
 FAMILIES: dict[str, ModuleType] = {
     **{arch: hf_gpt2 for arch in hf_gpt2.ARCHITECTURES},
     **{arch: hf_llama for arch in hf_llama.ARCHITECTURES},
@@ -66,21 +67,30 @@ MARK = "scratchlm_converted_from"  # in our outputs' trainer.json / config.json:
 
 
 def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: str,
-            tokenizer: str | Path | None = None, adapters: str | Path | None = None) -> Path:
-    """Import (`src_format="hf"`) or export (`dst_format="hf"`); returns the folder written. The
-    errors name the `scratchlm convert` flags (--from, --to, --tokenizer, --adapters)."""
+            tokenizer: str | Path | None = None, adapters: str | Path | None = None,
+            dtype: str | None = None) -> Path:
+    """Import (`src_format="hf"`) or export (`dst_format="hf"` or `"gguf"`, a file in `dtype`);
+    returns the folder or file written. The errors name the `scratchlm convert` flags (--from, --to,
+    --tokenizer, --adapters, --dtype)."""
     for flag, fmt in (("--from", src_format), ("--to", dst_format)):
         if fmt not in FORMATS:
             raise UserError(f"{flag} {fmt}: unknown format", fix=f"use one of {', '.join(FORMATS)}")
     if src_format == dst_format:
         raise UserError(f"--from {src_format} --to {dst_format}: nothing to convert",
                         fix="convert hf -> scratchlm or scratchlm -> hf")
+    if "gguf" in (src_format, dst_format) and (src_format, dst_format) != ("scratchlm", "gguf"):
+        raise UserError(f"--from {src_format} --to {dst_format}: GGUF is written from scratchlm checkpoints only",
+                        fix="import an HF folder with --to scratchlm first, then export that with --to gguf")
+    if dtype is not None and dst_format != "gguf":
+        raise UserError(f"--dtype {dtype} applies to --to gguf only", fix="drop --dtype")
     if tokenizer is not None and src_format != "hf":
         raise UserError("--tokenizer applies to --from hf only", fix="an export uses the checkpoint's tokenizer")
     if adapters is not None and src_format != "scratchlm":
         raise UserError("--adapters applies to --from scratchlm only", fix="merge them into the export's source")
     if src_format == "hf":
         return import_hf(src, dst, tokenizer=tokenizer)
+    if dst_format == "gguf":
+        return export_gguf(src, dst, dtype=dtype or "f32", adapters=adapters)
     return export_hf(src, dst, adapters=adapters)
 
 
