@@ -3,15 +3,16 @@
 `scratchlm convert RUN out.gguf --from scratchlm --to gguf --dtype f32|f16|q8_0` writes, with
 the `gguf` package's `GGUFWriter` (llama.cpp's own Python writer):
 
-- the architecture as llama.cpp's "llama": `llama.context_length` (our block_size),
-  `embedding_length`, `block_count`, `feed_forward_length`, `attention.head_count(_kv)`,
-  `attention.layer_norm_rms_epsilon`, `rope.freq_base`, `rope.dimension_count` (the head dim:
-  our RoPE rotates all of it), and linear RoPE scaling. Our static "ntk" scaling is plain RoPE
-  with a larger base, written as that base (as in the HF export);
-- the tensors under llama.cpp's names (`token_embd`, `blk.N.attn_q`, ..., `output_norm`,
-  `output`), each (out, in) as in torch; GGUF lists dims innermost first, the writer reverses
-  them. A tied head writes no `output`: llama.cpp (and transformers' GGUF loader) then reuse
-  `token_embd`;
+- the architecture, as llama.cpp's "llama" (our Llama) or "gpt2" (our GPT): `context_length` (our
+  block_size), `embedding_length`, `block_count`, `feed_forward_length`, `attention.head_count`;
+  for llama also `attention.head_count_kv`, `attention.layer_norm_rms_epsilon`, `rope.freq_base`,
+  `rope.dimension_count` (the head dim: our RoPE rotates all of it) and linear RoPE scaling (our
+  static "ntk" scaling is plain RoPE with a larger base, written as that base, as in the HF
+  export); for gpt2 `attention.layer_norm_epsilon`;
+- the tensors under llama.cpp's names (`token_embd`, `blk.N.attn_q` or `attn_qkv`, ...,
+  `output_norm`, `output`), each (out, in) as in torch; GGUF lists dims innermost first, the
+  writer reverses them. A tied head writes no `output`: llama.cpp (and transformers' GGUF
+  loader) then reuse `token_embd`;
 - the tokenizer as `tokenizer.ggml.model = "gpt2"` (byte-level BPE): every id's token in GPT-2's
   byte alphabet, its type (normal, control for our specials, unused for the padded rows named
   `[PAD{id}]`), the merges in priority order, BOS/EOS/EOT/padding ids, and `tokenizer.ggml.pre`,
@@ -24,16 +25,17 @@ are permuted within each head, (2, D/2) -> (D/2, 2): row i goes to 2i, row i + D
 q·k is unchanged (both permuted alike), v and the output projection are untouched. A wrong
 permutation still gives a loadable, plausible-looking model, which is why the test compares
 logits with an independent loader (transformers' GGUF reader, which undoes the permutation).
+GPT-2 has no RoPE and needs no change.
 
-Dtypes: norms stay F32 (as llama.cpp's converter keeps 1-D tensors); matrices are F32, F16, or
-Q8_0: blocks of 32 weights along a row, each an fp16 scale d = max|w| / 127 and 32 int8
-round(w / d) (half away from zero), 34 bytes: the reference ggml quantizer's arithmetic, so the
-bytes equal `gguf.quants.quantize`'s. A matrix whose rows are not a multiple of 32 long falls
-back to F16. The file is written under a temporary name and renamed into place.
+Dtypes: norms, biases and learned positions stay F32 (as llama.cpp's converter keeps them);
+matrices are F32, F16, or Q8_0: blocks of 32 weights along a row, each an fp16 scale
+d = max|w| / 127 and 32 int8 round(w / d) (half away from zero), 34 bytes: the reference ggml
+quantizer's arithmetic, so the bytes equal `gguf.quants.quantize`'s. A matrix whose rows are not a
+multiple of 32 long falls back to F16. The file is written under a temporary name and renamed.
 
-Left out: GPT-2 and MoE models (refused with a message), YaRN scaling and sliding windows
-(llama.cpp's "llama" has neither), q/k/v biases and QK-norm (llama.cpp's qwen2/qwen3
-architectures would hold them), character tokenizers, and the K-quants.
+Left out: MoE models (refused with a message), YaRN scaling and sliding windows (llama.cpp's
+"llama" has neither), q/k/v biases and QK-norm (llama.cpp's qwen2/qwen3 architectures would hold
+them), GPT without biases or with sinusoidal positions, character tokenizers, and the K-quants.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType, TokenType
 
 from scratchlm.checkpoint import find_checkpoint, load_model_for_inference
-from scratchlm.config import LlamaConfig
+from scratchlm.config import GPTConfig, LlamaConfig, ModelConfig
 from scratchlm.convert.chat_template import CHAT_TEMPLATE, end_token, is_chat_tokenizer
 from scratchlm.convert.hf_llama import rope_to_hf
 from scratchlm.errors import UserError
@@ -63,15 +65,23 @@ FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8
 PRE_TOKENIZERS = {PATTERNS["gpt4"]: "llama-bpe", PATTERNS["gpt2"]: "gpt-2"}
 QK8_0 = 32  # weights per Q8_0 block
 
-# our name inside a layer -> llama.cpp's, for `layers.N.<ours>.weight` -> `blk.N.<theirs>.weight`
+# Our names -> llama.cpp's, per architecture: `layers.N.<module>.<leaf>` (Llama) or `h.N.<module>.<leaf>`
+# (GPT) -> `blk.N.<theirs>.<leaf>`; whole names for the rest.
 LAYER_NAMES = {
-    "attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
-    "attention.wo": "attn_output", "ffn_norm": "ffn_norm", "feed_forward.w1": "ffn_gate",
-    "feed_forward.w3": "ffn_up", "feed_forward.w2": "ffn_down",
+    "llama": {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
+              "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
+              "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up", "feed_forward.w2": "ffn_down"},
+    "gpt2": {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"},
 }
-TOP_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-             "output.weight": "output.weight"}
-
+TOP_NAMES = {
+    "llama": {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+              "output.weight": "output.weight"},
+    "gpt2": {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
+             "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias", "lm_head.weight": "output.weight"},
+}
+ARCHS = {"llama": "llama", "gpt": "gpt2"}  # our model.arch -> llama.cpp's architecture
+GPT_NORM_EPS = 1e-5  # our GPT's LayerNorm: PyTorch's default eps
 
 # -- the pieces --------------------------------------------------------------------------------
 def permute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -136,28 +146,49 @@ def vocab_fields(tok: Tokenizer, n_vocab: int, where: Path) -> tuple[list[str], 
     return tokens, [int(t) for t in types], merges, pre
 
 
-def gguf_name(ours: str) -> str:
-    if ours in TOP_NAMES:
-        return TOP_NAMES[ours]
-    _, i, rest = ours.split(".", 2)  # layers.N.<module>.weight
+def gguf_name(ours: str, arch: str) -> str:
+    if ours in TOP_NAMES[arch]:
+        return TOP_NAMES[arch][ours]
+    _, i, rest = ours.split(".", 2)  # layers.N.<module>.<leaf> or h.N.<module>.<leaf>
     module, leaf = rest.rsplit(".", 1)
-    return f"blk.{i}.{LAYER_NAMES[module]}.{leaf}"
+    return f"blk.{i}.{LAYER_NAMES[arch][module]}.{leaf}"
 
 
-def check_exportable(m: LlamaConfig, where: Path) -> None:
-    """Refuse what llama.cpp's "llama" architecture cannot compute, naming the setting."""
-    if m.arch != "llama":
-        raise UserError(f"{where}: model.arch={m.arch!r} has no GGUF export (only the llama family)",
+def check_exportable(m: ModelConfig, where: Path) -> str:
+    """llama.cpp's architecture for the model, or a refusal naming the setting it cannot compute."""
+    if m.arch not in ARCHS:
+        raise UserError(f"{where}: model.arch={m.arch!r} has no GGUF export (llama and gpt only)",
                         fix="export it with --to hf instead")
-    refusals = [
-        (m.bias, "model.bias=true (q/k/v biases)"), (m.qk_norm, "model.qk_norm=true"),
-        (m.sliding_window > 0, f"model.sliding_window={m.sliding_window}"),
-        (m.rope.scaling == "yarn" and m.rope.factor != 1.0, "model.rope.scaling=yarn"),
-    ]
+    arch = ARCHS[m.arch]
+    if arch == "gpt2":
+        refusals = [(not m.bias, "model.bias=false"), (m.pos_emb != "learned", f"model.pos_emb={m.pos_emb!r}"),
+                    (m.sliding_window > 0, f"model.sliding_window={m.sliding_window}")]
+    else:
+        refusals = [(m.bias, "model.bias=true (q/k/v biases)"), (m.qk_norm, "model.qk_norm=true"),
+                    (m.sliding_window > 0, f"model.sliding_window={m.sliding_window}"),
+                    (m.rope.scaling == "yarn" and m.rope.factor != 1.0, "model.rope.scaling=yarn")]
     for bad, what in refusals:
         if bad:
-            raise UserError(f"{where}: {what} has no GGUF export (llama.cpp's llama architecture lacks it)",
+            raise UserError(f"{where}: {what} has no GGUF export (llama.cpp's {arch} architecture lacks it)",
                             fix="export it with --to hf instead")
+    return arch
+
+
+def add_llama_fields(writer: GGUFWriter, m: LlamaConfig) -> None:
+    theta, scaling = rope_to_hf(m)  # theta with "ntk" folded in; scaling only for "linear" here
+    writer.add_feed_forward_length(ffn_hidden(m))
+    writer.add_head_count_kv(m.n_kv_head or m.n_head)
+    writer.add_layer_norm_rms_eps(m.norm_eps)
+    writer.add_rope_freq_base(theta)
+    writer.add_rope_dimension_count(m.n_embd // m.n_head)
+    if scaling is not None:
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+
+
+def add_gpt2_fields(writer: GGUFWriter, m: GPTConfig) -> None:
+    writer.add_feed_forward_length(4 * m.n_embd)
+    writer.add_layer_norm_eps(GPT_NORM_EPS)
 
 
 # -- the export --------------------------------------------------------------------------------
@@ -169,30 +200,21 @@ def export_gguf(src: str | Path, dst: str | Path, *, dtype: str = "f32", adapter
     ckpt = find_checkpoint(src)
     model, tok, cfg = load_model_for_inference(ckpt, adapters=adapters)
     m = cfg.model
-    check_exportable(m, ckpt)
+    arch = check_exportable(m, ckpt)
     merge_lora(model, dequantize=True)
     dequantize_model(model)
     tokens, types, merges, pre = vocab_fields(tok, m.vocab_size, ckpt)
 
-    writer = GGUFWriter(None, "llama")
+    writer = GGUFWriter(None, arch)
     writer.add_name(cfg.name or ckpt.name)
     writer.add_file_type(FILE_TYPES[dtype])
     writer.add_quantization_version(2)  # ggml's GGML_QNT_VERSION
-    head_dim = m.n_embd // m.n_head
-    theta, scaling = rope_to_hf(m)  # theta with "ntk" folded in; scaling only for "linear" here
     writer.add_vocab_size(m.vocab_size)
     writer.add_context_length(m.block_size)
     writer.add_embedding_length(m.n_embd)
     writer.add_block_count(m.n_layer)
-    writer.add_feed_forward_length(ffn_hidden(m))
     writer.add_head_count(m.n_head)
-    writer.add_head_count_kv(m.n_kv_head or m.n_head)
-    writer.add_layer_norm_rms_eps(m.norm_eps)
-    writer.add_rope_freq_base(theta)
-    writer.add_rope_dimension_count(head_dim)
-    if scaling is not None:
-        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(scaling["factor"])
+    (add_llama_fields if arch == "llama" else add_gpt2_fields)(writer, m)
 
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
@@ -219,13 +241,15 @@ def export_gguf(src: str | Path, dst: str | Path, *, dtype: str = "f32", adapter
             t = permute_rope_rows(t, m.n_head)
         elif name.endswith("attention.wk.weight"):
             t = permute_rope_rows(t, m.n_kv_head or m.n_head)
-        data, kind = encode_tensor(t, dtype)
-        writer.add_tensor(gguf_name(name), data, raw_dtype=kind if kind == GGMLQuantizationType.Q8_0 else None)
+        gname = gguf_name(name, arch)
+        # learned positions stay F32, as llama.cpp's own converter keeps them
+        data, kind = encode_tensor(t, "f32" if gname == "position_embd.weight" else dtype)
+        writer.add_tensor(gname, data, raw_dtype=kind if kind == GGMLQuantizationType.Q8_0 else None)
         kinds[kind.name] = kinds.get(kind.name, 0) + 1
 
     _write_atomically(writer, dst)
     mix = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-    print(f"wrote {dst}: llama, {m.n_layer} layers, vocab {m.vocab_size} ({tok.vocab_size} tokens), {mix} tensors "
+    print(f"wrote {dst}: {arch}, {m.n_layer} layers, vocab {m.vocab_size} ({tok.vocab_size} tokens), {mix} tensors "
           f"({os.path.getsize(dst) / 1e6:.1f} MB), pre-tokenizer {pre}"
           f"{', chat template' if is_chat_tokenizer(tok) else ''}; run it with llama.cpp: llama-cli -m {dst}")
     return dst

@@ -1,4 +1,4 @@
-"""scratchlm -> GGUF: the file reads back with llama.cpp's own Python reader (every key and tensor
+"""scratchlm -> GGUF (Llama and GPT-2): the file reads back with llama.cpp's own Python reader (every key and tensor
 shape), our Q8_0 blocks are byte for byte `gguf.quants.quantize`'s, and an independent loader,
 transformers' GGUF reader, computes our logits from the file; a round trip through our own code
 could not catch a wrong Q/K permutation, which that comparison does (and is shown to)."""
@@ -38,8 +38,8 @@ def logits(model, x: torch.Tensor, hf: bool) -> torch.Tensor:
         return model(x).logits if hf else model(x)[0]
 
 
-def hf_from_gguf(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+def hf_from_gguf(path, **config):
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **config).eval()
 
 
 # -- the file, read back -----------------------------------------------------------------------
@@ -93,6 +93,32 @@ def test_reader_sees_every_key_and_tensor(dtype, tied, tmp_path):
         assert kind == (GGMLQuantizationType.F32 if len(shapes[name]) == 1 else matrix), name
 
 
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_gpt2_file_keys_and_tensors(dtype, tmp_path):
+    run, model, tok = checkpoint_with(tmp_path, tiny_bpe(), arch="gpt", tie_embeddings=False)
+    m = model.config
+    r = GGUFReader(export_gguf(run, tmp_path / "m.gguf", dtype=dtype))
+    V, C, T = m.vocab_size, m.n_embd, m.block_size
+    want = {"general.architecture": "gpt2", "gpt2.context_length": T, "gpt2.embedding_length": C,
+            "gpt2.block_count": m.n_layer, "gpt2.feed_forward_length": 4 * C, "gpt2.attention.head_count": m.n_head,
+            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.eos_token_id": tok.eot_id}
+    for key, value in want.items():
+        assert field(r, key) == value, key
+    assert field(r, "gpt2.attention.layer_norm_epsilon") == pytest.approx(1e-5, rel=1e-6)
+    shapes = {t.name: [int(n) for n in t.shape] for t in r.tensors}
+    want_shapes = {"token_embd.weight": [C, V], "position_embd.weight": [C, T], "output.weight": [C, V],
+                   "output_norm.weight": [C], "output_norm.bias": [C]}
+    for i in range(m.n_layer):
+        for name, shape in {"attn_norm": [C], "attn_qkv": [C, 3 * C], "attn_output": [C, C], "ffn_norm": [C],
+                            "ffn_up": [C, 4 * C], "ffn_down": [4 * C, C]}.items():
+            want_shapes[f"blk.{i}.{name}.weight"] = shape
+            want_shapes[f"blk.{i}.{name}.bias"] = [shape[-1]]
+    assert shapes == want_shapes
+    kinds = {t.name: t.tensor_type for t in r.tensors}
+    assert kinds["position_embd.weight"] == GGMLQuantizationType.F32  # learned positions stay F32
+    assert kinds["blk.0.attn_qkv.weight"] == (Q8 if dtype == "q8_0" else GGMLQuantizationType.F32)
+
+
 def test_a_base_model_stops_at_endoftext_and_has_no_template(tmp_path):
     run, _, tok = our_checkpoint(tmp_path, **LLAMA)
     r = GGUFReader(export_gguf(run, tmp_path / "m.gguf"))
@@ -132,6 +158,8 @@ CASES = {
     "mha-untied-chat": (dict(arch="llama", bias=False, tie_embeddings=False), True),
     "multi-query-ntk": (dict(arch="llama", bias=False, n_kv_head=1, rope=RopeConfig(scaling="ntk", factor=4.0)),
                         False),
+    "gpt2-tied": (dict(arch="gpt"), False),
+    "gpt2-untied-chat": (dict(arch="gpt", tie_embeddings=False), True),
 }
 
 
@@ -139,8 +167,12 @@ CASES = {
 def test_transformers_gguf_loader_gives_our_logits(case, tmp_path):
     fields, chat = CASES[case]
     run, model, _ = checkpoint_with(tmp_path, chat_bpe() if chat else tiny_bpe(), seed=3, **fields)
-    hf = hf_from_gguf(export_gguf(run, tmp_path / "m.gguf", dtype="f32"))
-    assert type(hf).__name__ == "LlamaForCausalLM"
+    path = export_gguf(run, tmp_path / "m.gguf", dtype="f32")
+    gpt = fields["arch"] == "gpt"
+    # transformers reads gpt2.context_length into n_ctx, not n_positions (the size of its position
+    # table): say it here; llama.cpp sizes position_embd from context_length itself
+    hf = hf_from_gguf(path, **({"n_positions": model.config.block_size} if gpt else {}))
+    assert type(hf).__name__ == ("GPT2LMHeadModel" if gpt else "LlamaForCausalLM")
     assert hf.config.tie_word_embeddings == model.config.tie_embeddings
     x = ids(vocab=model.config.vocab_size)
     assert_logits_close(logits(hf, x, hf=True), logits(model.eval(), x, hf=False))
@@ -199,8 +231,10 @@ def test_cli_writes_one_file_and_refuses_to_overwrite_it(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("fields,words", [
-    (dict(arch="gpt"), "model.arch='gpt' has no GGUF export"),
     (dict(arch="moe", bias=False, n_experts=2, n_active_experts=1), "model.arch='moe' has no GGUF export"),
+    (dict(arch="bigram"), "model.arch='bigram' has no GGUF export"),
+    (dict(arch="gpt", bias=False), "model.bias=false"),
+    (dict(arch="gpt", pos_emb="sinusoidal"), "model.pos_emb='sinusoidal'"),
     (dict(arch="llama", bias=True), "model.bias=true"),
     (dict(arch="llama", bias=False, sliding_window=4), "model.sliding_window=4"),
     (dict(arch="llama", bias=False, rope=RopeConfig(scaling="yarn", factor=2.0)), "model.rope.scaling=yarn"),
