@@ -27,9 +27,9 @@ BLOCK = 256
 
 
 def chat_checkpoint(root: Path) -> Path:
-    """A random 2-layer Llama on characters with the chat tokens. The output rows of <|end|> and the EOS
-    token are zero, so their logit is 0 while some of the ~20 others is almost surely above it: replies
-    run to max_tokens (a stop button has something to stop)."""
+    """A random 2-layer Llama on characters with the chat tokens. The output rows of the special tokens are
+    zero, so their logit is 0 while some of the ~20 others is almost surely above it: replies are plain text
+    (a page can send them back) and run to max_tokens (a stop button has something to stop)."""
     tok, _ = ensure_chat_specials(char_tokenizer())
     cfg = Config(name="t", out_dir=str(root))
     cfg.tokenizer = TokenizerConfig(kind=tok.kind, vocab_size=tok.vocab_size, special_tokens=list(tok.special_tokens))
@@ -38,8 +38,8 @@ def chat_checkpoint(root: Path) -> Path:
     torch.manual_seed(0)
     model = randomize(build_model(cfg.model), 0)
     with torch.no_grad():
-        for name in ("<|end|>", "<|endoftext|>"):
-            model.output.weight[tok.special_tokens[name]] = 0.0
+        for i in tok.special_tokens.values():
+            model.output.weight[i] = 0.0
     save_checkpoint(root, 0, model, torch.optim.AdamW(model.parameters()), cfg, tok, {"best_val_loss": None})
     return root
 
