@@ -16,7 +16,7 @@ the `gguf` package's `GGUFWriter` (llama.cpp's own Python writer):
 - the tokenizer as `tokenizer.ggml.model = "gpt2"` (byte-level BPE): every id's token in GPT-2's
   byte alphabet, its type (normal, control for our specials, unused for the padded rows named
   `[PAD{id}]`), the merges in priority order, BOS/EOS/EOT/padding ids, and `tokenizer.ggml.pre`,
-  the name llama.cpp knows our split regex by. A byte tokenizer is a BPE without merges;
+  the name llama.cpp knows our split regex by;
 - a chat model's template (`tokenizer.chat_template`, see chat_template.py), EOS = <|end|>.
 
 The one layout change is RoPE's. Our RoPE (like HF's Llama) pairs dim i of a head with dim
@@ -35,7 +35,9 @@ multiple of 32 long falls back to F16. The file is written under a temporary nam
 
 Left out: MoE models (refused with a message), YaRN scaling and sliding windows (llama.cpp's
 "llama" has neither), q/k/v biases and QK-norm (llama.cpp's qwen2/qwen3 architectures would hold
-them), GPT without biases or with sinusoidal positions, character tokenizers, and the K-quants.
+them), GPT without biases or with sinusoidal positions, the K-quants, and byte and character
+tokenizers (a byte tokenizer is a BPE without merges, but llama.cpp requires the merges key and
+GGUF cannot store an empty array).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from scratchlm.errors import UserError
 from scratchlm.model.llama import ffn_hidden
 from scratchlm.model.lora import merge_lora
 from scratchlm.model.quant import dequantize_model
-from scratchlm.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
+from scratchlm.tokenizer import BPETokenizer, Tokenizer
 from scratchlm.tokenizer.bpe import PATTERNS, token_to_str
 
 DTYPES = ("f32", "f16", "q8_0")
@@ -126,11 +128,9 @@ def vocab_fields(tok: Tokenizer, n_vocab: int, where: Path) -> tuple[list[str], 
         if pre is None:
             raise UserError(f"{where}: the tokenizer's split regex {tok.pattern!r} has no llama.cpp pre-tokenizer",
                             fix="GGUF export needs a BPE trained with the gpt2 or gpt4 pattern")
-    elif isinstance(tok, ByteTokenizer):
-        pieces, merges, pre = [bytes([b]) for b in range(256)], [], "gpt-2"  # a BPE with no merges
-    else:
-        raise UserError(f"{where}: a {tok.kind} tokenizer has no GGUF form",
-                        fix="GGUF export takes models with a BPE or byte tokenizer")
+    else:  # a byte tokenizer would be a BPE without merges, but GGUF cannot hold an empty merge list
+        raise UserError(f"{where}: a {tok.kind} tokenizer has no GGUF form (llama.cpp's BPE needs merges)",
+                        fix="GGUF export takes models with a BPE tokenizer")
     specials = {i: s for s, i in tok.special_tokens.items()}
     tokens, types = [], []
     for i in range(n_vocab):

@@ -18,6 +18,7 @@ from scratchlm.convert import convert, export_gguf
 from scratchlm.convert.chat_template import CHAT_TEMPLATE
 from scratchlm.errors import UserError
 from scratchlm.model.llama import ffn_hidden
+from scratchlm.tokenizer import ByteTokenizer, CharTokenizer
 from tests.convert.common import chat_bpe, checkpoint_with
 from tests.helpers import assert_logits_close, ids, our_checkpoint, tiny_bpe
 
@@ -243,6 +244,15 @@ def test_unsupported_models_are_one_line_exit_2(fields, words, capsys, tmp_path)
     run, _, _ = checkpoint_with(tmp_path, tiny_bpe(), **fields)
     code, out = cli(capsys, "convert", str(run), str(tmp_path / "m.gguf"), "--from", "scratchlm", "--to", "gguf")
     assert code == 2 and words in out and len(out.strip().splitlines()) == 1
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("tok", [ByteTokenizer({"<|endoftext|>": 256}),
+                                 CharTokenizer(sorted(set("abc ")), {"<|endoftext|>": 4})], ids=["byte", "char"])
+def test_tokenizers_without_merges_are_refused(tok, tmp_path):
+    run, _, _ = checkpoint_with(tmp_path, tok, **LLAMA)
+    with pytest.raises(UserError, match=f"a {tok.kind} tokenizer has no GGUF form"):
+        export_gguf(run, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
 
 
