@@ -13,7 +13,6 @@ Numbers are for this machine only; the client threads share its cores with the s
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import tempfile
@@ -23,13 +22,12 @@ from pathlib import Path
 
 import openai
 import torch
-import uvicorn
 
 from scratchlm.checkpoint import save_checkpoint
 from scratchlm.config import Config, LlamaConfig, TokenizerConfig
 from scratchlm.model import build_model, padded_vocab
 from scratchlm.serve.api import Settings
-from scratchlm.serve.stage import build_app
+from scratchlm.serve.stage import build_app, serve_in_thread
 from scratchlm.tokenizer import ByteTokenizer
 
 PROMPTS = ["In the beginning ", "And the earth was ", "Let there be ", "And God called the light ",
@@ -107,17 +105,11 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     ckpt = args.ckpt or random_checkpoint(Path(tmp.name) / "run", args.embd, args.layers)
     app = build_app(ckpt, Settings(model_name="bench"), max_batch=args.max_batch, max_queue=256)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="x", max_retries=0,
-                           timeout=600)
-    run(client, 2, 4)  # warm-up
-    rows = [run(client, int(c), args.tokens) for c in args.clients.split(",")]
-    rows.append(run(client, 16, args.tokens, sequential=True))
+    with serve_in_thread(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600)
+        run(client, 2, 4)  # warm-up
+        rows = [run(client, int(c), args.tokens) for c in args.clients.split(",")]
+        rows.append(run(client, 16, args.tokens, sequential=True))
     print(f"{'clients':>7} {'mode':>10} {'tokens':>6} {'tok/s':>8} {'ttft p50':>9} {'ttft p95':>9} {'itl p50':>8} "
           f"{'itl p95':>8} {'errors':>6} {'wall s':>7}")
     for r in rows:
@@ -126,7 +118,6 @@ def main() -> None:
     conc = next((r for r in rows if r["clients"] == 16 and r["mode"] == "concurrent"), None)
     if conc is not None:
         print(f"16 concurrent / 16 sequential: {conc['tok_s'] / rows[-1]['tok_s']:.2f}x aggregate tokens/s")
-    server.should_exit = True
     sys.stdout.flush()
 
 

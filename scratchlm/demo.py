@@ -8,16 +8,20 @@ side by side, a reward model grown from the SFT model and checked on held-out pa
 model's own samples with SFT and DPO scored side by side, online RL from the SFT model (GRPO with the
 task checkers as reward, PPO with the reward model), one table of every stage on the same
 held-out prompts, the evaluation suite (held-out bits per byte, a cloze task, the task families) of
-the pretrained and fine-tuned models, and faster inference (the pretrained model quantized, and decoded
-speculatively with an EAGLE draft head). Each later stage of the project joins this function. Everything
-is written under the run folder, with the resolved config beside each artifact, and `report.md` and the report card
-`report.html` (one self-contained page of every stage's numbers and pictures) at the end.
+the pretrained and fine-tuned models, faster inference (the pretrained model quantized, and decoded
+speculatively with an EAGLE draft head), and the SFT model served to concurrent streaming clients. Each
+later stage of the project joins this function. Everything is written under the run folder, with the
+resolved config beside each artifact, and `report.md` and the report card `report.html` (one
+self-contained page of every stage's numbers and pictures) at the end.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
+import threading
 import time
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,7 +47,10 @@ from scratchlm.quantize.stage import quantize_checkpoint
 from scratchlm.report import write_card
 from scratchlm.rl.compare import stage_table, unseen_tasks
 from scratchlm.rl.stage import rl
+from scratchlm.serve.api import Settings
+from scratchlm.serve.stage import build_app, serve_in_thread
 from scratchlm.sft.train import sft
+from scratchlm.tasks.families import check
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.tokenizer.base import KINDS
 from scratchlm.train.pretrain import pretrain
@@ -219,6 +226,9 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
     _stage("12. faster inference: quantization and speculative decoding")
     report.append(_faster_inference(out, data_dir, cfg, quick, progress))
 
+    _stage("13. serving: an OpenAI-compatible server with continuous batching")
+    report.append(_serving(out, unseen_tasks([out / "sft"], 8, cfg.seed + 11)))
+
     total = time.perf_counter() - t_start
     report.append(f"\nTotal time: {total:.1f}s.\n")
     write_text(out / "report.md", "\n".join(report))
@@ -273,6 +283,53 @@ def _faster_inference(out: Path, data_dir: Path, cfg: Config, quick: bool, progr
             "embeddings and the output head stay fp32 (`quantized/`):\n\n" + quant_table + "\n\nSpeculative decoding "
             f"(`draft/`): {summary}. A draft pays when the target's forward costs much more than the draft's; at this "
             "size it hardly does.\n")
+
+
+def _stream_chat(url: str, question: str, out: dict, key: int) -> None:
+    """One streamed chat request with the standard library: out[key] = (answer, seconds to the first token)."""
+    body = json.dumps({"messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0,
+                       "stream": True}).encode()
+    req = urllib.request.Request(url + "/v1/chat/completions", data=body, headers={"content-type": "application/json"})
+    t0, first, parts = time.perf_counter(), None, []
+    with urllib.request.urlopen(req, timeout=300) as r:
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            if delta and first is None:
+                first = time.perf_counter() - t0
+            parts.append(delta)
+    out[key] = ("".join(parts), first)
+
+
+def _serving(out: Path, tasks: list) -> str:
+    """Stage 13: the SFT model behind `scratchlm serve`'s app on a loopback port; unseen task prompts asked by
+    concurrent streaming clients, each answer judged by its family's checker; the report's section."""
+    app = build_app(out / "sft", Settings(model_name="demo-sft"), max_batch=8)
+    answers: dict[int, tuple[str, float]] = {}
+    with serve_in_thread(app) as url:
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=_stream_chat, args=(url, t.instruction, answers, i))
+                   for i, t in enumerate(tasks)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+            metrics = r.read().decode()
+    right = sum(check(t.family, t.instruction, answers[i][0]) for i, t in enumerate(tasks))
+    firsts = [f for _, f in answers.values() if f is not None]
+    lines = [f"{len(tasks)} concurrent streaming chat requests (OpenAI chunk format) to the SFT model in {wall:.1f}s; "
+             f"first token after {min(firsts):.2f}-{max(firsts):.2f}s"]
+    print(lines[0])
+    print("\n".join(m for m in metrics.splitlines() if m.startswith("scratchlm_") and "bucket" not in m)[:800])
+    return ("## Serving\n\n`scratchlm serve`'s app (FastAPI + uvicorn, continuous batching in one scheduler loop) over "
+            f"the SFT model on a loopback port: {lines[0]}; {right} of {len(tasks)} answers pass their family's "
+            "checker. "
+            "`scratchlm serve --ckpt RUN/sft` serves the same API (`/v1/chat/completions`, `/v1/completions`, "
+            "`/metrics`) and a chat page at `/`.\n")
 
 
 def _complete(model, tok, cfg: Config, prompt: str) -> str:

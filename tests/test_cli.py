@@ -110,6 +110,7 @@ def test_demo_quick(capsys, tmp_path):
         assert (tmp_path / "demo" / "evaluation" / name / "summary.json").exists()
     faster = report.split("## Faster inference", 1)[1]
     assert "| int8 |" in faster and "| gptq |" in faster and "identical text" in faster
+    assert "8 concurrent streaming chat requests" in report.split("## Serving", 1)[1]
     card = (tmp_path / "demo" / "report.html").read_text()
     assert "evaluation/pretrain" in card and "evaluation/sft" in card and "bits_per_byte" in card
 

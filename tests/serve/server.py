@@ -4,22 +4,18 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import uvicorn
 
 from scratchlm.checkpoint import save_checkpoint
 from scratchlm.config import Config, LlamaConfig, TokenizerConfig
 from scratchlm.model import build_model, padded_vocab
 from scratchlm.serve.api import Settings
-from scratchlm.serve.stage import build_app
+from scratchlm.serve.stage import build_app, serve_in_thread
 from scratchlm.tokenizer.chat import ensure_chat_specials
 from tests.helpers import char_tokenizer, randomize
 
@@ -57,26 +53,7 @@ def slow_down(app, seconds: list[float]) -> None:
     engine.decode = slow
 
 
-@contextmanager
-def running(app):
-    """Serve the app on 127.0.0.1 at a free port in a thread; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+running = serve_in_thread  # the stage's own: 127.0.0.1, a free port, a thread
 
 
 def app_for(ckpt: Path, **settings):
