@@ -1,9 +1,10 @@
 """The real check of the GGUF export: llama.cpp itself runs our model and continues like we do.
 
     pip install llama-cpp-python        # builds llama.cpp from source (about 10 minutes on 2 cores)
-    python bench/gguf_llamacpp.py [--ckpt RUN] [--root runs/gguf_llamacpp] [--steps 300] [--new 32]
+    python bench/gguf_llamacpp.py [--ckpt RUN | --arch llama|gpt] [--root runs/gguf_llamacpp] [--steps 300]
+                                  [--new 32] [--kv-cache f32|f16]
 
-Without --ckpt it trains (once; reused from --root afterwards) a small Llama with a BPE tokenizer
+Without --ckpt it trains (once; reused from --root afterwards) a small Llama (or GPT) with a BPE tokenizer
 (GPT-4's split regex, 1,000 tokens, so the embedding's 24 padding rows become placeholder tokens)
 on the embedded corpus. The model is exported to an F32 GGUF file with `scratchlm convert`'s
 exporter and loaded by llama.cpp (`llama_cpp.Llama`, CPU). Then:
@@ -13,7 +14,8 @@ exporter and loaded by llama.cpp (`llama_cpp.Llama`, CPU). Then:
 - greedy continuation of three prompts: llama.cpp's argmax over its logits, token by token,
   against `Engine.generate` (temperature 0); both choose among the tokenizer's ids only;
 - log-probabilities: log-softmax of both logits at every step, the largest difference over
-  the chosen tokens and over the whole vocabulary.
+  the chosen tokens and over the whole vocabulary. llama.cpp keeps its KV cache in f16 by default,
+  which alone moves them by ~1e-3; this script asks for an f32 cache unless --kv-cache f16.
 
 It exits 1 if any token differs or a log-probability differs by more than --tol. llama-cpp-python
 is not a dependency of scratchlm and the test suite never needs it; without it this script
@@ -28,9 +30,10 @@ import time
 from pathlib import Path
 
 import torch
+from gguf import GGMLQuantizationType
 
 from scratchlm.checkpoint import find_checkpoint, load_model_for_inference
-from scratchlm.config import Config, LlamaConfig, SampleConfig
+from scratchlm.config import Config, GPTConfig, LlamaConfig, SampleConfig
 from scratchlm.convert import export_gguf
 from scratchlm.data.prepare import prepare
 from scratchlm.data.sources import kjv_chapters
@@ -43,18 +46,21 @@ HARD = ["It can't be 32.5 feet, naïvely!\n\n  spaces\tand ünïcödé 🙂", "x
         "WHEREFORE 'tis  done'S"]
 
 
-def train_model(root: Path, steps: int) -> Path:
-    out = root / "model"
+def train_model(root: Path, steps: int, arch: str) -> Path:
+    out = root / ("model" if arch == "llama" else f"model-{arch}")
     if (out / "ckpt").exists():
         return out
     t0 = time.perf_counter()
-    tok = train_bpe(kjv_chapters()[:300], 1000, "gpt4", ["<|endoftext|>"], progress=False)
     cfg = Config(name="gguf-bench", out_dir=str(out))
     cfg.data.workers = 1
-    cfg.tokenizer.kind, cfg.tokenizer.vocab_size = "bpe", tok.vocab_size
-    prepare(None, tok, cfg, root / "data", progress=False)
-    cfg.model = LlamaConfig(block_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, bias=False,
-                            tie_embeddings=False)
+    if not (root / "data").exists():
+        tok = train_bpe(kjv_chapters()[:300], 1000, "gpt4", ["<|endoftext|>"], progress=False)
+        prepare(None, tok, cfg, root / "data", progress=False)
+    if arch == "llama":
+        cfg.model = LlamaConfig(block_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, bias=False,
+                                tie_embeddings=False)
+    else:
+        cfg.model = GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128)
     t = cfg.train
     t.max_steps, t.batch_size, t.lr, t.warmup_steps = steps, 16, 3e-3, 20
     t.eval_interval, t.eval_iters, t.tensorboard, t.log_interval, t.precision = steps, 4, False, 100, "fp32"
@@ -91,6 +97,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=300, help="pretraining steps when no --ckpt is given")
     ap.add_argument("--new", type=int, default=32, help="new tokens per prompt")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--arch", choices=["llama", "gpt"], default="llama", help="the model trained without --ckpt")
+    ap.add_argument("--kv-cache", choices=["f32", "f16"], default="f32",
+                    help="llama.cpp's KV cache type (its own default, f16, alone moves log-probs by ~1e-3)")
     ap.add_argument("--tol", type=float, default=1e-3, help="largest log-probability difference allowed")
     args = ap.parse_args()
     try:
@@ -101,13 +110,15 @@ def main() -> int:
         return 2
     torch.set_num_threads(args.threads)
     root = Path(args.root)
-    run = Path(args.ckpt) if args.ckpt else train_model(root, args.steps)
-    gguf = export_gguf(run, root / "model.gguf", dtype="f32")
+    run = Path(args.ckpt) if args.ckpt else train_model(root, args.steps, args.arch)
+    gguf = export_gguf(run, root / f"{run.name}.gguf", dtype="f32")
+    cache_type = int(GGMLQuantizationType.F32 if args.kv_cache == "f32" else GGMLQuantizationType.F16)
 
     model, tok, cfg = load_model_for_inference(find_checkpoint(run))
     model.eval()
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=cfg.model.block_size, n_threads=args.threads,
-                          n_batch=cfg.model.block_size, logits_all=True, verbose=False)
+                          n_batch=cfg.model.block_size, logits_all=True, verbose=False,
+                          type_k=cache_type, type_v=cache_type)
     print(f"llama.cpp {getattr(llama_cpp, '__version__', '?')} loaded {gguf}: n_vocab {llm.n_vocab()}, "
           f"n_ctx {llm.n_ctx()}")
 
