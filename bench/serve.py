@@ -6,7 +6,9 @@ Starts `scratchlm serve`'s app on a free loopback port in this process (uvicorn 
 or over a random byte-level Llama (--embd 256, --layers 4 by default; no EOS, so every reply runs to --tokens), then for
 each client count C sends C streaming completions at once from C threads with the official `openai` client
 and reports aggregate tokens/s, p50/p95 time to first token and inter-token gap, and errors; last, the same
-16 requests one after another, for the continuous-batching speed-up (16 concurrent / 16 sequential).
+16 requests one after another, for the continuous-batching speed-up (16 concurrent / 16 sequential); and with
+--memory N, N more short requests in waves of 16, printing this process's resident memory (server and clients)
+after the first 100 and after all N: it should stay flat.
 Numbers are for this machine only; the client threads share its cores with the server.
 """
 
@@ -91,11 +93,18 @@ def run(client: openai.OpenAI, clients: int, tokens: int, sequential: bool = Fal
             "wall": wall}
 
 
+def rss_mb() -> float:
+    """This process's resident memory (Linux /proc), MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", help="a run or checkpoint folder (default: a random byte-level Llama)")
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per reply")
+    ap.add_argument("--memory", type=int, default=0, help="then N more 8-token requests, 16 at a time: memory")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--embd", type=int, default=256, help="the random model's width (without --ckpt)")
@@ -110,6 +119,11 @@ def main() -> None:
         run(client, 2, 4)  # warm-up
         rows = [run(client, int(c), args.tokens) for c in args.clients.split(",")]
         rows.append(run(client, 16, args.tokens, sequential=True))
+        memory, errors = [], 0
+        for done in range(0, args.memory, 16):
+            errors += run(client, min(16, args.memory - done), 8)["errors"]
+            if done + 16 >= 100 and not memory or done + 16 >= args.memory:
+                memory.append((min(done + 16, args.memory), rss_mb()))
     print(f"{'clients':>7} {'mode':>10} {'tokens':>6} {'tok/s':>8} {'ttft p50':>9} {'ttft p95':>9} {'itl p50':>8} "
           f"{'itl p95':>8} {'errors':>6} {'wall s':>7}")
     for r in rows:
@@ -118,6 +132,9 @@ def main() -> None:
     conc = next((r for r in rows if r["clients"] == 16 and r["mode"] == "concurrent"), None)
     if conc is not None:
         print(f"16 concurrent / 16 sequential: {conc['tok_s'] / rows[-1]['tok_s']:.2f}x aggregate tokens/s")
+    if memory:
+        print("resident memory: " + ", ".join(f"{mb:.0f} MB after {n} requests" for n, mb in memory)
+              + f" ({errors} errors)")
     sys.stdout.flush()
 
 
