@@ -4,13 +4,13 @@
 
 Quality (needs a trained checkpoint and its prepared data, e.g. a `scratchlm demo` run's `pretrain/` and
 `data/`): every `scratchlm quantize` method (int8, fp8, int4, nf4 round-to-nearest; gptq and awq int4
-fitted on the training split) through the verb's own function; bytes on disk of the weights file and held-out
+fitted on the training split; bf16) through the verb's own function; bytes on disk of the weights file and held-out
 bits per byte, with the change against fp32, and for int4 methods the share of the int4-RTN gap to fp32
 each one closes.
 
 Speed (random weights, which decode at the same speed as trained ones): the `llama-30m` and `llama-125m`
-presets (8,192 and 32,768 vocabularies) in fp32, bf16 (weights stored in bf16: a 2-byte format) and each
-quantized format, with the reference matmul path (dequantize, then an fp32 matmul) and with the fastest
+presets (8,192 and 32,768 vocabularies) in fp32, bf16 (every weight in bf16, as `scratchlm quantize --method
+bf16` stores and loads it: a 2-byte format) and each quantized format, with the reference matmul path (dequantize, then an fp32 matmul) and with the fastest
 path this machine offers (`scratchlm.model.qkernels.use_fastest_kernels`, measured here); greedy decoding
 through the one Engine of a 32-token prompt at batch 1 and 8, `--new` tokens. The formats alternate in rounds
 after a warm-up, best round counts. Printed: tokens/s and the ratio to fp32 (above 1 = faster). Absolute

@@ -191,7 +191,9 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
     """Load `model.safetensors` into `model`; a shape or name mismatch, or a tensor holding NaN or
     inf, says which tensor."""
     file = ckpt / "model.safetensors"
-    if (ckpt / QUANT).exists() and not any(isinstance(m, QuantLinear) for m in model.modules()):
+    rebuilt = any(isinstance(m, QuantLinear) for m in model.modules()) or \
+        next(model.parameters()).dtype == torch.bfloat16  # a bf16 checkpoint's model is cast before loading
+    if (ckpt / QUANT).exists() and not rebuilt:
         raise UserError(f"{ckpt}: a quantized checkpoint ({QUANT}): it loads for inference (sample, chat, eval) only",
                         fix="train from the full-precision checkpoint it was quantized from")
     try:
@@ -330,6 +332,8 @@ def load_model_for_inference(path: str | Path, device: str = "cpu", adapters: st
         if adapters is not None:
             raise UserError(f"{ckpt}: a quantized checkpoint, not a base for --adapters",
                             fix="apply the adapters to the full-precision base, then quantize the merged model")
+        if quant.get("dtype") == "bfloat16":
+            model.to(torch.bfloat16)
         apply_quant_record(model, quant["layers"], str(ckpt / QUANT))
     load_weights(model, ckpt)
     if adapters is not None:

@@ -1,6 +1,6 @@
 """The quantization verb: `scratchlm quantize` (a checkpoint -> a quantized checkpoint).
 
-    scratchlm quantize --ckpt RUN --method int8|int4|nf4|fp8|gptq|awq [--group-size 64]
+    scratchlm quantize --ckpt RUN --method int8|int4|nf4|fp8|gptq|awq|bf16 [--group-size 64]
                        [--calib DATA_DIR_or_text] [--data DATA_DIR] --out RUN_Q [--overwrite]
 
 Glue only, as `commands.py`: the output path's check, then the stage's plain function.
@@ -13,7 +13,7 @@ import argparse
 from scratchlm.rundir import check_output_path
 
 METHODS_HELP = ("int8 / fp8 (per output row), int4 / nf4 (per group of inputs): round-to-nearest; gptq / awq: int4 "
-                "fitted on --calib text")
+                "fitted on --calib text; bf16: every weight in bfloat16 (2 bytes, no dequantizing)")
 
 
 def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -29,7 +29,7 @@ def add_parsers(verbs: argparse._SubParsersAction, with_common, writes) -> None:
     sp = writes(with_common(verbs.add_parser("quantize", help="post-training quantization of a checkpoint (int8, "
                                                               "int4, nf4, fp8, GPTQ, AWQ)")))
     sp.add_argument("--ckpt", required=True, help="the run or checkpoint folder to quantize")
-    sp.add_argument("--method", required=True, choices=("int8", "int4", "nf4", "fp8", "gptq", "awq"),
+    sp.add_argument("--method", required=True, choices=("int8", "int4", "nf4", "fp8", "gptq", "awq", "bf16"),
                     help=METHODS_HELP)
     sp.add_argument("--group-size", type=int, default=64, help="int4, nf4, gptq, awq: inputs per scale (default 64); "
                                                                "must divide every quantized layer's input width")

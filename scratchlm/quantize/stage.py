@@ -3,7 +3,9 @@ before and after.
 
 Methods: int8, fp8 (per output row), int4, nf4 (per group of inputs): round-to-nearest, no data
 needed; gptq and awq: int4 fitted on calibration text (scratchlm/quantize/calibrate.py), with
-GPTQ's error feedback (gptq.py) or AWQ's searched input scales (awq.py). Every nn.Linear is
+GPTQ's error feedback (gptq.py) or AWQ's searched input scales (awq.py); bf16: the whole model's
+weights (embeddings and norms too) stored and run in bfloat16, a 2-byte format that needs no dequantizing
+(on CPUs with bf16 units the fastest to decode: `bench/quant.py`). Every nn.Linear is
 quantized except the output head and the router (`scratchlm.model.quant.DEFAULT_SKIP`) and a head
 tied to the embedding; embeddings and norms stay full precision.
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from scratchlm.checkpoint.folder import (
@@ -45,8 +48,9 @@ from scratchlm.quantize.calibrate import (
 )
 from scratchlm.quantize.gptq import check_width, gptq
 
-METHODS = ("int8", "int4", "nf4", "fp8", "gptq", "awq")
-METHOD_FORMAT = {"int8": "int8", "int4": "int4", "nf4": "nf4", "fp8": "fp8", "gptq": "int4", "awq": "int4"}
+METHODS = ("int8", "int4", "nf4", "fp8", "gptq", "awq", "bf16")
+METHOD_FORMAT = {"int8": "int8", "int4": "int4", "nf4": "nf4", "fp8": "fp8", "gptq": "int4", "awq": "int4",
+                 "bf16": "bf16"}
 CALIBRATED = ("gptq", "awq")
 
 
@@ -127,6 +131,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, *, group_
             return layer
 
         quantize_sequentially(model, names, blocks, one_layer, keep_rows=method == "awq", log=log)
+    elif method == "bf16":
+        model.to(torch.bfloat16)
     else:
         quantize_model(model, group_size=group_size, fmt=fmt)
     bpb_after = heldout_bpb(model, tok, val) if val else None
@@ -134,6 +140,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, *, group_
     skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     record: dict[str, Any] = {"method": method, "format": fmt, "group_size": group_size if fmt in GROUPED else 0,
                               "skipped": skipped, "source": str(ckpt), "layers": quant_record(model)}
+    if method == "bf16":
+        record["dtype"] = "bfloat16"  # every tensor; the loader casts the model before loading
     if method in CALIBRATED:
         record["calibration"] = {"source": str(calib), "blocks": blocks.size(0), "block_len": blocks.size(1),
                                  **({"percdamp": percdamp, "act_order": act_order} if method == "gptq" else {})}

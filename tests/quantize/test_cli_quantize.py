@@ -100,3 +100,25 @@ def test_bad_input_is_one_line(trained, tmp_path, capsys):
     cfg = load_config(q / "config.json")
     with pytest.raises(UserError, match="quantized checkpoint"):
         load_weights(build_model(cfg.model), q)
+
+
+def test_bf16_checkpoint_is_half_the_bytes_loads_in_bf16_and_samples(trained, tmp_path, capsys):
+    _, base, _ = trained
+    out = tmp_path / "bf16"
+    assert main(["quantize", "--ckpt", str(base), "--method", "bf16", "--out", str(out), "--quiet"]) == 0
+    record = json.loads((out / "quant.json").read_text())
+    assert (record["method"], record["dtype"], record["layers"]) == ("bf16", "bfloat16", {})
+    loaded, _, _ = load_model_for_inference(out)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    ref, _, _ = load_model_for_inference(base)
+    ref.to(torch.bfloat16)
+    idx = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], ref(idx)[0])  # the same cast, saved and loaded exactly
+    file_before = (find_checkpoint(base) / "model.safetensors").stat().st_size
+    assert abs((out / "model.safetensors").stat().st_size - file_before / 2) < 4096
+    assert main(["sample", "--ckpt", str(out), "--prompt", "the", "--sample.max_new_tokens=5",
+                 "--sample.temperature=0"]) == 0
+    capsys.readouterr()
+    assert main(["quantize", "--ckpt", str(out), "--method", "int8", "--out", str(tmp_path / "again")]) == 2
+    _one_line_error(capsys, "already quantized")
