@@ -178,7 +178,9 @@ def test_the_api_key_is_required_on_v1(ckpt):
             bad.completions.create(model="tiny", prompt="a", max_tokens=2)
         assert http("GET", url + "/v1/models").status_code == 401
         good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
-        assert good.completions.create(model="tiny", prompt="a", max_tokens=2).usage.completion_tokens == 2
+        # greedy: a sampled reply may draw an end token first and stop at 1
+        assert good.completions.create(model="tiny", prompt="a", max_tokens=2,
+                                       temperature=0).usage.completion_tokens == 2
         assert http("GET", url + "/health").status_code == 200  # health and the page need no key
 
 
@@ -189,7 +191,8 @@ def test_a_full_queue_answers_429_and_a_disconnect_frees_the_row(ckpt):
     slow_down(app, delay)
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
-        stream = client.completions.create(model="tiny", prompt="a", max_tokens=200, stream=True)
+        # greedy, so the reply runs to max_tokens (a sampled one may end early and free the batch)
+        stream = client.completions.create(model="tiny", prompt="a", max_tokens=200, stream=True, temperature=0)
         next(iter(stream))  # running: the batch (of 1) is full
         waiting = threading.Thread(target=lambda: client.completions.create(model="tiny", prompt="b", max_tokens=2))
         waiting.start()
@@ -209,5 +212,6 @@ def test_a_request_past_its_time_limit_gets_504(ckpt):
     app = app_for(ckpt, timeout=0.3)
     slow_down(app, [0.05])
     with running(app) as url:
-        r = http("POST", url + "/v1/completions", json_body={"prompt": "a", "max_tokens": 100})
+        # greedy: a sampled reply could draw an end token early and finish inside the limit
+        r = http("POST", url + "/v1/completions", json_body={"prompt": "a", "max_tokens": 100, "temperature": 0})
         assert r.status_code == 504 and "longer than 0.3 s" in r.json()["error"]["message"]
