@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--ckpt", required=True, help=ckpt_help)
         sp.add_argument("--device", default="auto")
         sp.add_argument("--adapters", help=ADAPTERS_HELP)
+        sp.add_argument("--draft", help="speculative decoding: a draft head folder (scratchlm train-draft) or a "
+                                        "smaller checkpoint with the same tokenizer; prints the mean accepted length")
+        sp.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per target forward")
         return sp
 
     sp = generating(with_common(verbs.add_parser("chat", help="interactive chat with a fine-tuned checkpoint")),
@@ -238,9 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp = generating(with_common(verbs.add_parser("sample", help="generate text from a checkpoint")),
                     "a run folder or a checkpoint folder")
     sp.add_argument("--prompt", default="", help="text to continue (default: start from the EOS token)")
-    sp.add_argument("--draft", help="speculative decoding: a draft head folder (scratchlm train-draft) or a smaller "
-                                    "checkpoint with the same tokenizer; prints the mean accepted length")
-    sp.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per target forward")
     sp.set_defaults(fn=cmd_sample)
 
     viz = verbs.add_parser("viz", help="pictures of a model's insides")

@@ -228,26 +228,54 @@ def _write(s: str) -> None:
 def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> None:
     from scratchlm.checkpoint import load_model_for_inference
     from scratchlm.infer.chat import ChatSession, run_chat
-    from scratchlm.infer.engine import Engine
     from scratchlm.infer.sample import check_sample_config
     from scratchlm.train.device import pick_device
 
     wrong = [o for o in overrides if not o.lstrip("-").startswith("sample.")]
     if wrong:
         raise UserError(f"{wrong[0].split('=')[0]}: chat takes only --sample.KEY=VALUE settings")
+    _check_draft_k(args)
     model, tok, cfg = load_model_for_inference(args.ckpt, str(pick_device(args.device, flag="--device")),
                                                adapters=args.adapters)
     sample = apply_overrides(cfg, overrides).sample
     check_sample_config(sample)
+    engine = _generator(args, model, tok)
     try:
-        run_chat(ChatSession(Engine(model, tok), tok, sample, args.system), sys.stdin, _write)
+        run_chat(ChatSession(engine, tok, sample, args.system), sys.stdin, _write)
     except KeyboardInterrupt:
         _write("\n")
+    _draft_stats(args, engine)
+
+
+def _check_draft_k(args: argparse.Namespace) -> None:
+    if args.draft is not None and args.draft_k < 1:
+        raise UserError(f"--draft-k {args.draft_k} must be >= 1", fix="the draft proposes at least one token")
+
+
+def _generator(args: argparse.Namespace, model, tok):
+    """The Engine, or with --draft the speculative decoder that takes its place (same generate)."""
+    from scratchlm.infer.engine import Engine
+
+    if args.draft is None:
+        return Engine(model, tok)
+    from scratchlm.infer.eagle import load_draft
+    from scratchlm.infer.speculative import SpeculativeDecoder
+
+    draft = load_draft(args.draft, model, tok, str(next(model.parameters()).device))
+    return SpeculativeDecoder(Engine(model, tok), draft, args.draft_k)
+
+
+def _draft_stats(args: argparse.Namespace, engine) -> None:
+    if args.draft is None:
+        return
+    st = engine.stats
+    print(f"scratchlm: speculative decoding, k={args.draft_k}: {st.produced} tokens from {st.forwards} target "
+          f"forwards, mean accepted length {st.mean_accepted:.2f} ({st.accepted}/{st.drafted} drafted tokens "
+          "accepted)", file=sys.stderr)
 
 
 def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
     from scratchlm.checkpoint import load_model_for_inference
-    from scratchlm.infer.engine import Engine
     from scratchlm.infer.sample import check_sample_config
     from scratchlm.infer.text import encode_prompt, sample_text
     from scratchlm.train.device import pick_device
@@ -257,8 +285,7 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
         raise UserError(f"{wrong[0].split('=')[0]}: sample takes only --sample.KEY=VALUE settings",
                         fix="model and training settings come from the checkpoint")
     check_sample_config(apply_overrides(Config(), overrides).sample)  # fail before loading weights
-    if args.draft is not None and args.draft_k < 1:
-        raise UserError(f"--draft-k {args.draft_k} must be >= 1", fix="the draft proposes at least one token")
+    _check_draft_k(args)
     model, tok, cfg = load_model_for_inference(args.ckpt, str(pick_device(args.device, flag="--device")),
                                                adapters=args.adapters)
     sc = apply_overrides(cfg, overrides).sample
@@ -268,19 +295,9 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"scratchlm: warning: the prompt is {len(ids)} tokens; the model sees only the last {block}",
               file=sys.stderr)
         ids = ids[-block:]
-    if args.draft is None:
-        sample_text(Engine(model, tok), tok, args.prompt, ids, sc, _write)
-        return
-    from scratchlm.infer.eagle import load_draft
-    from scratchlm.infer.speculative import SpeculativeDecoder
-
-    draft = load_draft(args.draft, model, tok, str(next(model.parameters()).device))
-    spec = SpeculativeDecoder(Engine(model, tok), draft, args.draft_k)
-    sample_text(spec, tok, args.prompt, ids, sc, _write)
-    st = spec.stats
-    print(f"scratchlm: speculative decoding, k={args.draft_k}: {st.produced} tokens from {st.forwards} target "
-          f"forwards, mean accepted length {st.mean_accepted:.2f} ({st.accepted}/{st.drafted} drafted tokens "
-          "accepted)", file=sys.stderr)
+    engine = _generator(args, model, tok)
+    sample_text(engine, tok, args.prompt, ids, sc, _write)
+    _draft_stats(args, engine)
 
 
 def cmd_viz_attention(args: argparse.Namespace, overrides: list[str]) -> None:

@@ -44,10 +44,15 @@ class ChatSession:
 
     def reply(self, user: str, write: Callable[[str], object] = lambda s: None) -> str:
         self.history.append(("user", user))
+        try:
+            prompt = self.prompt_ids()
+        except ValueError as e:  # a character the tokenizer cannot encode: the line is not kept
+            self.history.pop()
+            raise UserError(f"this model's tokenizer cannot encode that line: {e}",
+                            fix="rephrase it in characters the model knows") from None
         stream = TextStream(self.tok.decode, write, self.sample.stop)
         end = self.tok.special_tokens["<|end|>"]
-        out = self.engine.generate([self.prompt_ids()], self.sample, eos_id=end,
-                                   on_token=lambda row, t: stream.push(t))[0]
+        out = self.engine.generate([prompt], self.sample, eos_id=end, on_token=lambda row, t: stream.push(t))[0]
         stream.close(out)
         text = self.tok.decode(out)
         self.history.append(("assistant", text))
@@ -77,7 +82,11 @@ def run_chat(session: ChatSession, lines: Iterable[str], write: Callable[[str], 
             write("> ")
             continue
         before = session.dropped
-        session.reply(line, write)
+        try:
+            session.reply(line, write)
+        except UserError as e:  # one line, and the conversation goes on
+            write(f"({e})\n> ")
+            continue
         if session.dropped > before:
             write(f"\n(the oldest {session.dropped - before} exchange(s) no longer fit the context and were dropped)")
         write("\n> ")

@@ -196,6 +196,11 @@ class SpeculativeDecoder:
         self.target, self.draft, self.k = target, draft, k
         self.stats = SpecStats()
 
+    @property
+    def model(self):
+        """The target model, as `Engine.model` (a chat session reads its context length)."""
+        return self.target.model
+
     @torch.inference_mode()
     def generate(
         self,

@@ -4,6 +4,7 @@ text as without a draft, plus the mean accepted length; bad input is one line, e
 
 from __future__ import annotations
 
+import io
 import json
 
 import torch
@@ -65,3 +66,18 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path):
     code, _, err = run(capsys, "train-draft", "--target", str(target), "--out", str(tmp_path / "h"),
                        "--data", str(tmp_path / "nope.txt"))
     assert code == 2 and "nope.txt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_chat_with_a_draft_gives_the_same_greedy_replies(capsys, tmp_path, monkeypatch):
+    from tests.serve.server import chat_checkpoint
+
+    target = chat_checkpoint(tmp_path / "chat")
+    settings = ["--sample.temperature=0", "--sample.max_new_tokens=20"]
+    replies = []
+    for extra in ([], ["--draft", str(target), "--draft-k", "3"]):  # the target as its own draft: all accepted
+        monkeypatch.setattr("sys.stdin", io.StringIO("hello\nhi. ok\n"))
+        code, out, err = run(capsys, "chat", "--ckpt", str(target), *settings, *extra)
+        assert code == 0, err
+        replies.append(out)
+        assert ("mean accepted length 4.00" in err) == bool(extra), err
+    assert replies[0] == replies[1] and len(replies[0]) > 20

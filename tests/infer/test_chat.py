@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.config import GPTConfig, LlamaConfig, SampleConfig
 from scratchlm.errors import UserError
 from scratchlm.infer.chat import ChatSession, run_chat
@@ -12,6 +13,7 @@ from scratchlm.infer.engine import Engine
 from scratchlm.model import build_model
 from scratchlm.tokenizer import ByteTokenizer
 from scratchlm.tokenizer.chat import ensure_chat_specials
+from tests.serve.server import chat_checkpoint
 
 
 @pytest.fixture
@@ -51,3 +53,13 @@ def test_needs_chat_tokens():
     model = build_model(GPTConfig(vocab_size=256, block_size=8, n_layer=1, n_head=1, n_embd=8))
     with pytest.raises(UserError, match="no chat tokens"):
         ChatSession(Engine(model), ByteTokenizer(), SampleConfig())
+
+
+def test_a_line_the_tokenizer_cannot_encode_is_one_message_and_the_chat_goes_on(tmp_path):
+    model, tok, _ = load_model_for_inference(chat_checkpoint(tmp_path / "run"))  # a character tokenizer
+    session = ChatSession(Engine(model, tok), tok, SampleConfig(max_new_tokens=4, temperature=0.0, stream=False))
+    shown = []
+    run_chat(session, ["why?\n", "hi\n"], shown.append)
+    text = "".join(shown)
+    assert "cannot encode that line" in text and "Traceback" not in text
+    assert [role for role, _ in session.history] == ["user", "assistant"]  # only the line that could be encoded
