@@ -10,11 +10,12 @@ each one closes.
 
 Speed (random weights, which decode at the same speed as trained ones): the `llama-30m` and `llama-125m`
 presets (8,192 and 32,768 vocabularies) in fp32, bf16 (every weight in bf16, as `scratchlm quantize --method
-bf16` stores and loads it: a 2-byte format) and each quantized format, with the reference matmul path (dequantize, then an fp32 matmul) and with the fastest
-path this machine offers (`scratchlm.model.qkernels.use_fastest_kernels`, measured here); greedy decoding
-through the one Engine of a 32-token prompt at batch 1 and 8, `--new` tokens. The formats alternate in rounds
-after a warm-up, best round counts. Printed: tokens/s and the ratio to fp32 (above 1 = faster). Absolute
-numbers are for this machine only.
+bf16` stores and loads it: a 2-byte format) and each quantized format, with the reference matmul path
+(dequantize, then an fp32 matmul) and with the fastest path this machine offers
+(`scratchlm.model.qkernels.use_fastest_kernels`, measured here); greedy decoding through the one Engine of a
+32-token prompt at batch 1 and 8, `--new` tokens. The formats alternate in rounds after a warm-up, best round
+counts. Printed: tokens/s and the ratio to fp32 (above 1 = faster). Absolute numbers are for this machine
+only.
 """
 
 from __future__ import annotations
