@@ -39,7 +39,7 @@ from scratchlm.data.prepare import prepare
 from scratchlm.infer.engine import Engine
 from scratchlm.model import build_model, padded_vocab
 from scratchlm.sft.train import sft
-from scratchlm.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, train_bpe
+from scratchlm.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, train_bpe
 from scratchlm.train.pretrain import pretrain
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -223,16 +223,18 @@ def hf_folder(tmp: Path, hf_model: nn.Module, tok: BPETokenizer | None = None, *
     return out
 
 
-def our_checkpoint(tmp: Path, seed: int = 0, **model_kw) -> tuple[Path, nn.Module, BPETokenizer]:
-    """A random scratchlm model saved as a run folder (vocab padded to a multiple of 64)."""
-    tok = tiny_bpe()
+def our_checkpoint(tmp: Path, seed: int = 0, tok: Tokenizer | None = None, std: float = 0.2,
+                   **model_kw) -> tuple[Path, nn.Module, Tokenizer]:
+    """A random scratchlm model saved as a run folder (vocab padded to a multiple of 64), with `tok`
+    (default: the tiny BPE) and weights of scale `std`."""
+    tok = tok or tiny_bpe()
     cfg = Config(name="t", out_dir=str(tmp / "run"))
     cfg.tokenizer = TokenizerConfig(kind=tok.kind, vocab_size=tok.vocab_size, special_tokens=list(tok.special_tokens))
     arch = model_kw.pop("arch", "gpt")
     cfg.model = replace(switch_arch(GPTConfig(block_size=16, n_layer=2, n_head=4, n_embd=32), arch), **model_kw)
     cfg.model.vocab_size = padded_vocab(cfg.model, tok.vocab_size)
     torch.manual_seed(seed)
-    model = randomize(build_model(cfg.model), seed)
+    model = randomize(build_model(cfg.model), seed, std)
     opt = torch.optim.AdamW(model.parameters())
     save_checkpoint(Path(cfg.out_dir), 0, model, opt, cfg, tok, {"best_val_loss": None})
     return Path(cfg.out_dir), model, tok
