@@ -51,6 +51,7 @@ from scratchlm.cli.eval import add_parsers as add_eval_parsers
 from scratchlm.cli.quantize import add_parsers as add_quantize_parsers
 from scratchlm.cli.report import add_parsers as add_report_parsers
 from scratchlm.cli.rl import add_parsers as add_rl_parsers
+from scratchlm.cli.scaling import add_parsers as add_scaling_parsers
 from scratchlm.cli.serve import add_parsers as add_serve_parsers
 from scratchlm.config import MODEL_FAMILIES, PRESETS, SECTIONS, ModelConfig, family_keys
 from scratchlm.errors import Interrupted, UserError
@@ -212,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_parsers(verbs, with_common, writes)
     add_report_parsers(verbs, with_common, writes)
     add_serve_parsers(verbs, with_common, writes)
+    add_scaling_parsers(verbs, with_common, writes)
 
     sp = writes(with_common(verbs.add_parser("classify", help="classification fine-tuning: a class head on a "
                                                               "pretrained LM"), "sft-tiny"))

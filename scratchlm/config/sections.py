@@ -106,6 +106,14 @@ class TrainConfig:
     # fp16 on GPU only, with a gradient scaler
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the model
+    # auto: ddp when torchrun starts more than one process, else none | none | ddp | fsdp (FSDP2, per block)
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    # recompute each k-th block's activations in backward instead of keeping them: 0 = off, 1 = every block
+    activation_checkpointing: Annotated[int, Range(">= 0", "0 = off, 1 = every block")] = 0
+    # auto: the largest micro-batch that fits memory_budget_gb, grad_accum raised to keep the step's batch
+    micro_batch: Literal["fixed", "auto"] = "fixed"
+    # micro_batch=auto's budget per process; 0 = 90% of the GPU's memory, or 80% of the RAM available now
+    memory_budget_gb: Annotated[float, Range(">= 0", "0 = auto")] = 0.0
     device: Annotated[str, DEVICE] = "auto"  # auto | cpu | cuda | cuda:N | mps
     # torch CPU threads; 0 = auto: the cores other processes leave free now (OMP_NUM_THREADS, if set, decides)
     threads: Annotated[int, Range(">= 0", "0 = auto")] = 0
