@@ -92,39 +92,90 @@ def read_records(path: Path) -> list[tuple[int, Any]]:
     return out
 
 
-def iter_jsonl(path: Path, field: str) -> Iterator[Document]:
-    text = read_text_file(path)
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) of each non-blank line of a JSONL file, read line by line (a file larger
+    than memory streams); the text is None for a line `skip` says to leave undecoded. Same checks as
+    `read_text_file`: missing, empty, binary (NUL in the first 64 KiB), not UTF-8 (line and byte)."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115  (closed below)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file", fix="check the path") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory") from None
+    except PermissionError:
+        raise UserError(f"{path}: permission denied") from None
+    with f:
+        if b"\x00" in f.read(65536):
+            raise UserError(f"{path}: looks like a binary file (contains NUL bytes)", fix="pass UTF-8 text")
+        f.seek(0)
+        offset = 0
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte {offset + e.start})",
+                    fix="convert it, e.g. iconv -f latin1 -t utf-8",
+                ) from None
+            offset += len(raw)
+            if line.strip():
+                yield lineno, line
+
+
+def _jsonl_document(path: Path, lineno: int, line: str, field: str) -> Document:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})", fix="fix or remove that line") from None
+    if not isinstance(obj, dict) or field not in obj:
+        keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise UserError(
+            f"{path}:{lineno}: no field {field!r} (has: {keys})",
+            fix="choose the field with --data.jsonl_field=NAME (or --tokenizer.jsonl_field)",
+        )
+    value = obj[field]
+    if not isinstance(value, str):
+        raise UserError(f"{path}:{lineno}: field {field!r} is {type(value).__name__}, not a string")
+    return Document(value, f"{path}:{lineno}")
+
+
+def _jsonl_slots(path: Path, field: str, take) -> Iterator[Document | None]:
     n = 0
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})", fix="fix or remove that line") from None
-        if not isinstance(obj, dict) or field not in obj:
-            keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
-            raise UserError(
-                f"{path}:{lineno}: no field {field!r} (has: {keys})",
-                fix="choose the field with --data.jsonl_field=NAME (or --tokenizer.jsonl_field)",
-            )
-        value = obj[field]
-        if not isinstance(value, str):
-            raise UserError(f"{path}:{lineno}: field {field!r} is {type(value).__name__}, not a string")
+    for lineno, line in _jsonl_lines(path):
         n += 1
-        yield Document(value, f"{path}:{lineno}")
+        yield _jsonl_document(path, lineno, line, field) if take() else None
     if n == 0:
-        raise UserError(f"{path}: no JSONL records", fix="pass a file with one JSON object per line")
+        raise UserError(f"{path}: file is empty", fix="pass a file with one JSON object per line")
 
 
 def iter_documents(inputs: list[str] | None, jsonl_field: str = "text") -> Iterator[Document]:
     """Yield the documents of the given files and folders; no inputs means the default corpus."""
+    for doc in iter_document_slots(inputs, jsonl_field):
+        assert doc is not None
+        yield doc
+
+
+def iter_document_slots(
+    inputs: list[str] | None, jsonl_field: str = "text", part: tuple[int, int] | None = None
+) -> Iterator[Document | None]:
+    """One item per document of the inputs, in order: the `Document` when its index i is in `part`
+    (i % n == k for part (k, n); every document without a part), else None, without reading or
+    parsing it (a file is not opened, a JSONL line not decoded). A problem in a document outside
+    the part is left to the part that owns it."""
+    k, n = part or (0, 1)
+    index = -1
+
+    def take() -> bool:
+        nonlocal index
+        index += 1
+        return index % n == k
+
     if not inputs:
-        yield from default_corpus()
-        return
+        inputs = [DEFAULT_CORPUS]
     for item in inputs:
         if item == DEFAULT_CORPUS:
-            yield from default_corpus()
+            for doc in default_corpus():
+                yield doc if take() else None
             continue
         path = Path(item)
         if not path.exists():
@@ -138,9 +189,9 @@ def iter_documents(inputs: list[str] | None, jsonl_field: str = "text") -> Itera
             files = [path]
         for f in files:
             if f.suffix.lower() == ".jsonl":
-                yield from iter_jsonl(f, jsonl_field)
+                yield from _jsonl_slots(f, jsonl_field, take)
             else:
-                yield Document(read_text_file(f), str(f))
+                yield Document(read_text_file(f), str(f)) if take() else None
 
 
 def read_corpus_text(inputs: list[str] | None, jsonl_field: str = "text", max_chars: int = 0) -> list[str]:
