@@ -75,9 +75,44 @@ class DataConfig:
     jsonl_field: Annotated[str, TEXT] = "text"  # field read from JSONL inputs
     val_fraction: Annotated[float, Range("[0, 1)")] = 0.05  # fraction of documents held out for validation
     dedup: bool = True  # drop exact duplicate documents
+    dedup_normalize: bool = True  # exact dedup compares text with case, punctuation and whitespace normalised
+    near_dedup: bool = True  # drop near-duplicate documents (MinHash + LSH), keeping the first of each cluster
+    # the Jaccard similarity of shingle sets above which documents are near duplicates
+    near_dedup_threshold: Annotated[float, Range("(0, 1]")] = 0.8
+    near_dedup_ngram: Annotated[int, Range("[1, 64]")] = 5  # shingle size, in words or characters
+    near_dedup_unit: Literal["word", "char"] = "word"  # shingles of words or of characters
+    near_dedup_perms: Annotated[int, Range("[1, 1024]")] = 128  # MinHash permutations (signature length)
+    # LSH bands (rows = perms // bands; approximate threshold (1/bands)^(1/rows)); 0 = chosen for the threshold
+    near_dedup_bands: Annotated[int, Range(">= 0", "0 = chosen for the threshold")] = 0
+    near_dedup_verify: bool = True  # keep only LSH candidates whose estimated Jaccard reaches the threshold
     min_chars: Annotated[int, Range(">= 0")] = 16  # drop documents shorter than this
     # drop documents where more lines than this repeat
     max_repeated_line_ratio: Annotated[float, Range("[0, 1]", "1 = keep all")] = 0.5
+    # Gopher/C4-style quality rules (scratchlm/data/filters.py); each has an "off" value
+    min_words: Annotated[int, Range(">= 0", "0 = off")] = 0  # drop documents with fewer words (Gopher: 50)
+    max_words: Annotated[int, Range(">= 0", "0 = off")] = 0  # drop documents with more words (Gopher: 100,000)
+    min_mean_word_length: Annotated[float, Range(">= 0", "0 = off")] = 0.0  # Gopher: 3
+    max_mean_word_length: Annotated[float, Range(">= 0", "0 = off")] = 0.0  # Gopher: 10
+    # ("#" + "..." + "…") per word above this drops a document (Gopher: 0.1)
+    max_symbol_word_ratio: Annotated[float, Range(">= 0", "0 = off")] = 0.0
+    # fraction of lines starting with a bullet above this drops a document (Gopher: 0.9)
+    max_bullet_line_ratio: Annotated[float, Range("[0, 1]", "1 = keep all")] = 0.9
+    # fraction of lines ending in an ellipsis above this drops a document (Gopher: 0.3)
+    max_ellipsis_line_ratio: Annotated[float, Range("[0, 1]", "1 = keep all")] = 0.3
+    # fraction of words holding a letter below this drops a document (Gopher: 0.8)
+    min_alpha_word_fraction: Annotated[float, Range("[0, 1]", "0 = off")] = 0.0
+    # fewer distinct English stop words than this drops a document (Gopher: 2)
+    min_stop_words: Annotated[int, Range(">= 0", "0 = off")] = 0
+    # the most frequent word 2-gram's share of the characters above this drops a document (3-, 4-grams:
+    # scaled like Gopher's 0.20, 0.18, 0.16)
+    max_top_ngram_fraction: Annotated[float, Range("[0, 1]", "1 = keep all")] = 1.0
+    # the share of characters inside repeated word 5-grams above this drops a document (6..10-grams: scaled
+    # like Gopher's 0.15 .. 0.10)
+    max_dup_ngram_fraction: Annotated[float, Range("[0, 1]", "1 = keep all")] = 1.0
+    # keep only documents whose letters are mostly of this script
+    script: Literal["any", "latin", "cyrillic", "greek", "arabic", "hebrew", "devanagari", "cjk"] = "any"
+    min_script_fraction: Annotated[float, Range("[0, 1]")] = 0.5  # the share of letters in `script` required
+    scrub_pii: bool = False  # replace e-mail and IPv4 addresses with <email> and <ipv4>
     shard_tokens: Annotated[int, Range(">= 1")] = 16_777_216  # tokens per shard file
     workers: Annotated[int, Range(">= 0", "0 = one per core")] = 0  # tokenization processes
     seed: Annotated[int, SEED] = 1337  # seeds the train/val split

@@ -22,6 +22,11 @@ from scratchlm.errors import UserError
 from scratchlm.tokenizer import CharTokenizer
 from tests.helpers import byte_tok, make_cfg, make_docs, read_split, write_corpus
 
+# The rules on by default, in order, and the settings that turn every rule off.
+DEFAULT_RULES = ("duplicate", "too_short", "repeated_lines", "bullet_lines", "ellipsis_lines", "near_duplicate")
+ALL_OFF = dict(dedup=False, near_dedup=False, min_chars=0, max_repeated_line_ratio=1.0, max_bullet_line_ratio=1.0,
+               max_ellipsis_line_ratio=1.0)
+
 
 def split_docs(stream: np.ndarray, eot: int, tok) -> list[str]:
     """Cut a stream at the separators; with eot-before-document the first piece is empty."""
@@ -41,7 +46,7 @@ def test_manifest_counts_match_files_and_shards_decode_to_documents(tmp_path, bp
     assert m["tokenizer"] == {"kind": "bpe", "vocab_size": 300, "fingerprint": bpe.fingerprint()}
     assert m["dtype"] == "uint16" and m["eot_id"] == bpe.eot_id and m["separator"] == "eot_before_document"
     assert m["documents"] == {"read": 30, "kept": 30, "train": 28, "val": 2}  # round(0.05 * 30) = 2
-    assert m["filtered"] == {"duplicate": 0, "too_short": 0, "repeated_lines": 0}
+    assert m["filtered"] == dict.fromkeys(DEFAULT_RULES, 0)
     assert m["inputs"] == [str(src)]
     assert json.loads((out / "manifest.json").read_text()) == m
     assert (out / "config.json").exists() and json.loads((out / "tokenizer.json").read_text()) == bpe.to_dict()
@@ -69,14 +74,13 @@ def test_dedup_and_quality_filters_remove_and_count(tmp_path):
     corpus = docs[:5] + [docs[1], short, spam, docs[3], docs[1]] + docs[5:]
     src = write_corpus(tmp_path / "in", corpus)
     m = prepare([str(src)], byte_tok(), make_cfg(val_fraction=0.0), tmp_path / "out", progress=False)
-    assert m["filtered"] == {"duplicate": 3, "too_short": 1, "repeated_lines": 1}
+    assert m["filtered"] == {**dict.fromkeys(DEFAULT_RULES, 0), "duplicate": 3, "too_short": 1, "repeated_lines": 1}
     assert m["documents"]["read"] == 15 and m["documents"]["kept"] == 10
     assert split_docs(read_split(tmp_path / "out", m, "train"), 256, byte_tok()) == docs
 
-    # every filter off: everything kept
-    cfg = make_cfg(val_fraction=0.0, dedup=False, min_chars=0, max_repeated_line_ratio=1.0)
-    m = prepare([str(src)], byte_tok(), cfg, tmp_path / "out", progress=False)
-    assert m["filtered"] == {"duplicate": 0, "too_short": 0, "repeated_lines": 0}
+    # every filter off: everything kept, and no rule listed
+    m = prepare([str(src)], byte_tok(), make_cfg(val_fraction=0.0, **ALL_OFF), tmp_path / "out", progress=False)
+    assert m["filtered"] == {} and m["filters"]["rules"] == []
     assert split_docs(read_split(tmp_path / "out", m, "train"), 256, byte_tok()) == corpus
 
 
