@@ -140,6 +140,9 @@ def claim_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite: b
     refuses a folder where one of them sits inside a run artefact it would replace.
     """
     path = Path(path)
+    if os.environ.get("RANK", "0") != "0" and "WORLD_SIZE" in os.environ:
+        yield path  # torchrun's other processes: rank 0 claims the folder for the run, and alone writes in it
+        return
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other",
                         fix="--resume continues the run in the folder, --overwrite replaces it")

@@ -42,6 +42,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from scratchlm.checkpoint.adapters import adapter_files, adapter_tokenizer, load_adapters
 from scratchlm.config import Config, SFTConfig, load_config
@@ -88,9 +89,10 @@ def _tupled(x: Any) -> Any:
     return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
 
 
-def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split `opt.state_dict()` into tensors (for safetensors) and JSON."""
-    sd = opt.state_dict()
+def optimizer_state(opt: torch.optim.Optimizer | dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split `opt.state_dict()` (or such a dict, gathered from FSDP's shards) into tensors (for
+    safetensors) and JSON."""
+    sd = opt if isinstance(opt, dict) else opt.state_dict()
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
@@ -102,11 +104,32 @@ def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor]
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Load a saved state into `opt`. The moments are whole; a parameter that FSDP shards (a
+    DTensor) gets its moments sharded the same way, so any world size resumes any checkpoint."""
     state: dict[int, dict[str, Any]] = {}
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = v
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for pid, st in state.items():
+        p = params[pid] if pid < len(params) else None
+        if isinstance(p, DTensor):
+            for name, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    st[name] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _save_weights(model: nn.Module | dict[str, torch.Tensor], path: Path) -> None:
+    """A module's weights (shared ones once, as safetensors' save_model does), or a dict of whole
+    tensors gathered from FSDP's shards, where a tied weight is one tensor under two names."""
+    if isinstance(model, nn.Module):
+        save_model(model, str(path))
+        return
+    first: dict[int, str] = {}  # each tensor under its alphabetically first name, as save_model keeps it
+    for name in sorted(model):
+        first.setdefault(id(model[name]), name)
+    save_file({name: model[name].contiguous() for name in first.values()}, str(path))
 
 
 @contextlib.contextmanager
@@ -122,8 +145,8 @@ def _write_errors(path: Path) -> Iterator[None]:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: nn.Module | dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     cfg: Config,
     tokenizer: Tokenizer,
     trainer: dict[str, Any],
@@ -139,7 +162,7 @@ def save_checkpoint(
     root = Path(run_dir) / "ckpt"
     final = root / f"step_{step:07d}"
     with _write_errors(final), atomic_dir(final) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        _save_weights(model, tmp / "model.safetensors")
         opt_tensors, opt_meta = optimizer_state(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng_tensors, rng_meta = rng_state()

@@ -301,6 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _leave_process_group() -> None:
+    """A run torchrun started leaves its process group cleanly (after a barrier) once the verb is done."""
+    if "torch.distributed" in sys.modules:  # nothing to leave when the verb never loaded it
+        from scratchlm.train.distributed import shutdown
+
+        shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     # Idle OpenMP threads spin on their core by default: with another process on one of two cores,
     # two spinning threads made training ~18x slower; sleeping costs little when the cores are free.
@@ -316,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_settings(args, overrides)
         args.fn(args, overrides)
+        _leave_process_group()
     except UserError as e:
         print(f"scratchlm: error: {e}", file=sys.stderr)
         return 2

@@ -7,16 +7,18 @@ the tokenizer the model uses. Shards are memory-mapped: nothing is read until a 
 and a split is one logical stream of tokens across its shard files.
 
 `BatchLoader` cuts (x, y) batches of shape (B, T) from one split, y being x shifted one token
-left (y[b, t] is the token after x[b, t]). Two modes:
+left (y[b, t] is the token after x[b, t]). Under data parallelism the ranks read one global
+stream of batches in turns: rank r's k-th batch is global batch k * world_size + r, so a step's
+batches over all ranks are the ones a single process would draw with that many more
+accumulation steps, whatever the world size (the loss curve does not depend on it), and the
+position is one global counter, so a run resumes under a different world size. Two modes:
 - "random" (nanoGPT): each row starts at a uniformly drawn offset in [0, N - T - 1]. The
-  generator for batch k is seeded by (seed, split, rank, k), so the whole state is the counter
-  k; ranks draw independent windows.
+  generator for global batch g is seeded by (seed, split, g), so the whole state is the counter.
 - "sequential": the split is cut into non-overlapping windows of T tokens (window w covers
   tokens [w*T, w*T + T], the last one shared as the next window's first input), shuffled once
-  per epoch by (seed, split, epoch), the same order on every rank; rank r takes windows r,
-  r + world_size, ... of that order, so the ranks together see every window exactly once per
-  epoch. When n_windows is not a multiple of world_size, ranks differ by one window per epoch.
-  A batch that runs past the end of an epoch continues into the next one, so every batch is full.
+  per epoch by (seed, split, epoch); global batch g takes the next B windows of that order, so
+  the ranks together see every window exactly once per epoch. A batch that runs past the end of
+  an epoch continues into the next one, so every batch is full.
 
 `state_dict()` holds plain ints and strings (JSON-ready) with the position and the settings that
 define the stream; `load_state_dict` refuses a state from different settings, since the stream it
@@ -218,46 +220,49 @@ class BatchLoader:
             )
         self._split_key = zlib.crc32(split.encode())  # keeps train and val streams independent
         self.n_windows = (self.n_tokens - 1) // block_size  # sequential mode
-        if mode == "sequential" and self.n_windows < world_size:
-            raise UserError(f"{shards.dir}: split {split!r} has {self.n_windows} windows of {block_size} tokens, "
-                            f"fewer than world_size={world_size}", fix="use a smaller block_size or more data")
-        self.step = 0  # batches drawn so far
-        self.epoch = 0  # sequential: current epoch, and position in this rank's window order
+        self.step = 0  # global batches drawn so far (all ranks' together)
+        self.epoch = 0  # sequential: current epoch, and the global position in its window order
         self.pos = 0
-        self._order: np.ndarray | None = None  # sequential: this rank's windows for self.epoch
+        self._order: np.ndarray | None = None  # sequential: the window order of self.epoch
 
     # -- positions --------------------------------------------------------------------------------
-    def _rank_order(self, epoch: int) -> np.ndarray:
-        """This rank's window indices for an epoch: (ceil or floor of n_windows / world_size,)."""
-        perm = np.random.default_rng([self.seed, self._split_key, epoch]).permutation(self.n_windows)
-        return perm[self.rank :: self.world_size]
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """The window indices of an epoch, in the order every rank reads them: (n_windows,)."""
+        return np.random.default_rng([self.seed, self._split_key, epoch]).permutation(self.n_windows)
 
     def windows_per_epoch(self) -> int:
-        """Sequential mode: how many windows this rank reads per epoch."""
-        return len(range(self.rank, self.n_windows, self.world_size))
+        """Sequential mode: windows in an epoch (all ranks' together)."""
+        return self.n_windows
 
-    def _next_starts(self) -> np.ndarray:
-        """Token offsets of the next batch's windows: (batch_size,)."""
-        B, T = self.batch_size, self.block_size
-        if self.mode == "random":
-            rng = np.random.default_rng([self.seed, self._split_key, self.rank, self.step])
-            return rng.integers(0, self.n_tokens - T, size=B)  # start + T + 1 <= n_tokens
-        out = []
-        while len(out) < B:
+    def _take_windows(self, n: int) -> list[int]:
+        """The next n windows of the sequential stream (crossing into the next epoch as needed)."""
+        out: list[int] = []
+        while len(out) < n:
             if self._order is None:
-                self._order = self._rank_order(self.epoch)
-            take = self._order[self.pos : self.pos + B - len(out)]
+                self._order = self._epoch_order(self.epoch)
+            take = self._order[self.pos : self.pos + n - len(out)]
             out.extend(take.tolist())
             self.pos += len(take)
             if self.pos >= len(self._order):
                 self.epoch, self.pos, self._order = self.epoch + 1, 0, None
-        return np.asarray(out, dtype=np.int64) * T
+        return out
+
+    def _next_starts(self) -> np.ndarray:
+        """Token offsets of this rank's next batch: (batch_size,). Every rank advances the global
+        stream past all ranks' batches of this turn and keeps its own."""
+        B, T, W, r = self.batch_size, self.block_size, self.world_size, self.rank
+        if self.mode == "random":
+            # (seed, split, 0, g): the key's third entry stays 0 so one process draws what it always drew
+            rng = np.random.default_rng([self.seed, self._split_key, 0, self.step + r])
+            return rng.integers(0, self.n_tokens - T, size=B)  # start + T + 1 <= n_tokens
+        windows = self._take_windows(B * W)[r * B : (r + 1) * B]
+        return np.asarray(windows, dtype=np.int64) * T
 
     # -- batches ----------------------------------------------------------------------------------
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.block_size
         starts = self._next_starts()
-        self.step += 1
+        self.step += self.world_size
         rows = np.stack([self.shards.read(self.split, int(s), T + 1) for s in starts])  # (B, T+1)
         buf = torch.from_numpy(rows.astype(np.int64))
         x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # (B, T) each
@@ -276,13 +281,15 @@ class BatchLoader:
     def _settings(self) -> dict[str, Any]:
         return {
             "mode": self.mode, "split": self.split, "batch_size": self.batch_size, "block_size": self.block_size,
-            "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-            "data": self.shards.data_id(self.split),
+            "seed": self.seed, "data": self.shards.data_id(self.split),
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain JSON values: the stream's settings and the position in it."""
-        return {"version": 1, **self._settings(), "step": self.step, "epoch": self.epoch, "pos": self.pos}
+        """Plain JSON values: the stream's settings and the global position in it (`step`: global
+        batches drawn; sequential: `epoch`, `pos`). The world size it was saved under is recorded,
+        not required: the position is the same for every rank and every world size."""
+        return {"version": 2, **self._settings(), "world_size": self.world_size, "step": self.step,
+                "epoch": self.epoch, "pos": self.pos}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in self._settings().items():
@@ -292,10 +299,18 @@ class BatchLoader:
                     f"cannot resume the {self.split} loader: it was saved with {what}",
                     fix="resume with the same data and loader settings",
                 )
+        # version 1 kept per-rank positions; a single process's are the global ones
+        if not (state.get("version") == 2 or (state.get("version") == 1 and state.get("world_size") == 1)):
+            raise UserError(f"cannot resume the {self.split} loader: its state (version {state.get('version')!r}) "
+                            "holds per-rank positions from before the global stream", fix="start the run afresh")
         try:
             step, epoch, pos = int(state["step"]), int(state["epoch"]), int(state["pos"])
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"cannot resume the {self.split} loader: corrupt state ({e})") from None
         if self.mode == "sequential" and not 0 <= pos < max(1, self.windows_per_epoch()):
             raise UserError(f"cannot resume the {self.split} loader: position {pos} is outside the epoch")
+        if step % self.world_size:
+            raise UserError(f"cannot resume the {self.split} loader on {self.world_size} processes: it stopped after "
+                            f"{step} global batches, not a whole turn of {self.world_size}",
+                            fix="resume with a world size that divides the batches drawn")
         self.step, self.epoch, self.pos, self._order = step, epoch, pos, None

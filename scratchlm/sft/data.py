@@ -231,15 +231,20 @@ class SFTLoader:
     """Batches of packed rows (or one example per row, right-padded) for the shared training loop.
 
     next_batch() -> (x, y, doc_ids): x (B, T) ids, y (B, T) targets with -1 where not trained,
-    doc_ids (B, T) for DocumentMask. Deterministic order by (seed, epoch); resumable."""
+    doc_ids (B, T) for DocumentMask. Deterministic order by (seed, epoch); resumable. Under data
+    parallelism the ranks read one global stream of rows in turns (rank r's k-th batch is global
+    batch k * world_size + r, as `BatchLoader` does), so the position is global and a run resumes
+    under another world size."""
 
     def __init__(self, examples: list[Example], block_size: int, batch_size: int, *, packing: bool = True,
-                 shuffle: bool = True, seed: int = 0, device: str | torch.device = "cpu") -> None:
+                 shuffle: bool = True, seed: int = 0, device: str | torch.device = "cpu",
+                 rank: int = 0, world_size: int = 1) -> None:
         rows = pack(examples, block_size) if packing else pack_each(examples, block_size)
         self.ids = torch.tensor([r[0] for r in rows])  # (R, T + 1)
         self.labels = torch.tensor([r[1] for r in rows])
         self.docs = torch.tensor([r[2] for r in rows])
         self.batch_size, self.shuffle, self.seed, self.device = batch_size, shuffle, seed, device
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.pos = 0, 0
         self._order = self._make_order()
 
@@ -250,13 +255,14 @@ class SFTLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         picks = []
-        while len(picks) < self.batch_size:
+        B = self.batch_size
+        while len(picks) < B * self.world_size:  # this turn's rows for all ranks; this rank keeps its own
             if self.pos >= len(self._order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._make_order()
             picks.append(int(self._order[self.pos]))
             self.pos += 1
-        idx = torch.tensor(picks)
+        idx = torch.tensor(picks[self.rank * B : (self.rank + 1) * B])
         ids, labels, docs = self.ids[idx], self.labels[idx], self.docs[idx]
         x, y, d = ids[:, :-1], labels[:, 1:], docs[:, :-1]
         d = torch.where(d < 0, torch.full_like(d, -2), d)  # padding attends only to padding

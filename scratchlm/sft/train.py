@@ -40,6 +40,7 @@ from scratchlm.tasks.metrics import format_summary
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.tokenizer.chat import ensure_chat_specials
 from scratchlm.train.device import pick_device
+from scratchlm.train.distributed import place
 from scratchlm.train.loop import Batches, RunResult, train_model
 
 
@@ -110,7 +111,8 @@ def sft(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_ste
     device = pick_device(t.device)
     batches = Batches(
         train=SFTLoader(train_ex, block, t.batch_size, packing=cfg.sft.packing,
-                        shuffle=cfg.sft.curriculum == "none", seed=cfg.seed, device=device),
+                        shuffle=cfg.sft.curriculum == "none", seed=cfg.seed, device=device,
+                        rank=place().rank, world_size=place().world_size),  # torchrun: one global stream
         make_val=lambda: SFTLoader(val_ex, block, t.batch_size, packing=cfg.sft.packing, shuffle=False, device=device),
     )
     scores: dict[str, dict[str, dict[str, float]]] = {}

@@ -25,16 +25,18 @@ class RunLog:
     """The run's records: appended to `RUN/metrics.jsonl` (flushed each time, so a killed run keeps
     them), kept in `history`, and sent to TensorBoard / wandb when the config asks for them."""
 
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, write: bool = True) -> None:
+        """`write=False` (a data-parallel rank other than 0): keep `history` only."""
         self.history: list[dict[str, Any]] = []
-        self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        self._board = tensorboard_writer(run_dir) if cfg.train.tensorboard else None
-        self._wandb = wandb_run(cfg) if cfg.train.wandb else None
+        self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if write else None  # noqa: SIM115
+        self._board = tensorboard_writer(run_dir) if cfg.train.tensorboard and write else None
+        self._wandb = wandb_run(cfg) if cfg.train.wandb and write else None
 
     def log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         if self._board:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float):
@@ -43,7 +45,8 @@ class RunLog:
             self._wandb.log(record, step=record["step"])
 
     def close(self) -> None:
-        self._file.close()
+        if self._file:
+            self._file.close()
         if self._board:
             self._board.close()
         if self._wandb:

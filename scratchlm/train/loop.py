@@ -54,9 +54,18 @@ from scratchlm.train.device import (
     linear_shapes,
     observe_mfu,
     peak_flops,
-    pick_device,
     pick_precision,
     pick_threads,
+)
+from scratchlm.train.distributed import (
+    Parallel,
+    Place,
+    full_grad_norm,
+    full_optimizer_state,
+    full_weights,
+    join,
+    parallel_kind,
+    parallelize,
 )
 from scratchlm.train.instruments import RunLog, finish_profile, plot_losses, start_profiler
 from scratchlm.train.objective import Objective, count_examples, network_of
@@ -102,7 +111,9 @@ def block_grad_norms(model: LanguageModel) -> dict[str, float]:
 
 def forward_backward(model: LanguageModel, micro_batches: list[tuple[torch.Tensor, ...]],
                      amp: contextlib.AbstractContextManager, scaler: torch.amp.GradScaler | None,
-                     counts: list[int] | None = None) -> torch.Tensor:
+                     counts: list[int] | None = None, *, net: nn.Module | None = None,
+                     n_valid: int | None = None, world_size: int = 1,
+                     no_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
     """Accumulate the gradient of the step's loss over `micro_batches`; return that loss (detached).
 
     The step's loss is what one batch of all its micro-batches would give: the mean cross-entropy
@@ -111,20 +122,30 @@ def forward_backward(model: LanguageModel, micro_batches: list[tuple[torch.Tenso
     losses (`aux_loss()`, e.g. the MoE routers') belong to each micro-batch's routing and are
     averaged over the micro-batches. `counts`: what each micro-batch's mean is over, when not its
     valid targets (an `Objective`'s pairs; `count_examples`).
+
+    Data parallel (`distributed.py`): `model` is the DDP/FSDP module and `net` the model with the
+    hooks; `n_valid` is the count over all ranks' micro-batches (`world_size` x these), each share is
+    of that, and the backward is scaled by `world_size` since the ranks' gradients are averaged. The
+    returned loss is this rank's part of the step's loss (the ranks' parts sum to it).
+    `no_sync(last)` wraps each micro-batch (DDP reduces on the last only).
     """
+    net = net if net is not None else model
     counts = counts or [int(mb[1].ne(-1).sum()) for mb in micro_batches]
-    n_valid, n_micro = sum(counts), len(micro_batches)
+    n_valid = sum(counts) if n_valid is None else n_valid
+    n_micro = len(micro_batches) * world_size
     total = torch.zeros((), dtype=torch.float64)
-    for (x, y, *doc), n in zip(micro_batches, counts):
-        with amp:
-            _, loss = model(x, y, doc_mask=DocumentMask(doc[0]) if doc else None)
-        aux = model.aux_loss()
-        share = n / n_valid if n_valid else float("nan")  # all targets masked: a NaN loss, as one batch gives
-        # loss = cross-entropy + aux; without targets the cross-entropy is NaN and weighs nothing
-        part = aux / n_micro if n == 0 and n_valid else loss * share + aux * (1 / n_micro - share)
-        if torch.is_tensor(part):
-            (scaler.scale(part) if scaler else part).backward()
-            total += part.detach().double().cpu()
+    for i, ((x, y, *doc), n) in enumerate(zip(micro_batches, counts)):
+        with no_sync(i == len(micro_batches) - 1) if no_sync else contextlib.nullcontext():
+            with amp:
+                _, loss = model(x, y, doc_mask=DocumentMask(doc[0]) if doc else None)
+            aux = net.aux_loss()
+            share = n / n_valid if n_valid else float("nan")  # all targets masked: a NaN loss, as one batch gives
+            # loss = cross-entropy + aux; without targets the cross-entropy is NaN and weighs nothing
+            part = aux / n_micro if n == 0 and n_valid else loss * share + aux * (1 / n_micro - share)
+            if torch.is_tensor(part):
+                scaled = part * world_size if world_size > 1 else part
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                total += part.detach().double().cpu()
     return total
 
 
@@ -217,19 +238,23 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)  # e.g. LoRA's adapters, see optim.param_groups
 
 
-def _step_loss(model: LanguageModel, micro: list[tuple[torch.Tensor, ...]], amp: contextlib.AbstractContextManager,
+def _step_loss(par: Parallel, micro: list[tuple[torch.Tensor, ...]], amp: contextlib.AbstractContextManager,
                scaler: torch.amp.GradScaler | None, t: TrainConfig, block_size: int, counts: list[int]) -> float:
-    """The step's forward and backward (`forward_backward`); running out of memory names the settings."""
+    """The step's forward and backward over all ranks (`forward_backward`); the loss, summed over the
+    ranks. Running out of memory names the settings."""
+    n_valid = int(par.all_sum([float(sum(counts))])[0])
     try:
-        loss = forward_backward(model, micro, amp, scaler, counts)
+        loss = forward_backward(par.module, micro, amp, scaler, counts, net=par.model, n_valid=n_valid,
+                                world_size=par.world_size, no_sync=par.no_sync)
     except RuntimeError as e:
         if _is_oom(e):
             raise UserError(
                 f"a micro-batch of {t.batch_size}x{block_size} tokens does not fit in memory",
-                fix="lower --train.batch_size and raise --train.grad_accum to keep tokens per step",
+                fix="lower --train.batch_size and raise --train.grad_accum to keep tokens per step "
+                    "(or --train.micro_batch=auto)",
             ) from None
         raise
-    return loss.item()
+    return par.all_sum([loss.item()])[0]
 
 
 def _optimizer_step(model: LanguageModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
@@ -237,7 +262,7 @@ def _optimizer_step(model: LanguageModel, optimizer: torch.optim.Optimizer, scal
     """Clip the global gradient norm (after unscaling fp16's gradients), step; returns the norm before clipping."""
     if scaler:
         scaler.unscale_(optimizer)
-    norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    norm = full_grad_norm(nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf))
     if scaler:
         scaler.step(optimizer)
         scaler.update()
@@ -247,20 +272,28 @@ def _optimizer_step(model: LanguageModel, optimizer: torch.optim.Optimizer, scal
     return norm
 
 
-def _save(cfg: Config, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, tok: Tokenizer,
+def _save(cfg: Config, step: int, par: Parallel, optimizer: torch.optim.Optimizer, tok: Tokenizer,
           trainer: dict[str, Any], train_loader: Any, scaler: torch.amp.GradScaler | None,
           val_loss: float | None) -> None:
     """A checkpoint of this step (`val_loss`: this step's evaluation, None without one); the best so
-    far also becomes `ckpt/best`. `trainer` (best val loss, loader position) is updated in place."""
+    far also becomes `ckpt/best`. `trainer` (best val loss, loader position) is updated in place.
+    Every rank calls this; under FSDP they gather the whole weights and moments together, and rank 0
+    writes the same single-device checkpoint one process would."""
+    model = par.model
     trainer["loader"] = train_loader.state_dict()
     is_best = val_loss is not None and (trainer["best_val_loss"] is None or val_loss < trainer["best_val_loss"])
     if is_best:
         trainer["best_val_loss"] = val_loss
-    path = ckpt_io.save_checkpoint(Path(cfg.out_dir), step, network_of(model), optimizer, cfg, tok, trainer,
-                                   keep_last=cfg.train.keep_last, scaler=scaler,
-                                   extra=_extra_tensors(model, train_loader))
-    if is_best:
-        ckpt_io.mark_best(path)
+    weights, opt_state = network_of(model), optimizer
+    if par.kind == "fsdp":
+        weights, opt_state = full_weights(network_of(model)), full_optimizer_state(optimizer)
+    if par.place.main:
+        path = ckpt_io.save_checkpoint(Path(cfg.out_dir), step, weights, opt_state, cfg, tok, trainer,
+                                       keep_last=cfg.train.keep_last, scaler=scaler,
+                                       extra=_extra_tensors(model, train_loader))
+        if is_best:
+            ckpt_io.mark_best(path)
+    par.barrier()  # no rank reads or moves on before the checkpoint is whole
 
 
 # A stage's objective or loader may hold tensors it needs to resume beyond the network's weights (an RL
@@ -284,15 +317,29 @@ def _load_extra_tensors(model: nn.Module, loader: Any, tensors: dict[str, torch.
             obj.load_extra_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
+def _accum_per_rank(t: TrainConfig, here: Place, kind: str) -> int:
+    """Micro-batches each rank runs per step: `train.grad_accum` counts them over all ranks, so the
+    step's batch (batch_size x grad_accum sequences) does not depend on the world size."""
+    world = here.world_size if kind != "none" else 1
+    if t.grad_accum % world:
+        raise UserError(f"train.grad_accum={t.grad_accum} (micro-batches per step over all ranks) is not divisible "
+                        f"by the {world} processes", fix=f"use a multiple of {world}, e.g. "
+                        f"--train.grad_accum={world * max(1, round(t.grad_accum / world))}")
+    return t.grad_accum // world
+
+
 def _header(cfg: Config, model: nn.Module, device: torch.device, precision: str, why: str, threads: int,
-            threads_why: str, tokens_per_step: int, start: int) -> str:
+            threads_why: str, tokens_per_step: int, start: int, par: Parallel | None = None) -> str:
     n_params = model.num_params()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters()) - trainable
     return (f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M params"
             + (f" ({trainable / 1e6:.2f}M trainable)" if frozen else "")
             + f", {len(model.blocks)} layers, block {cfg.model.block_size}, vocab {cfg.model.vocab_size} | device "
-            f"{device}, precision {precision} ({why}), {threads} threads ({threads_why}) | "
+            f"{device}, precision {precision} ({why}), {threads} threads ({threads_why})"
+            + (f" | {par.kind} over {par.world_size} processes" if par and par.kind != "none" else "")
+            + (f" | activation checkpointing every {cfg.train.activation_checkpointing} block(s)"
+               if cfg.train.activation_checkpointing else "") + " | "
             f"{tokens_per_step:,} tokens/step, steps {start}->{cfg.train.max_steps}" + (" (resumed)" if start else ""))
 
 
@@ -312,7 +359,8 @@ def train_model(
     its data as `Batches`, and the config; checkpoints, logs and plots land in `cfg.out_dir`."""
     t, run_dir = cfg.train, Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(t.device)
+    here, device = join(t.device)
+    accum = _accum_per_rank(t, here, parallel_kind(t.parallel, here))
     threads_before = torch.get_num_threads()
     threads, threads_why = pick_threads(t.threads)
     torch.set_num_threads(threads)  # before any timing below; restored when the run ends
@@ -322,32 +370,37 @@ def train_model(
     precision, why = pick_precision(t.precision, device, linear_shapes(model, t.batch_size * cfg.model.block_size))
     amp = autocast_ctx(precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    if resume_from is not None:  # into the whole model, before FSDP shards it: any world size resumes
+        ckpt_io.load_weights(network_of(model), resume_from)
+    par = parallelize(model, t, here, device)
     optimizer = make_optimizer(model, t)
-    step_model = torch.compile(model) if t.compile else model
     train_loader = batches.train
 
     trainer: dict[str, Any] = {"best_val_loss": None}
     start = 0
     if resume_from is not None:
-        ckpt_io.load_weights(network_of(model), resume_from)
         trainer = ckpt_io.load_trainer_state(resume_from, optimizer, scaler)
         train_loader.load_state_dict(trainer["loader"])
         _load_extra_tensors(model, train_loader, ckpt_io.load_extra(resume_from))
         start = trainer["step"]
-        trim_metrics(run_dir / "metrics.jsonl", start)
-    cfg.save(run_dir / "config.json")
+        if here.main:
+            trim_metrics(run_dir / "metrics.jsonl", start)
+    if here.main:
+        cfg.save(run_dir / "config.json")
 
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
     flops_per_token = model.flops_per_token()
     peak = peak_flops(device, precision)
     tbytes = token_bytes(tok, cfg.model.vocab_size)
-    print(_header(cfg, model, device, precision, why, threads, threads_why, tokens_per_step, start), flush=True)
+    print(_header(cfg, model, device, precision, why, threads, threads_why, tokens_per_step, start, par),
+          flush=True)
 
-    runlog = RunLog(cfg, run_dir)
-    profiler = start_profiler(run_dir, t.profile_steps, device) if t.profile_steps > 0 else None
+    runlog = RunLog(cfg, run_dir, write=here.main)
+    profiler = start_profiler(run_dir, t.profile_steps, device) if t.profile_steps > 0 and here.main else None
     model.train()
     stop_at = min(stop_at_step or t.max_steps, t.max_steps)
-    bar = tqdm(total=stop_at, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=stop_at, initial=start, desc=desc, unit="step", disable=not progress or not here.main,
+               dynamic_ncols=True)
     loss_val, val_loss, bpb = float("nan"), float("nan"), float("nan")
     t_loop, window_t, step = time.perf_counter(), time.perf_counter(), start
     # positions actually run (x's size: a stage with padded rows runs fewer than batch x block_size)
@@ -358,9 +411,9 @@ def train_model(
             while step < stop_at:
                 lr = lr_at(step, t)
                 _set_lr(optimizer, lr)
-                micro = [train_loader.next_batch() for _ in range(t.grad_accum)]
+                micro = [train_loader.next_batch() for _ in range(accum)]
                 counts = [count_examples(model, mb[1]) for mb in micro]
-                loss_val = _step_loss(step_model, micro, amp, scaler, t, cfg.model.block_size, counts)
+                loss_val = _step_loss(par, micro, amp, scaler, t, cfg.model.block_size, counts)
                 finite = math.isfinite(loss_val)
                 if not finite:
                     if t.on_nan != "skip":
@@ -374,7 +427,7 @@ def train_model(
                 layer_norms = block_grad_norms(model) if layer_grad_norms and logging_now else {}
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                step_tokens = sum(mb[0].numel() for mb in micro)
+                step_tokens = sum(mb[0].numel() for mb in micro) * par.world_size
                 window_tokens += step_tokens
                 run_tokens += step_tokens
                 if profiler:
@@ -396,18 +449,18 @@ def train_model(
                     bar.set_postfix_str(f"loss {loss_val:.4f} lr {lr:.2e} {tps / 1e3:.1f}k tok/s"
                                         + (f" MFU {mfu:.0%}" if mfu is not None else ""), refresh=False)
                 bar.update(1)
+                stop.requested = stop.requested or ("SIGTERM" if par.any(bool(stop.requested)) else None)
                 end = step == stop_at or stop.requested
                 evaluated = batches.make_val is not None and (step % t.eval_interval == 0 or step == t.max_steps)
-                if evaluated:
-                    val_loss, bpb = evaluate(model if isinstance(model, Objective) else step_model,
-                                             batches.make_val(), t.eval_iters, amp, tbytes)
+                if evaluated:  # every rank evaluates the same batches (FSDP needs all of them for a forward)
+                    val_loss, bpb = evaluate(model, batches.make_val(), t.eval_iters, amp, tbytes)
                     val_metrics = {f"val_{k}": v for k, v in model.metrics(training=False).items()} \
                         if isinstance(model, Objective) else {}
                     runlog.log({"step": step, "val_loss": val_loss, "val_bpb": bpb, **val_metrics})
                     per_byte = "" if math.isnan(bpb) else f", {bpb:.3f} bits/byte"
                     bar.write(f"step {step}: train loss {loss_val:.4f}, val loss {val_loss:.4f}{per_byte}")
                 if end or (t.ckpt_interval and step % t.ckpt_interval == 0):
-                    _save(cfg, step, model, optimizer, tok, trainer, train_loader, scaler,
+                    _save(cfg, step, par, optimizer, tok, trainer, train_loader, scaler,
                           val_loss if evaluated else None)
                 if stop.requested:
                     break
@@ -417,7 +470,8 @@ def train_model(
         bar.close()
         runlog.close()
     seconds = time.perf_counter() - t_loop
-    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    if here.main:
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     if stop.requested:
         raise Interrupted(stop.requested, step)
     steps_run = step - start

@@ -25,7 +25,7 @@ from scratchlm.data.prepare import check_prepared, prepare
 from scratchlm.data.sources import read_corpus_text
 from scratchlm.model import build_model, padded_vocab
 from scratchlm.tokenizer import train_tokenizer
-from scratchlm.train.device import pick_device
+from scratchlm.train.distributed import join, main_first
 from scratchlm.train.loop import Batches, RunResult, train_model
 
 
@@ -69,13 +69,14 @@ def pretrain(
     latest = ckpt_io.find_checkpoint(run_dir) if resume else None
     if latest is not None:
         cfg.model = ckpt_io.load_config_and_tokenizer(latest)[0].model  # the architecture must be the checkpoint's
-    data_dir = data_dir or prepare_run_data(cfg, run_dir, inputs, progress, resume=resume)
+    here, device = join(t.device)
+    with main_first(here):  # under torchrun rank 0 prepares the data; the others then read it
+        data_dir = data_dir or prepare_run_data(cfg, run_dir, inputs, progress and here.main, resume=resume)
     shards = TokenShards(data_dir)
     tok = shards.tokenizer()
     if latest is not None:
         shards.check_tokenizer(ckpt_io.load_config_and_tokenizer(latest)[1])
     cfg.model.vocab_size = padded_vocab(cfg.model, tok.vocab_size)
-    device = pick_device(t.device)
     val_tokens = shards.tokens("val")
     if val_tokens > cfg.model.block_size:
         def make_val() -> BatchLoader:
@@ -86,7 +87,8 @@ def pretrain(
               f"{cfg.model.block_size + 1}; no val loss, no ckpt/best (prepare the data with a larger "
               f"--data.val_fraction to validate)", flush=True)
     batches = Batches(
-        train=BatchLoader(shards, "train", t.batch_size, cfg.model.block_size, seed=cfg.seed, device=device),
+        train=BatchLoader(shards, "train", t.batch_size, cfg.model.block_size, seed=cfg.seed, device=device,
+                          rank=here.rank, world_size=here.world_size),  # torchrun: one global stream in turns
         make_val=make_val,
     )
     torch.manual_seed(cfg.seed)

@@ -112,8 +112,8 @@ def test_resume_yields_exactly_the_uninterrupted_batches(prepared, mode):
     shards = TokenShards(prepared[0])
     kw = dict(seed=11, mode=mode, rank=1, world_size=2)
     full = BatchLoader(shards, "train", 5, 24, **kw)
-    per_epoch = full.windows_per_epoch()
-    n, m = 7, per_epoch  # the continuation crosses an epoch boundary in sequential mode
+    per_epoch = full.windows_per_epoch() // 10  # turns of 2 ranks x 5 windows
+    n, m = 7, per_epoch + 1  # the continuation crosses an epoch boundary in sequential mode
     reference = [full.next_batch() for _ in range(n + m)]
 
     first = BatchLoader(shards, "train", 5, 24, **kw)
@@ -140,24 +140,44 @@ def test_resume_refuses_other_settings(prepared):
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_ranks_cover_every_window_once_per_epoch(prepared, world_size):
     shards = TokenShards(prepared[0])
-    T = next(t for t in range(40, 50) if (shards.tokens("train") - 1) // t % 3)  # uneven shares across 3 ranks
+    T = next(t for t in range(40, 50) if (shards.tokens("train") - 1) // t % 3)  # not a multiple of 3 ranks
     n_windows = (shards.tokens("train") - 1) // T
     stream = read_split(prepared[0], prepared[1], "train").astype(np.int64)
     index = {stream[i * T : i * T + T].tobytes(): i for i in range(n_windows)}  # window contents -> index
     assert len(index) == n_windows
-    orders = []
-    for epoch in range(2):
-        seen: list[int] = []
-        for rank in range(world_size):
-            loader = BatchLoader(shards, "train", 1, T, mode="sequential", rank=rank, world_size=world_size, seed=5)
-            loader.load_state_dict({**loader.state_dict(), "epoch": epoch})
-            for _ in range(loader.windows_per_epoch()):
-                x, _ = loader.next_batch()
-                seen.append(index[x[0].numpy().tobytes()])
-            assert loader.epoch == epoch + 1 and loader.pos == 0
-        assert sorted(seen) == list(range(n_windows))  # all windows, none twice
-        orders.append(seen)
-    assert orders[0] != orders[1]  # each epoch reshuffles
+    loaders = [BatchLoader(shards, "train", 1, T, mode="sequential", rank=r, world_size=world_size, seed=5)
+               for r in range(world_size)]
+    seen: list[int] = []
+    while len(seen) < 2 * n_windows:  # the ranks in lockstep, as under data parallelism
+        seen += [index[loader.next_batch()[0][0].numpy().tobytes()] for loader in loaders]
+    epochs = [seen[:n_windows], seen[n_windows : 2 * n_windows]]
+    for order in epochs:
+        assert sorted(order) == list(range(n_windows))  # all windows, none twice
+    assert epochs[0] != epochs[1]  # each epoch reshuffles
+
+
+@pytest.mark.parametrize("mode", ["random", "sequential"])
+def test_a_step_over_ranks_is_one_process_with_more_accumulation(prepared, mode):
+    """World size W, B rows each: rank r's k-th batch is the single process's batch k * W + r, so a
+    step's batches (and so the loss curve) do not depend on W; a state resumes under another W."""
+    shards = TokenShards(prepared[0])
+    single = BatchLoader(shards, "train", 3, 20, mode=mode, seed=7)
+    reference = [single.next_batch()[0] for _ in range(12)]
+    ranks = [BatchLoader(shards, "train", 3, 20, mode=mode, seed=7, rank=r, world_size=2) for r in range(2)]
+    for k in range(3):
+        for r, loader in enumerate(ranks):
+            assert torch.equal(loader.next_batch()[0], reference[2 * k + r])
+    state = json.loads(json.dumps(ranks[0].state_dict()))  # after 6 global batches
+    as_one = BatchLoader(shards, "train", 3, 20, mode=mode, seed=7)
+    as_one.load_state_dict(state)
+    assert torch.equal(as_one.next_batch()[0], reference[6])
+    as_three = [BatchLoader(shards, "train", 3, 20, mode=mode, seed=7, rank=r, world_size=3) for r in range(3)]
+    for r, loader in enumerate(as_three):
+        loader.load_state_dict(state)
+        assert torch.equal(loader.next_batch()[0], reference[6 + r])
+    as_four = BatchLoader(shards, "train", 3, 20, mode=mode, seed=7, rank=0, world_size=4)
+    with pytest.raises(UserError, match="world size that divides"):
+        as_four.load_state_dict(state)  # 6 global batches are not whole turns of 4
 
 
 def test_window_longer_than_split(prepared):

@@ -94,9 +94,9 @@ def nan_on_call(monkeypatch, bad_call: int) -> dict[str, int]:
     real = pretrain_mod.forward_backward
     calls = {"n": 0}
 
-    def flaky(*args):
+    def flaky(*args, **kwargs):
         calls["n"] += 1
-        loss = real(*args)
+        loss = real(*args, **kwargs)
         return torch.tensor(float("nan")) if calls["n"] == bad_call else loss
 
     monkeypatch.setattr(pretrain_mod, "forward_backward", flaky)
@@ -268,7 +268,7 @@ def test_sigterm_saves_a_checkpoint(tmp_path, data_dir):
 
 
 def test_out_of_memory_names_the_setting(tmp_path, data_dir, monkeypatch):
-    def oom(*args):
+    def oom(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(pretrain_mod, "forward_backward", oom)
