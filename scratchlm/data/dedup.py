@@ -253,12 +253,17 @@ def clusters(n: int, pairs: np.ndarray) -> np.ndarray:
     return root
 
 
-def near_duplicates(sig: np.ndarray, threshold: float, bands: int = 0, verify: bool = True) -> np.ndarray:
-    """(n,) bool: True for every document of `sig` (n, num_perm) that is not the first of its
-    near-duplicate cluster. `bands` 0 = chosen by `lsh_params`; `verify` keeps only candidate pairs
+def near_duplicate_clusters(sig: np.ndarray, threshold: float, bands: int = 0, verify: bool = True) -> np.ndarray:
+    """(n,) int64: the first document of each document's near-duplicate cluster, from signatures
+    `sig` (n, num_perm). `bands` 0 = chosen by `lsh_params`; `verify` keeps only the candidate pairs
     whose estimated Jaccard is >= `threshold`."""
     b, r = lsh_params(threshold, sig.shape[1], bands)
     pairs = candidate_pairs(sig, b, r)
     if verify and len(pairs):
         pairs = pairs[estimated_jaccard(sig, pairs) >= threshold]
-    return clusters(len(sig), pairs) != np.arange(len(sig))
+    return clusters(len(sig), pairs)
+
+
+def near_duplicates(sig: np.ndarray, threshold: float, bands: int = 0, verify: bool = True) -> np.ndarray:
+    """(n,) bool: True for every document that is not the first of its near-duplicate cluster."""
+    return near_duplicate_clusters(sig, threshold, bands, verify) != np.arange(len(sig))

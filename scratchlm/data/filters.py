@@ -19,7 +19,7 @@ Then heuristics in the style of Gopher's quality filters (Rae et al. 2021, appen
   the commonest English function words): real English prose has them, word lists and spam often not;
 - `script`: fraction of the letters that belong to `data.script` (latin, cyrillic, ...) below
   `data.min_script_fraction`: a cheap stand-in for language identification;
-- `top_ngram`: the most frequent word 2-, 3- or 4-gram covers more than a fraction of the
+- `top_ngram`: the most frequent word 2-, 3- or 4-gram, when it repeats, covers more than a fraction of the
   characters: `data.max_top_ngram_fraction` for 2-grams, scaled by Gopher's ratios for 3 and 4
   (0.20 : 0.18 : 0.16);
 - `dup_ngram`: the word n-grams (n = 5..10) that occur more than once cover more than a fraction of
@@ -170,14 +170,19 @@ class DocStats:
         return in_script / letters if letters else 0.0
 
     def top_ngram_fraction(self, n: int) -> float:
-        """Characters covered by the most frequent word n-gram (its count x its characters) / all characters."""
+        """Characters covered by the most frequent word n-gram (its count x its characters) / all characters,
+        at most 1; 0 when no n-gram repeats."""
         total = int(self.norm_lengths.sum())
         if len(self.norm_words) < n or not total:
             return 0.0
         _, first, counts = np.unique(ngram_hashes(self.norm_hashes, n), return_index=True, return_counts=True)
-        top = int(np.argmax(counts))  # ties: the lowest hash, a fixed choice
-        start = int(first[top])
-        return int(counts[top]) * int(self.norm_lengths[start : start + n].sum()) / total
+        top = counts.max()
+        if top < 2:  # nothing repeats (a short text's one n-gram would otherwise cover much of it)
+            return 0.0
+        ends = np.concatenate([[0], np.cumsum(self.norm_lengths)])
+        starts = first[counts == top]
+        chars = int((ends[starts + n] - ends[starts]).max())  # ties: the longest of the most frequent
+        return min(1.0, int(top) * chars / total)  # overlapping occurrences can count a character twice
 
     def dup_ngram_fraction(self, n: int) -> float:
         """Characters of the words inside any word n-gram that occurs more than once / all characters."""
