@@ -169,14 +169,30 @@ class Parallel:
             dist.barrier()
 
 
-def parallelize(model: nn.Module, t: TrainConfig, here: Place, device: torch.device) -> Parallel:
-    """Apply activation checkpointing, compile and data parallelism to a built model (see the module
-    docstring for the order). The model is changed in place; DDP also wraps it."""
+def all_max(value: float) -> float:
+    """The largest of the ranks' values (the value itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def prepare_blocks(model: nn.Module, t: TrainConfig) -> None:
+    """Steps 1 and 2 of `parallelize`: activation checkpointing, then compile, each block in place."""
     if t.activation_checkpointing:
         checkpoint_blocks(model, t.activation_checkpointing)
     if t.compile:
         for block in model.blocks:
-            block.compile()  # in place: the weights keep their names
+            if not getattr(block, "_scratchlm_compiled", False):
+                block.compile()  # in place: the weights keep their names
+                block._scratchlm_compiled = True
+
+
+def parallelize(model: nn.Module, t: TrainConfig, here: Place, device: torch.device) -> Parallel:
+    """Apply activation checkpointing, compile and data parallelism to a built model (see the module
+    docstring for the order). The model is changed in place; DDP also wraps it."""
+    prepare_blocks(model, t)  # done once: a second call finds the blocks already prepared
     kind = parallel_kind(t.parallel, here)
     if kind == "fsdp":
         mesh = dist.device_mesh.init_device_mesh(device.type, (here.world_size,))

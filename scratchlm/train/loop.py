@@ -60,14 +60,25 @@ from scratchlm.train.device import (
 from scratchlm.train.distributed import (
     Parallel,
     Place,
+    all_max,
     full_grad_norm,
     full_optimizer_state,
     full_weights,
     join,
     parallel_kind,
     parallelize,
+    prepare_blocks,
 )
 from scratchlm.train.instruments import RunLog, finish_profile, plot_losses, start_profiler
+from scratchlm.train.memory import (
+    fit_micro_batch,
+    is_oom,
+    memory_budget,
+    read_peak,
+    rechunk,
+    reset_peak,
+    smaller_micro_batch,
+)
 from scratchlm.train.objective import Objective, count_examples, network_of
 from scratchlm.train.optim import make_optimizer
 from scratchlm.train.schedule import lr_at
@@ -229,8 +240,8 @@ class _Stop:
             signal.signal(sig, old)
 
 
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+class _OutOfMemory(Exception):
+    """A step ran out of memory where `train.micro_batch=auto` may halve the micro-batch and redo it."""
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -239,17 +250,20 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def _step_loss(par: Parallel, micro: list[tuple[torch.Tensor, ...]], amp: contextlib.AbstractContextManager,
-               scaler: torch.amp.GradScaler | None, t: TrainConfig, block_size: int, counts: list[int]) -> float:
+               scaler: torch.amp.GradScaler | None, t: TrainConfig, block_size: int, counts: list[int],
+               backoff: bool = False) -> float:
     """The step's forward and backward over all ranks (`forward_backward`); the loss, summed over the
-    ranks. Running out of memory names the settings."""
+    ranks. Running out of memory names the settings, or with `backoff` raises `_OutOfMemory`."""
     n_valid = int(par.all_sum([float(sum(counts))])[0])
     try:
         loss = forward_backward(par.module, micro, amp, scaler, counts, net=par.model, n_valid=n_valid,
                                 world_size=par.world_size, no_sync=par.no_sync)
     except RuntimeError as e:
-        if _is_oom(e):
+        if is_oom(e) and backoff:
+            raise _OutOfMemory from None
+        if is_oom(e):
             raise UserError(
-                f"a micro-batch of {t.batch_size}x{block_size} tokens does not fit in memory",
+                f"a micro-batch of {micro[0][0].size(0)}x{block_size} tokens does not fit in memory",
                 fix="lower --train.batch_size and raise --train.grad_accum to keep tokens per step "
                     "(or --train.micro_batch=auto)",
             ) from None
@@ -317,6 +331,53 @@ def _load_extra_tensors(model: nn.Module, loader: Any, tensors: dict[str, torch.
             obj.load_extra_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
+def _auto_micro_batch(model: nn.Module, t: TrainConfig, rows: int, loader: Any, device: torch.device,
+                      amp: contextlib.AbstractContextManager) -> tuple[int, int, str]:
+    """(micro-batch rows, budget bytes, why) for `train.micro_batch=auto` (`memory.fit_micro_batch`):
+    trial forward and backward passes on the loader's first batch (its rows repeated to the size
+    tried), on the whole model before data parallelism (the ranks agree on each peak, so they pick
+    the same size). The trials leave no gradient, and the loader and the random number generators
+    where they were."""
+    if isinstance(model, Objective):
+        print(f"note: train.micro_batch=auto sizes language models' batches; this objective keeps "
+              f"train.batch_size={t.batch_size}", flush=True)
+        return t.batch_size, 0, ""
+    budget = memory_budget(device, t.memory_budget_gb)
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # AdamW's
+
+    position = loader.state_dict()
+    sample = loader.next_batch()
+    loader.load_state_dict(position)
+
+    def trial(m: int) -> int:
+        cpu_rng = torch.random.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        x, y, *doc = (torch.cat([part] * -(-m // part.size(0)))[:m] for part in sample)
+        reset_peak(device)
+        with amp:
+            _, loss = model(x, y, doc_mask=DocumentMask(doc[0]) if doc else None)
+        (loss + model.aux_loss()).backward()
+        peak = read_peak(device)
+        model.zero_grad(set_to_none=True)
+        torch.random.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, device)
+        return int(all_max(peak))
+
+    m, why = fit_micro_batch(trial, rows, budget, extra=moments)
+    return m, budget, why
+
+
+def _halve(micro_rows: int, rows: int, step: int, what: str, bar: tqdm) -> int:
+    smaller = smaller_micro_batch(micro_rows, rows)
+    if smaller is None:
+        raise UserError(f"step {step + 1}: one sequence per micro-batch {what}",
+                        fix="lower --model.block_size, use --train.activation_checkpointing=1, or raise "
+                            "--train.memory_budget_gb")
+    bar.write(f"step {step + 1}: a micro-batch of {micro_rows} rows {what}; going on with {smaller}")
+    return smaller
+
+
 def _accum_per_rank(t: TrainConfig, here: Place, kind: str) -> int:
     """Micro-batches each rank runs per step: `train.grad_accum` counts them over all ranks, so the
     step's batch (batch_size x grad_accum sequences) does not depend on the world size."""
@@ -372,6 +433,11 @@ def train_model(
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     if resume_from is not None:  # into the whole model, before FSDP shards it: any world size resumes
         ckpt_io.load_weights(network_of(model), resume_from)
+    prepare_blocks(model, t)
+    rows = t.batch_size * accum  # sequences this process runs per step
+    micro_rows, budget, micro_why = t.batch_size, 0, ""
+    if t.micro_batch == "auto":
+        micro_rows, budget, micro_why = _auto_micro_batch(model, t, rows, batches.train, device, amp)
     par = parallelize(model, t, here, device)
     optimizer = make_optimizer(model, t)
     train_loader = batches.train
@@ -392,8 +458,8 @@ def train_model(
     flops_per_token = model.flops_per_token()
     peak = peak_flops(device, precision)
     tbytes = token_bytes(tok, cfg.model.vocab_size)
-    print(_header(cfg, model, device, precision, why, threads, threads_why, tokens_per_step, start, par),
-          flush=True)
+    print(_header(cfg, model, device, precision, why, threads, threads_why, tokens_per_step, start, par)
+          + (f" | micro-batch {micro_why}" if micro_why else ""), flush=True)
 
     runlog = RunLog(cfg, run_dir, write=here.main)
     profiler = start_profiler(run_dir, t.profile_steps, device) if t.profile_steps > 0 and here.main else None
@@ -411,9 +477,22 @@ def train_model(
             while step < stop_at:
                 lr = lr_at(step, t)
                 _set_lr(optimizer, lr)
-                micro = [train_loader.next_batch() for _ in range(accum)]
-                counts = [count_examples(model, mb[1]) for mb in micro]
-                loss_val = _step_loss(par, micro, amp, scaler, t, cfg.model.block_size, counts)
+                loaded = [train_loader.next_batch() for _ in range(accum)]
+                if budget:
+                    reset_peak(device)
+                while True:
+                    micro = rechunk(loaded, micro_rows) if budget else loaded
+                    counts = [count_examples(model, mb[1]) for mb in micro]
+                    try:
+                        loss_val = _step_loss(par, micro, amp, scaler, t, cfg.model.block_size, counts,
+                                              backoff=bool(budget) and par.world_size == 1)
+                        break
+                    except _OutOfMemory:  # redo this step's rows in smaller micro-batches
+                        optimizer.zero_grad(set_to_none=True)
+                        micro_rows = _halve(micro_rows, rows, step, "ran out of memory", bar)
+                if budget and device.type == "cpu" and par.any(read_peak(device) > budget):
+                    # the kernel would kill the run rather than raise: the next steps run smaller
+                    micro_rows = _halve(micro_rows, rows, step, f"passed the {budget / 2**30:.2f} GiB budget", bar)
                 finite = math.isfinite(loss_val)
                 if not finite:
                     if t.on_nan != "skip":
