@@ -184,10 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = verbs.add_parser("data", help="prepare token shards for pretraining")
     dv = data.add_subparsers(dest="action", required=True, metavar="ACTION")
-    sp = writes(with_common(dv.add_parser("prepare", help="documents -> filtered, deduplicated token shards")))
+    sp = writes(with_common(dv.add_parser(
+        "prepare", help="documents -> filtered, deduplicated token shards",
+        description="Sharded runs: run `--part K/N` once per K in 0..N-1 (each writes a part folder), then "
+                    "`--merge PART_DIR... --out DIR` with the same settings; the result is what one run writes.")))
     sp.add_argument("inputs", nargs="*", help="text files, folders, .jsonl files (default: embedded corpus)")
-    sp.add_argument("--tokenizer", required=True, help="a tokenizer file")
-    sp.add_argument("--out", required=True, help="output folder for shards + manifest.json")
+    sp.add_argument("--tokenizer", help="a tokenizer file (required, except with --merge, which uses the parts')")
+    sp.add_argument("--out", required=True, help="output folder for shards + manifest.json (with --part: the part "
+                                                 "folder)")
+    sp.add_argument("--part", metavar="K/N", help="process only documents i with i %% N == K, into a part folder")
+    sp.add_argument("--merge", nargs="+", metavar="PART_DIR", help="merge the part folders of all N parts into "
+                                                                   "prepared data, deduplicating across them")
     sp.set_defaults(fn=cmd_data_prepare)
 
     sp = writes(with_common(verbs.add_parser("pretrain", help="train a model with the hand-written loop"), "char-tiny"))

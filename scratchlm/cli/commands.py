@@ -139,13 +139,30 @@ def cmd_tokenizer_compare(args: argparse.Namespace, overrides: list[str]) -> Non
 
 
 def cmd_data_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
+    from scratchlm.data.parts import merge_parts, parse_part, prepare_part
     from scratchlm.data.prepare import prepare
     from scratchlm.tokenizer import load_tokenizer
 
+    if args.merge and (args.inputs or args.part):
+        raise UserError(f"--merge takes part folders only, not {'inputs' if args.inputs else '--part'}: the parts "
+                        "recorded their inputs and slices", fix="drop them, or run without --merge")
+    part = parse_part(args.part) if args.part else None
+    if not args.merge and not args.tokenizer:
+        raise UserError("data prepare: --tokenizer is required",
+                        fix="pass the file `scratchlm tokenizer train` wrote (only --merge takes the parts' own)")
     cfg = _config(args, overrides)
-    check_output_path(args.out, overwrite=args.overwrite, inputs=[*args.inputs, args.tokenizer], folder=True)
-    tok = load_tokenizer(args.tokenizer)
-    manifest = prepare(args.inputs, tok, cfg, Path(args.out), progress=not args.quiet)
+    tokenizer = [args.tokenizer] if args.tokenizer else []
+    check_output_path(args.out, overwrite=args.overwrite, inputs=[*args.inputs, *(args.merge or []), *tokenizer],
+                      folder=True)
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    if args.merge:
+        manifest = merge_parts(args.merge, cfg, Path(args.out), tokenizer=tok, progress=not args.quiet)
+    elif part:
+        m = prepare_part(args.inputs, tok, cfg, Path(args.out), part, progress=not args.quiet)
+        print(json.dumps({k: m[k] for k in ("part", "documents", "tokens")}, indent=2))
+        return
+    else:
+        manifest = prepare(args.inputs, tok, cfg, Path(args.out), progress=not args.quiet)
     print(json.dumps({k: manifest[k] for k in ("tokens", "documents", "filtered")}, indent=2))
 
 

@@ -191,6 +191,11 @@ def check_prepared(data_dir: Path, cfg: Config, inputs: list[str] | None, *, che
                             f"{describe_inputs(inputs)}", fix=fix)
 
 
+def inputs_digest(s: Scan) -> str:
+    """The manifest's `fingerprint.inputs`: blake2b over the raw-text hash of every document, in order."""
+    return hashlib.blake2b(s.text_hash.tobytes(), digest_size=16).hexdigest()
+
+
 def split_documents(n: int, val_fraction: float, seed: int) -> np.ndarray:
     """Boolean mask (n,): True for the documents held out for validation."""
     n_val = round(val_fraction * n)
@@ -242,9 +247,9 @@ class Scan:
             start += int(passed.sum())
         order = np.argsort(cat["index"], kind="stable")
         row = np.concatenate(rows)[order]
-        sigs = np.concatenate([s.signatures for s in scans])
+        sigs = np.concatenate([s.signatures for s in scans])  # (0, 0) without near-dedup
         return Scan(total=scans[0].total, **{f: v[order] for f, v in cat.items()},
-                    signatures=sigs[row[row >= 0]],
+                    signatures=sigs[row[row >= 0]] if len(sigs) else sigs,
                     pii={k: sum(s.pii.get(k, 0) for s in scans) for k in scans[0].pii})
 
 
@@ -458,7 +463,6 @@ def prepare(
     n_read, n_kept = s.total, int((codes == KEEP).sum())
     log(filter_summary(n_read, where, filtered, n_kept))
     labels, by_tokens = split_labels(codes, data, where)
-    fingerprint = hashlib.blake2b(s.text_hash.tobytes(), digest_size=16).hexdigest()
 
     def kept_docs() -> Iterator[tuple[Document, int]]:
         fix = "re-run when the inputs are stable"
@@ -480,7 +484,7 @@ def prepare(
     chunk = chunk_chars(int(s.chars[codes == KEEP].sum()), workers)
     stream = ((label, ids) for _, label, ids in encoded(kept_docs(), tokenizer, workers, chunk))
     manifest = write_prepared(out_dir, stream, tokenizer=tokenizer, cfg=cfg,
-                              inputs=list(inputs) if inputs else [DEFAULT_CORPUS], fingerprint=fingerprint,
+                              inputs=list(inputs) if inputs else [DEFAULT_CORPUS], fingerprint=inputs_digest(s),
                               filtered=filtered, n_read=n_read, n_kept=n_kept, by_tokens=by_tokens, pii=s.pii,
                               where=where, progress=progress)
     log(f"wrote {manifest['tokens']['train']:,} train + {manifest['tokens']['val']:,} val tokens "
