@@ -135,3 +135,14 @@ def test_parallel_settings_are_checked(capsys):
     with pytest.raises(UserError, match=r"train.grad_accum=3 .* not divisible by the 2 processes"):
         _accum_per_rank(t, Place(0, 2), "ddp")
     assert _accum_per_rank(TrainConfig(grad_accum=4), Place(1, 2), "fsdp") == 2
+
+
+def test_sft_over_two_processes_is_one_process_with_accumulation(baseline):
+    sft = ["--quiet", "--sft.n_tasks=60", "--train.max_steps=4", "--train.batch_size=2", "--train.grad_accum=2",
+           "--train.precision=fp32", "--train.threads=1", "--train.log_interval=1", "--train.tensorboard=false",
+           "--train.eval_interval=4", "--train.eval_iters=1", "--sft.eval_max_new_tokens=4"]
+    one, two = baseline.parent / "sft_one", baseline.parent / "sft_two"
+    assert main(["sft", "--base", str(baseline), "--out", str(one), *sft]) == 0
+    torchrun("sft", "--base", str(baseline), "--out", str(two), *sft, "--train.parallel=ddp")
+    assert len(losses(one)) == 4
+    assert_same_curve(two, one)
