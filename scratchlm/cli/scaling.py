@@ -1,7 +1,8 @@
 """The scaling-law verb: `scratchlm scaling` (an IsoFLOP grid on the embedded corpus, fitted and drawn).
 
     scratchlm scaling [--budget 1e12,3e12,1e13] [--widths 48,64,96,128,192] [--layers 4] [--heads 4]
-                      [--arch gpt|llama] [--threads 1] [--quick] --out DIR [--resume | --overwrite]
+                      [--arch gpt|llama] [--threads 1] [--max-epochs 8] [--quick] --out DIR
+                      [--resume | --overwrite]
 
 Glue only, as `commands.py`: the arguments parsed into the grid's settings, then the stage's plain
 function (`scratchlm.scaling.stage.run_scaling`).
@@ -36,11 +37,13 @@ def cmd_scaling(args: argparse.Namespace, overrides: list[str]) -> None:
         list(grid.QUICK_BUDGETS if args.quick else grid.DEFAULT_BUDGETS)
     widths = _numbers("--widths", args.widths, int) if args.widths else \
         list(grid.QUICK_WIDTHS if args.quick else grid.DEFAULT_WIDTHS)
-    chosen = {k: getattr(args, k) for k in ("layers", "heads", "arch", "threads", "device")
+    chosen = {k: getattr(args, k) for k in ("layers", "heads", "arch", "threads", "device", "max_epochs")
               if getattr(args, k) is not None}
     for key, least in (("layers", 1), ("heads", 1), ("threads", 0)):
         if chosen.get(key, least) < least:
             raise UserError(f"--{key} {chosen[key]} is out of range", fix=f"use a whole number >= {least}")
+    if not chosen.get("max_epochs", 1) > 0:
+        raise UserError(f"--max-epochs {chosen['max_epochs']} is out of range", fix="use a number > 0")
     settings = replace(grid.QUICK_SETTINGS if args.quick else grid.DEFAULT_SETTINGS, **chosen)
     run_scaling(args.out, budgets, widths, settings, resume=args.resume, overwrite=args.overwrite,
                 progress=not args.quiet)
@@ -64,6 +67,8 @@ def add_parsers(verbs: argparse._SubParsersAction, with_common, writes) -> None:
     sp.add_argument("--arch", choices=("gpt", "llama"), help="model family (default gpt)")
     sp.add_argument("--threads", type=int, help="torch threads per run (default 1: 2 were slower at these widths; "
                                                 "0 = auto)")
+    sp.add_argument("--max-epochs", type=float, help="leave out a point that would pass over the training split more "
+                                                     "often than this (default 8)")
     sp.add_argument("--device", help="auto, cpu, cuda, ... (default auto; bf16 on a GPU, fp32 on a CPU)")
     sp.add_argument("--quick", action="store_true", help="a tiny grid for tests (seconds)")
     sp.add_argument("--out", required=True, help="the grid's folder: data, one run folder per point, the results")

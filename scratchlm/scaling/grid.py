@@ -16,6 +16,12 @@ the blocks, and its lookup costs no matmul FLOPs; the tied table does cost the o
 matmul, which the model's own `flops_per_token()` counts, so each point also records that count
 and its total parameters, and the fits are made with both counts (stage.py).
 
+Every budget trains every width, except where a point would be too short to mean anything (fewer
+than 20 steps: the widest widths at the smallest budgets) or would repeat the training split more
+than `max_epochs` times (the narrowest widths at the largest budgets, which are also the grid's
+dearest points); those are left out and listed, and a budget left with fewer than 3 widths is
+refused. The surviving widths thus slide with the budget, as Chinchilla's per-budget model ranges do.
+
 A point is its own run folder (`pretrain`'s), with `result.json` written atomically when the run
 has finished: a point with a result is never trained again; one without is resumed from its
 latest checkpoint, or started afresh when it has none.
@@ -63,6 +69,9 @@ class GridSettings:
     seed: int = 1337
     device: str = "auto"
     threads: int = 1  # torch threads per run (0 = auto); 2 were slower than 1 at these widths here
+    # a point passing over the training split more often is left out: repeated tokens are worth less
+    # (Muennighoff et al. 2023), and the small widths at the large budgets are the grid's dearest points
+    max_epochs: float = 8.0
 
     @property
     def tokens_per_step(self) -> int:
@@ -151,21 +160,34 @@ def check_grid(budgets: list[float], widths: list[int], s: GridSettings) -> None
         raise UserError(f"--widths: {len(widths)} given; a parabola per budget needs at least 3 sizes")
 
 
-def plan(budgets: list[float], widths: list[int], s: GridSettings, tokenizer_vocab: int) -> list[Point]:
-    """Every (budget, width) point, smallest budget first; refuses a point too short to mean anything."""
-    points = []
+def plan(budgets: list[float], widths: list[int], s: GridSettings, tokenizer_vocab: int,
+         train_tokens: int | None = None) -> tuple[list[Point], list[str]]:
+    """The grid's points, smallest budget first, and the (budget, width) pairs left out, each with why:
+    fewer than MIN_STEPS steps, or (given the training split's size) more than `max_epochs` epochs.
+    A budget left with fewer than 3 widths is refused: its parabola needs 3."""
+    points, left_out = [], []
     for c in sorted(budgets):
+        kept, why_not = [], []
         for w in sorted(widths):
             cfg = base_config(s)
             cfg.model.n_embd = w
             cfg.model.vocab_size = padded_vocab(cfg.model, tokenizer_vocab)
             total, non_emb, fpt = model_sizes(cfg)
             steps = round(c / (FLOPS_PER_PARAM_TOKEN * non_emb) / s.tokens_per_step)
+            tokens = steps * s.tokens_per_step
             if steps < MIN_STEPS:
-                raise UserError(f"budget {budget_name(c)} at width {w} is {steps} steps of {s.tokens_per_step} tokens "
-                                f"(fewer than {MIN_STEPS})", fix="raise the budget or drop the widest widths")
-            points.append(Point(c, w, total, non_emb, fpt, steps, steps * s.tokens_per_step))
-    return points
+                why_not.append(f"width {w}: {steps} steps, fewer than {MIN_STEPS}")
+            elif train_tokens and tokens / train_tokens > s.max_epochs:
+                why_not.append(f"width {w}: {tokens / train_tokens:.1f} epochs, over the {s.max_epochs:g} allowed")
+            else:
+                kept.append(Point(c, w, total, non_emb, fpt, steps, tokens))
+        if len(kept) < 3:
+            raise UserError(f"budget {budget_name(c)} keeps {len(kept)} of the widths ({'; '.join(why_not)}); "
+                            "its parabola needs 3", fix="add widths near the budget's optimum, change the budget, "
+                                                       "or allow more --max-epochs")
+        points += kept
+        left_out += [f"C {budget_name(c)} {why}" for why in why_not]
+    return points, left_out
 
 
 def point_config(p: Point, s: GridSettings, run_dir: Path) -> Config:

@@ -16,11 +16,12 @@ fits are made twice over the same runs: with that N, and with N the total parame
 compute then being 6·N_opt·D_opt in that count (fit.py). results.json also records each point's
 compute by the model's own `flops_per_token()` (output head and attention included).
 
-results.json (format "scratchlm.scaling", version 1): {"format", "version", "convention", "settings",
-"budgets", "widths", "train_tokens", "val_tokens", "points": [one record per point: sizes, steps,
-tokens, epochs, val_loss, computes, seconds], "fits": {"non-embedding" | "total": {"optima": [...],
-"skipped": [...], "n_opt": law, "d_opt": law, "a_plus_b", "notes"}}}; a law is {"exponent",
-"prefactor", "exponent_se", "bootstrap": {"sd", "p16", "p84", "replicates"}}. NaN is written as null.
+results.json (format "scratchlm.scaling", version 1): {"format", "version", "convention",
+"settings", "budgets", "widths", "train_tokens", "val_tokens", "points": [one record per point:
+sizes, steps, tokens, epochs, val_loss, computes, seconds], "left_out": [pairs not trained, and
+why], "fits": {"non-embedding" | "total": {"optima": [...], "skipped": [...], "n_opt": law,
+"d_opt": law, "a_plus_b", "notes"}}}; a law is {"exponent", "prefactor", "exponent_se",
+"bootstrap": {"sd", "p16", "p84", "replicates"}}. NaN is written as null.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from scratchlm.io import write_json, write_text
 from scratchlm.rundir import claim_run_dir
 from scratchlm.scaling.fit import PowerLaw, ScalingFit, Spread, fit_scaling
 from scratchlm.scaling.grid import (
+    MIN_STEPS,
     GridSettings,
     Point,
     base_config,
@@ -92,7 +94,7 @@ def _check_plan(out: Path, s: GridSettings) -> None:
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{path}: not a scaling plan", fix="pass --overwrite to start the grid afresh") from None
     new = asdict(s)
-    changed = [k for k in new if k not in ("device", "threads") and old.get(k) != new[k]]
+    changed = [k for k in new if k not in ("device", "threads", "max_epochs") and old.get(k) != new[k]]
     if changed:
         k = changed[0]
         raise UserError(f"{path}: the grid was made with {k}={old.get(k)}, this call asks {k}={new[k]}",
@@ -185,6 +187,9 @@ def summary_markdown(results: dict[str, Any], fits: dict[str, ScalingFit]) -> st
         "|---|---|---|---|---|---|---|---|---|",
         rows + "\n",
     ]
+    if results["left_out"]:
+        parts += [f"Left out ({results['settings']['max_epochs']:g} epochs at most, {MIN_STEPS} steps at least): "
+                  + "; ".join(results["left_out"]) + ".\n"]
     for name, fit in fits.items():
         parts += [f"## Optima and law, {name} N\n"] + [f"- {line}" for line in _optimum_lines(fit)]
         parts += ["", law_line(name, fit), ""] + [f"Note: {n}" for n in fit.notes]
@@ -196,7 +201,7 @@ def run_scaling(out: str | Path, budgets: list[float], widths: list[int], s: Gri
                 resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train every point of the grid not yet finished, fit, draw and summarise; returns results.json's content."""
     check_grid(budgets, widths, s)
-    plan(budgets, widths, s, s.vocab_size)  # a point too short is refused now, before any data is read
+    plan(budgets, widths, s, s.vocab_size)  # a budget with too few long-enough points is refused before any data
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other",
                         fix="--resume finishes the grid in the folder, --overwrite replaces it")
@@ -209,10 +214,13 @@ def run_scaling(out: str | Path, budgets: list[float], widths: list[int], s: Gri
         data_dir = prepare_run_data(base_config(s), out, None, progress, resume=resume)
         shards = TokenShards(data_dir)
         train_tokens, val_tokens = shards.tokens("train"), shards.tokens("val")
-        points = plan(budgets, widths, s, shards.tokenizer().vocab_size)
-        print(f"grid: {len(points)} points ({len(budgets)} budgets x {len(widths)} widths), "
+        points, left_out = plan(budgets, widths, s, shards.tokenizer().vocab_size, train_tokens)
+        print(f"grid: {len(points)} points ({len(budgets)} budgets x {len(widths)} widths"
+              f"{f', {len(left_out)} left out' if left_out else ''}), "
               f"{sum(p.steps for p in points):,} steps, {si(sum(p.tokens for p in points))} tokens; training split "
               f"{si(train_tokens)} tokens -> {out}", flush=True)
+        for line in left_out:
+            print(f"left out: {line}", flush=True)
         records = []
         bar = tqdm(total=sum(p.flops_per_token * p.tokens for p in points), unit="FLOP", unit_scale=True,
                    desc="grid", disable=not progress, dynamic_ncols=True)
@@ -237,7 +245,7 @@ def run_scaling(out: str | Path, budgets: list[float], widths: list[int], s: Gri
                 for name, key in COUNTS.items()}
         results = {"format": "scratchlm.scaling", "version": 1, "convention": CONVENTION, "settings": asdict(s),
                    "budgets": sorted(budgets), "widths": sorted(widths), "train_tokens": train_tokens,
-                   "val_tokens": val_tokens, "points": records,
+                   "val_tokens": val_tokens, "points": records, "left_out": left_out,
                    "fits": {name: fit_dict(fit) for name, fit in fits.items()}}
         plot_scaling([r["budget"] for r in records], [r["params_non_embedding"] for r in records],
                      [r["val_loss"] for r in records], fits, out / "scaling.png", budget_label=budget_name)

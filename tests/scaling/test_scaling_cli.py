@@ -113,6 +113,20 @@ def test_an_interrupted_point_resumes_and_a_lost_result_is_recovered(tmp_path, c
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_points_too_short_or_over_the_epoch_cap_are_left_out(tmp_path, capsys):
+    out = tmp_path / "grid"
+    code, stdout, _ = run(capsys, "scaling", "--quick", "--budget", "1e9,2e9", "--widths", "16,24,32,48",
+                          "--max-epochs", "0.02", "--out", str(out), "--quiet")
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    trained = sorted((p["budget"], p["width"]) for p in results["points"])
+    assert trained == [(1e9, 16), (1e9, 24), (1e9, 32), (2e9, 24), (2e9, 32), (2e9, 48)]
+    assert [line.split(":")[0] for line in results["left_out"]] == ["C 1e9 width 48", "C 2e9 width 16"]
+    assert "fewer than 20" in results["left_out"][0] and "over the 0.02 allowed" in results["left_out"][1]
+    assert all(p["epochs"] <= 0.02 for p in results["points"])
+    assert stdout.count("left out: ") == 2 and "Left out" in (out / "summary.md").read_text()
+
+
 @pytest.mark.parametrize("argv, names", [
     (["--budget", "1e12,lots"], ["--budget", "1e12,lots"]),
     (["--budget=-1e12"], ["--budget"]),
@@ -120,7 +134,8 @@ def test_an_interrupted_point_resumes_and_a_lost_result_is_recovered(tmp_path, c
     (["--widths", "16,30,32"], ["--widths", "30", "head count 4"]),  # the default grid: 4 heads
     (["--widths", "16,24"], ["--widths", "3 sizes"]),
     (["--widths", "16,x"], ["--widths"]),
-    (["--budget", "1e3", "--quick"], ["1e3", "steps"]),
+    (["--budget", "1e3", "--quick"], ["1e3", "steps", "keeps 0"]),
+    (["--max-epochs", "0"], ["--max-epochs"]),
     (["--resume", "--overwrite"], ["--resume", "--overwrite"]),
     (["--layers", "0"], ["--layers"]),
 ])
