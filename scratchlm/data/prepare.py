@@ -78,6 +78,7 @@ import hashlib
 import json
 import os
 import sys
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,10 +261,10 @@ def scan(inputs: list[str] | None, data: DataConfig, part: tuple[int, int] | Non
     hasher = minhasher(data) if data.near_dedup else None
     perms = data.near_dedup_perms if hasher else 0
     seen: set[bytes] = set()
-    index: list[int] = []
+    index = array("q")  # 8 bytes a document, not a Python int's 36
     hashes, keys = bytearray(), bytearray()
     codes = bytearray()
-    chars: list[int] = []
+    chars = array("q")
     pii = {"email": 0, "ipv4": 0} if data.scrub_pii else {}
     pending: list[np.ndarray] = []  # shingles of passed documents awaiting their signatures
     sigs: list[np.ndarray] = []
@@ -305,11 +306,11 @@ def scan(inputs: list[str] | None, data: DataConfig, part: tuple[int, int] | Non
     n = len(index)
     return Scan(
         total=total,
-        index=np.array(index, dtype=np.int64),
+        index=np.frombuffer(index, dtype=np.int64).copy() if index else np.zeros(0, dtype=np.int64),
         text_hash=np.frombuffer(bytes(hashes), dtype=np.uint8).reshape(n, 16),
         key=np.frombuffer(bytes(keys), dtype=np.uint8).reshape(n, 16),
         code=np.frombuffer(bytes(codes), dtype=np.uint8).copy(),
-        chars=np.array(chars, dtype=np.int64),
+        chars=np.frombuffer(chars, dtype=np.int64).copy() if chars else np.zeros(0, dtype=np.int64),
         signatures=np.concatenate(sigs) if sigs else np.zeros((0, perms), dtype=np.uint32),
         pii=pii,
     )
