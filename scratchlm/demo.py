@@ -18,6 +18,9 @@ self-contained page of every stage's numbers and pictures) at the end.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -53,6 +56,7 @@ from scratchlm.sft.train import sft
 from scratchlm.tasks.families import check
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.tokenizer.base import KINDS
+from scratchlm.train.memory import checkpoint_blocks, step_costs
 from scratchlm.train.pretrain import pretrain
 
 ARCH_NAMES = {"gpt": "GPT", "llama": "Llama-family model", "moe": "mixture-of-experts model (8 experts, top-2)"}
@@ -229,6 +233,9 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
     _stage("13. serving: an OpenAI-compatible server with continuous batching")
     report.append(_serving(out, unseen_tasks([out / "sft"], 8, cfg.seed + 11)))
 
+    _stage("14. scale-out: data parallel processes, activation checkpointing")
+    report.append(_scale_out(out, data_dir, quick))
+
     total = time.perf_counter() - t_start
     report.append(f"\nTotal time: {total:.1f}s.\n")
     write_text(out / "report.md", "\n".join(report))
@@ -283,6 +290,64 @@ def _faster_inference(out: Path, data_dir: Path, cfg: Config, quick: bool, progr
             "embeddings and the output head stay fp32 (`quantized/`):\n\n" + quant_table + "\n\nSpeculative decoding "
             f"(`draft/`): {summary}. A draft pays when the target's forward costs much more than the draft's; at this "
             "size it hardly does.\n")
+
+
+# stage 14's model: small, so three launches of torchrun cost seconds
+SCALE_RUN = ["--quiet", "--preset", "tiny", "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64",
+             "--model.block_size=64", "--model.dropout=0", "--train.batch_size=8", "--train.grad_accum=2",
+             "--train.warmup_steps=2", "--train.log_interval=1", "--train.eval_interval=1000", "--train.eval_iters=1",
+             "--train.ckpt_interval=0", "--train.precision=fp32", "--train.threads=1", "--train.tensorboard=false"]
+
+
+def _scale_out(out: Path, data_dir: Path, quick: bool) -> str:
+    """Stage 14: one process with 2-step accumulation, and 2 processes under torchrun (DDP, FSDP2; gloo
+    on the CPU) training the same steps on the demo's data: the same losses. Then activation
+    checkpointing on the pretrained model: what one step keeps for the backward, and computes."""
+    steps = 6 if quick else 20
+    runs, rows = {}, ["| run | processes | final loss | largest step difference from 1 process | tokens/s |",
+                      "|---|---|---|---|---|"]
+    for name, nproc, parallel in (("one", 1, "none"), ("ddp", 2, "ddp"), ("fsdp", 2, "fsdp")):
+        run_dir = out / "scale" / name
+        argv = ["-m", "scratchlm", "pretrain", "--data", str(data_dir), "--out", str(run_dir), "--overwrite",
+                *SCALE_RUN, f"--train.max_steps={steps}", f"--train.parallel={parallel}"]
+        cmd = [sys.executable, *argv] if nproc == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *argv[1:]]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode:
+            raise RuntimeError(f"stage 14's {name} run failed:\n{done.stderr[-2000:]}")
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [r for r in records if "loss" in r]
+        gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(runs[name], runs["one"]))
+        assert len(runs[name]) == steps and gap < 1e-4, f"{name}: {gap}"  # the same computation
+        tps = sorted(r["tokens_per_s"] for r in runs[name][1:])[len(runs[name]) // 2 - 1]
+        rows.append(f"| {name} | {nproc} | {runs[name][-1]['loss']:.5f} | {gap:.1e} | {tps:,.0f} |")
+    parallel_table = "\n".join(rows)
+    print(parallel_table)
+
+    model, _, _ = load_model_for_inference(out / "pretrain")
+    block = model.config.block_size
+    x = torch.from_numpy(TokenShards(data_dir).read("train", 0, 8 * (block + 1)).astype("int64")).view(8, block + 1)
+    rows = ["| activation checkpointing | bytes kept for the backward | step FLOPs |", "|---|---|---|"]
+    base = None
+    for every in (0, 2, 1):
+        model, _, _ = load_model_for_inference(out / "pretrain")
+        model.train()
+        if every:
+            checkpoint_blocks(model, every)
+        kept, flops = step_costs(model, x[:, :-1], x[:, 1:])
+        base = base or (kept, flops)
+        label = {0: "off", 1: "every block", 2: "every 2nd block"}[every]
+        rows.append(f"| {label} | {kept / 2**20:.1f} MiB ({kept / base[0]:.0%}) | {flops / 1e9:.2f} G "
+                    f"({flops / base[1]:.0%}) |")
+    memory_table = "\n".join(rows)
+    print(memory_table)
+    return ("## Scale-out\n\nThe same training three ways on the demo's data, launched as a user would "
+            f"(`torchrun --nproc_per_node=2 -m scratchlm pretrain --train.parallel=ddp|fsdp`): {steps} steps of 16 "
+            "sequences, 2 micro-batches over all ranks, fp32 on the CPU (gloo). The ranks read one stream of "
+            "batches in turns and weight the loss by all ranks' targets, so the losses are one process's:\n\n"
+            f"{parallel_table}\n\nActivation checkpointing on the pretrained model, one step of 8 x {block} "
+            "tokens: a checkpointed block keeps only its input and runs its forward again in the backward "
+            "(`--train.activation_checkpointing=k`):\n\n" + memory_table + "\n")
 
 
 def _stream_chat(url: str, question: str, out: dict, key: int) -> None:

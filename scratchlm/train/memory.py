@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 # a pick is tried against this much of the budget (the line through two small sizes is an estimate)
 SAFETY = 0.9
@@ -63,6 +64,26 @@ def checkpoint_blocks(model: nn.Module, every: int = 1) -> list[int]:
             block._checkpointed = True
             done.append(i)
     return done
+
+
+def step_costs(model: nn.Module, *inputs: torch.Tensor) -> tuple[int, int]:
+    """(bytes autograd keeps from the forward for the backward, FLOPs of forward + backward) of one
+    step of `model(*inputs)` (its loss, or the sum of its output), counted with
+    `saved_tensors_hooks` and `FlopCounterMode`. A checkpointed block keeps only its inputs, and its
+    forward is counted again in the backward. The gradients are left in place."""
+    kept = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal kept
+        kept += t.numel() * t.element_size()
+        return t
+
+    with FlopCounterMode(display=False) as flops:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(*inputs)
+        loss = out[1] if isinstance(out, tuple) else out.sum()
+        loss.backward()
+    return kept, flops.get_total_flops()
 
 
 # ----------------------------------------------------------------------------------------------

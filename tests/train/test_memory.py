@@ -19,7 +19,7 @@ import scratchlm.train.loop as loop_mod
 from scratchlm.config import GPTConfig, LlamaConfig
 from scratchlm.errors import UserError
 from scratchlm.model import build_model
-from scratchlm.train.memory import checkpoint_blocks, fit_micro_batch, rechunk, smaller_micro_batch
+from scratchlm.train.memory import checkpoint_blocks, fit_micro_batch, rechunk, smaller_micro_batch, step_costs
 from scratchlm.train.pretrain import pretrain
 from tests.helpers import tiny_run_cfg
 
@@ -58,48 +58,26 @@ def test_checkpointed_gradients_are_the_plain_ones(kind, every):
     assert sorted(model.state_dict()) == sorted(model_of(kind).state_dict())  # the weights keep their names
 
 
-def saved_bytes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> int:
-    """Bytes autograd keeps from the forward for the backward (a checkpointed block keeps none of its own)."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x, y) if y is not None else model(x)
-    return total if y is None else (total, out)
-
-
-def step_flops(model: torch.nn.Module) -> int:
-    x, y = batch()
-    with FlopCounterMode(display=False) as counter:
-        model(x, y)[1].backward()
-    return counter.get_total_flops()
-
-
 @pytest.mark.parametrize("kind", ["gpt", "llama"])
 def test_checkpointing_trades_saved_bytes_for_recompute_flops(kind):
     x, y = batch()
     plain_model = model_of(kind)
-    kept = {0: saved_bytes(plain_model, x, y)[0]}
-    flops = {0: step_flops(plain_model)}
+    kept, flops = {}, {}
+    kept[0], flops[0] = step_costs(plain_model, x, y)
     # one block alone: what it keeps, and what its forward costs (the blocks are alike)
     hidden = plain_model.wte(x) if kind == "gpt" else plain_model.tok_embeddings(x)
+    positions = torch.arange(16)[None]  # llama's blocks take the positions too
+    block_args = (hidden.detach().requires_grad_(),) if kind == "gpt" else \
+        (hidden.detach().requires_grad_(), plain_model.rope, positions, 0, None, None)
+    block_kept, block_flops = step_costs(plain_model.blocks[0], *block_args)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        positions = torch.arange(16)[None]  # llama's blocks take the positions too
-        run_block = (lambda h: plain_model.blocks[0](h)) if kind == "gpt" else \
-            (lambda h: plain_model.blocks[0](h, plain_model.rope, positions, 0, None, None))
-        run_block(hidden)
+        plain_model.blocks[0](*block_args)
     block_forward_flops = counter.get_total_flops()
-    block_kept = saved_bytes(lambda h: run_block(h), hidden.detach().requires_grad_())
-    assert block_kept > 0 and block_forward_flops > 0
+    assert block_kept > 0 and block_flops > block_forward_flops > 0
     for every in (1, 2):
         model = model_of(kind)
         n = len(checkpoint_blocks(model, every))
-        kept[every] = saved_bytes(model, x, y)[0]
-        flops[every] = step_flops(model)
+        kept[every], flops[every] = step_costs(model, x, y)
         # each checkpointed block keeps its tensor inputs alone: x (B, T, C), and llama's positions (1, T)
         inputs = [hidden] + ([positions] if kind == "llama" else [])
         assert kept[0] - kept[every] == n * (block_kept - sum(t.numel() * t.element_size() for t in inputs))
@@ -109,7 +87,7 @@ def test_checkpointing_trades_saved_bytes_for_recompute_flops(kind):
         last_flops = 2 * x.numel() * last.in_features * last.out_features
         assert flops[every] - flops[0] == n * (block_forward_flops - last_flops)
         with set_checkpoint_early_stop(False):
-            assert step_flops(model) - flops[0] == n * block_forward_flops
+            assert step_costs(model, x, y)[1] - flops[0] == n * block_forward_flops
     assert kept[1] < kept[2] < kept[0] and flops[0] < flops[2] < flops[1]
 
 
