@@ -257,11 +257,19 @@ def near_duplicate_clusters(sig: np.ndarray, threshold: float, bands: int = 0, v
     """(n,) int64: the first document of each document's near-duplicate cluster, from signatures
     `sig` (n, num_perm). `bands` 0 = chosen by `lsh_params`; `verify` keeps only the candidate pairs
     whose estimated Jaccard is >= `threshold`."""
+    n = len(sig)
     b, r = lsh_params(threshold, sig.shape[1], bands)
-    pairs = candidate_pairs(sig, b, r)
+    # Identical signatures (estimated Jaccard 1) join their first copy directly, and only one of each
+    # takes part in LSH: a bucket of many copies would otherwise cost a pair per two of them.
+    rows = np.ascontiguousarray(sig).view(np.dtype((np.void, sig.dtype.itemsize * sig.shape[1]))).ravel()
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    rep = first[inverse.ravel()]  # each document's first document with the same signature
+    copies = np.flatnonzero((rep != np.arange(n)) & (sig[:, 0] != EMPTY))
+    distinct = np.flatnonzero(rep == np.arange(n))
+    pairs = distinct[candidate_pairs(sig[distinct], b, r)]
     if verify and len(pairs):
         pairs = pairs[estimated_jaccard(sig, pairs) >= threshold]
-    return clusters(len(sig), pairs)
+    return clusters(n, np.concatenate([pairs, np.stack([rep[copies], copies], axis=1)]))
 
 
 def near_duplicates(sig: np.ndarray, threshold: float, bands: int = 0, verify: bool = True) -> np.ndarray:

@@ -183,3 +183,15 @@ def test_near_duplicates_beside_datasketch():
                      f"{len(positives)} with J >= {t})")
         assert precision > 0.8 and recall > 0.8
     print("\n" + "\n".join(lines))
+
+
+def test_many_identical_signatures_cost_no_pairs(monkeypatch):
+    from scratchlm.data import dedup
+
+    sig = MinHasher(64).signatures(["one and the same text here"] * 3000 + ["", ""] + ["other words entirely now"])
+    seen = []
+    real = dedup.candidate_pairs
+    monkeypatch.setattr(dedup, "candidate_pairs", lambda s, b, r: seen.append(len(s)) or real(s, b, r))
+    roots = near_duplicate_clusters(sig, 0.8)
+    assert seen == [3]  # one row per distinct signature (the two empty texts share one) takes part in LSH
+    assert (roots[:3000] == 0).all() and roots[3000:].tolist() == [3000, 3001, 3002]
