@@ -1,0 +1,170 @@
+"""The Mamba layer (Gu & Dao 2023, Mamba-1), as the Jamba hybrid uses it, in plain PyTorch.
+
+A selective state space model: each of the D_in channels keeps an N-dimensional state h that
+decays and is written to at every step, with a decay and a write strength that depend on the input
+("selective": Δ, B and C are computed from x, unlike the time-invariant S4):
+
+    xz = in_proj(u)                    x, z: (B, T, D_in) each, D_in = expand x C
+    x  = silu(causal depthwise conv1d(x))             a short local mix over d_conv steps
+    Δ_raw, B, C = x_proj(x)            (R,), (N,), (N,) per token, R = dt_rank
+    Δ_raw, B, C = RMSNorm each         Jamba's addition (dt_layernorm, b_layernorm, c_layernorm)
+    Δ  = softplus(dt_proj(Δ_raw))      (D_in,) per token, a step size per channel
+    A  = -exp(A_log)                   (D_in, N), fixed per layer, negative: the state decays
+    h_t = exp(Δ_t A) * h_{t-1} + (Δ_t x_t) B_t           (D_in, N) per token: the scan
+    y_t = h_t C_t + D * x_t            the read-out, plus a skip through D
+    out = out_proj(y * silu(z))        gated by the other half of in_proj
+
+The scan is written twice, and the two are tested equal: `scan_sequential`, a loop over time that
+is the recurrence above line by line (the reference; decoding one token is one step of it), and
+`scan_chunked`, which cuts the sequence into chunks of L steps and scans all chunks at once with a
+log-depth parallel prefix scan (Hillis & Steele 1986: log2(L) rounds, each combining every position
+with the one 2^r back by (a, b) ∘ (a', b') = (a a', a' b + b')), then carries the state across chunk
+ends in a loop of T/L steps. It multiplies decays (each <= 1) and never divides by one, so it is as
+stable as the loop. It does T log L work instead of T, in log L + T/L sequential steps instead of T:
+it wins where a step's fixed cost dominates (small layers, accelerators); on one CPU thread with a
+wide state the plain loop, reading memory once, can be faster (`scan` picks; `model.mamba_scan`).
+
+Decoding needs no keys and values: the layer's whole past is the conv window (the last d_conv - 1
+inputs of the conv) and the scan state h, a constant (B, D_in, d_conv - 1 + N) however long the
+context. `forward` takes and returns that state packed in one tensor (conv columns first), which the
+model keeps through the cache protocol's `state` / `set_state`. A `keep` mask (B, T) zeroes padding
+tokens before the conv and before the scan, so a left-padded row's state is what it would be alone.
+
+Weight names follow HF's Jamba mixer (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj and the
+three norms), so a converter maps them one to one. Shapes: B batch, T time, C model width, D_in inner
+width, N state size, R dt rank, K conv width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scratchlm.model.layers import RMSNorm
+
+
+def scan_sequential(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                    h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selective scan as a loop over time. x, dt (B, T, D_in); A (D_in, N); B, C (B, T, N);
+    h0 (B, D_in, N) or None (zeros). Returns y (B, T, D_in) with y_t = h_t C_t, and the last state h_T."""
+    b_, T, d = x.shape
+    h = h0 if h0 is not None else x.new_zeros(b_, d, A.size(1))
+    ys = []
+    for t in range(T):
+        decay = torch.exp(dt[:, t, :, None] * A)  # (B, D_in, N)
+        h = decay * h + (dt[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))  # (B, D_in)
+    return torch.stack(ys, 1), h
+
+
+def _prefix_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_t = a_t h_{t-1} + b_t from h_{-1} = 0 along dim 2, for all t at once: a, b (B, n, L, D_in, N) ->
+    (the running products of a, the states h). Round r folds in the partial result 2^r positions
+    back, so after ceil(log2 L) rounds each position holds the composition of every step up to it."""
+    L, step = a.size(2), 1
+    while step < L:
+        b = torch.cat([b[:, :, :step], a[:, :, step:] * b[:, :, :-step] + b[:, :, step:]], 2)
+        a = torch.cat([a[:, :, :step], a[:, :, step:] * a[:, :, :-step]], 2)
+        step *= 2
+    return a, b
+
+
+def scan_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 h0: torch.Tensor | None = None, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scan_sequential`'s result in three vectorised stages: (1) every chunk of `chunk` steps scanned
+    at once from a zero state by the parallel prefix scan, which also gives each step's decay since
+    the chunk start; (2) the state entering each chunk, a short loop over the chunk ends; (3) each
+    step's state = its in-chunk state + its decay since the chunk start x the entering state."""
+    Bsz, T, D = x.shape
+    N = A.size(1)
+    h = h0 if h0 is not None else x.new_zeros(Bsz, D, N)
+    if T == 0:
+        return x.new_zeros(x.shape), h
+    n = -(-T // chunk)
+    pad = n * chunk - T  # padded steps at the end: dt = 0 gives decay 1 and no write, dropped below
+    dt_p, xdt = F.pad(dt, (0, 0, 0, pad)), F.pad(dt * x, (0, 0, 0, pad))
+    B_p = F.pad(B, (0, 0, 0, pad))
+    a = torch.exp(dt_p[..., None] * A).view(Bsz, n, chunk, D, N)  # decays
+    b = (xdt[..., None] * B_p[:, :, None, :]).view(Bsz, n, chunk, D, N)  # writes
+    decay, local = _prefix_scan(a, b)  # (B, n, L, D, N): decay since the chunk start, state from zero
+    starts = []
+    for c in range(n):  # the state entering each chunk
+        starts.append(h)
+        h = decay[:, c, -1] * h + local[:, c, -1]
+    states = local + decay * torch.stack(starts, 1)[:, :, None]  # (B, n, L, D, N)
+    states = states.view(Bsz, n * chunk, D, N)[:, :T]
+    return torch.einsum("btdn,btn->btd", states, C), h
+
+
+class Mamba(nn.Module):
+    """One selective-SSM mixer: (B, T, C) -> (B, T, C), with its recurrent state in and out."""
+
+    def __init__(self, n_embd: int, d_inner: int, d_state: int = 16, d_conv: int = 4, dt_rank: int = 0,
+                 conv_bias: bool = True, proj_bias: bool = False, norm_eps: float = 1e-6, scan: str = "chunked",
+                 chunk: int = 16) -> None:
+        super().__init__()
+        self.d_inner, self.d_state, self.d_conv = d_inner, d_state, d_conv
+        self.dt_rank = dt_rank or math.ceil(n_embd / 16)
+        self.scan, self.chunk = scan, chunk
+        self.in_proj = nn.Linear(n_embd, 2 * d_inner, bias=proj_bias)  # [x | z]
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, bias=conv_bias)  # padding done by hand
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)  # [Δ_raw | B | C]
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        self.out_proj = nn.Linear(d_inner, n_embd, bias=proj_bias)
+        self.dt_layernorm = RMSNorm(self.dt_rank, norm_eps)
+        self.b_layernorm = RMSNorm(d_state, norm_eps)
+        self.c_layernorm = RMSNorm(d_state, norm_eps)
+
+    @property
+    def state_width(self) -> int:
+        """Columns of the packed state: d_conv - 1 conv inputs, then N scan state."""
+        return self.d_conv - 1 + self.d_state
+
+    @torch.no_grad()
+    def init_ssm(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+        """Mamba's initialisation of the SSM parameters (the linears are the model's to initialise):
+        A_n = -(n + 1) per channel (S4D-real), D = 1, and dt_proj's bias the inverse softplus of step
+        sizes drawn log-uniformly in [dt_min, dt_max], so training starts with a spread of memories."""
+        n = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_log.copy_(torch.log(n).expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+
+    def forward(self, u: torch.Tensor, state: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """u (B, T, C); state (B, D_in, K-1+N) from the previous forward or None (a fresh sequence);
+        keep (B, T) bool, False at padding, or None. Returns the output (B, T, C) and the new state."""
+        Bsz, T, _ = u.shape
+        K = self.d_conv
+        sdt = torch.promote_types(u.dtype, torch.float32)  # the scan runs in fp32 at least
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, T, D_in) each
+        if keep is not None:
+            x = x * keep[..., None].to(x.dtype)
+        if state is None:
+            conv_past = x.new_zeros(Bsz, self.d_inner, K - 1)
+            h0 = None
+        else:
+            conv_past, h0 = state[..., : K - 1].to(x.dtype), state[..., K - 1 :]
+        window = torch.cat([conv_past, x.transpose(1, 2)], -1)  # (B, D_in, K-1+T)
+        x = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2)
+        if keep is not None:
+            x = x * keep[..., None].to(x.dtype)
+        dt_raw, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(self.dt_layernorm(dt_raw)).to(sdt))  # (B, T, D_in)
+        Bm, Cm = self.b_layernorm(Bm).to(sdt), self.c_layernorm(Cm).to(sdt)  # (B, T, N)
+        A = -torch.exp(self.A_log.to(sdt))  # (D_in, N)
+        xs = x.to(sdt)
+        h0 = h0.to(sdt) if h0 is not None else None
+        if self.scan == "sequential" or T == 1:
+            y, h = scan_sequential(xs, dt, A, Bm, Cm, h0)
+        else:
+            y, h = scan_chunked(xs, dt, A, Bm, Cm, h0, self.chunk)
+        y = (y + xs * self.D.to(sdt)).to(u.dtype) * F.silu(z)
+        new_state = torch.cat([window[..., window.size(-1) - (K - 1) :].to(sdt), h], -1)  # (B, D_in, K-1+N)
+        return self.out_proj(y), new_state
