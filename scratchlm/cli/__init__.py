@@ -34,6 +34,7 @@ from scratchlm.cli.commands import (
     cmd_demo,
     cmd_env,
     cmd_experiment_norms,
+    cmd_experiment_pipeline,
     cmd_merge,
     cmd_pretrain,
     cmd_sample,
@@ -293,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("inputs", nargs="*", help="text to train on (default: the embedded corpus)")
     sp.add_argument("--out", default="runs/norms", help="folder for the PNG and the two runs' metrics")
     sp.set_defaults(fn=cmd_experiment_norms)
+    sp = writes(with_common(ev.add_parser("pipeline", help="1F1B, ZB1P and DualPipe pipeline schedules simulated: "
+                                                         "bubbles, activation memory, a timeline PNG")))
+    sp.add_argument("--stages", type=int, default=4, help="pipeline stages = devices (P)")
+    sp.add_argument("--micro-batches", type=int, default=8, help="micro-batches per step (M)")
+    sp.add_argument("--F", type=float, default=1.0, help="time of one stage's forward")
+    sp.add_argument("--B", type=float, default=2.0, help="time of one stage's full backward")
+    sp.add_argument("--W", type=float, default=1.0, help="the weight-gradient part of B")
+    sp.add_argument("--FB", type=float, help="time of a forward and a backward overlapped (default F + B)")
+    sp.add_argument("--out", default="runs/pipeline", help="folder for the PNG, the table and its JSON")
+    sp.set_defaults(fn=cmd_experiment_pipeline)
 
     sp = with_common(verbs.add_parser("env", help="device, torch build, precisions, measured matmul peaks"))
     sp.add_argument("--remeasure", action="store_true",

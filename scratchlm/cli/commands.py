@@ -359,6 +359,14 @@ def cmd_experiment_norms(args: argparse.Namespace, overrides: list[str]) -> None
         norms_experiment(cfg, Path(args.out), inputs=args.inputs, progress=not args.quiet)
 
 
+def cmd_experiment_pipeline(args: argparse.Namespace, overrides: list[str]) -> None:
+    from scratchlm.experiments.pipeline import Costs, pipeline_experiment
+
+    costs = Costs(args.F, args.B, args.W, args.FB)
+    check_output_path(args.out, overwrite=args.overwrite, folder=True)
+    pipeline_experiment(args.stages, args.micro_batches, costs, Path(args.out))
+
+
 def cmd_env(args: argparse.Namespace, overrides: list[str]) -> None:
     from scratchlm.env import env_lines
     from scratchlm.train.device import pick_threads
