@@ -10,9 +10,9 @@ from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.model.base import LanguageModel
 from scratchlm.model.baselines import MLPLM, BigramLM
+from scratchlm.model.diff_attn import DiffTransformer
 from scratchlm.model.gpt import GPT
 from scratchlm.model.llama import Llama
-from scratchlm.model.mla import MLA
 from scratchlm.model.moe import MoE
 
 
@@ -28,7 +28,8 @@ def padded_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> int:
 
 def build_model(cfg: ModelConfig) -> LanguageModel:
     """Instantiate `cfg.arch` (its `vocab_size` already resolved by `padded_vocab`)."""
-    archs = {"gpt": GPT, "llama": Llama, "moe": MoE, "bigram": BigramLM, "mlp": MLPLM, "mla": MLA}
+    archs = {"gpt": GPT, "llama": Llama, "moe": MoE, "bigram": BigramLM, "mlp": MLPLM,
+             "diff": DiffTransformer}
     if cfg.arch not in archs:
         raise UserError(f"model.arch={cfg.arch!r} is unknown", fix=f"use one of {', '.join(archs)}")
     if cfg.vocab_size <= 0:
