@@ -1,6 +1,6 @@
 """The scaling-law verb: `scratchlm scaling` (an IsoFLOP grid on the embedded corpus, fitted and drawn).
 
-    scratchlm scaling [--budget 1e12,3e12,1e13] [--widths 48,64,96,128,192] [--layers 4] [--heads 4]
+    scratchlm scaling [--budget 1e11,3e11,1e12,3e12] [--widths 12,16,24,32,48,64,96] [--layers 4] [--heads 4]
                       [--arch gpt|llama] [--threads 1] [--max-epochs 8] [--quick] --out DIR
                       [--resume | --overwrite]
 
@@ -56,12 +56,13 @@ def add_parsers(verbs: argparse._SubParsersAction, with_common, writes) -> None:
                         "N_opt(C) and D_opt(C) fitted (Chinchilla approach 2) and drawn",
         description="Trains every (budget, width) point for D = C / 6N tokens (N: non-embedding parameters), fits a "
                     "parabola in ln N per budget and power laws through the minima, for non-embedding and total N; "
-                    "writes scaling.png, results.json and summary.md. The default grid: 3 budgets x 5 widths of the "
-                    "demo's 4-layer GPT, about 40 minutes on one CPU core.")))
-    sp.add_argument("--budget", help="compute budgets in FLOPs, comma-separated (default 1e12,3e12,1e13; "
+                    "writes scaling.png, results.json and summary.md. The default grid: 4 budgets x 7 widths of the "
+                    "demo's 4-layer GPT shape (24 points; 4 left out, over 8 epochs), about 25 minutes on one CPU "
+                    "core.")))
+    sp.add_argument("--budget", help="compute budgets in FLOPs, comma-separated (default 1e11,3e11,1e12,3e12; "
                                      "--quick: 1e9,2e9,4e9)")
     sp.add_argument("--widths", help="model widths (n_embd), comma-separated, multiples of --heads "
-                                     "(default 48,64,96,128,192; --quick: 16,24,32)")
+                                     "(default 12,16,24,32,48,64,96; --quick: 16,24,32)")
     sp.add_argument("--layers", type=int, help="blocks per model (default 4; --quick: 2)")
     sp.add_argument("--heads", type=int, help="attention heads (default 4; --quick: 2)")
     sp.add_argument("--arch", choices=("gpt", "llama"), help="model family (default gpt)")

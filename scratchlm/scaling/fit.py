@@ -9,6 +9,12 @@ stands for is C_opt = 6 N_opt D_opt. Power laws N_opt = k·C_opt^a and D_opt = k
 straight lines in log-log, fitted by ordinary least squares; since ln N_opt + ln D_opt = ln C_opt -
 ln 6 for every optimum, a + b = 1 holds by construction (to rounding).
 
+The parabola is a local model of the minimum: across a decade and a half of N a profile is not
+symmetric in ln N (the loss climbs faster on the side of too few tokens), and a parabola through all
+of it misplaces the vertex. So each budget's parabola goes through the run of lowest loss and its
+nearest neighbours in ln N, `WINDOW` runs in all (all of them when there are fewer), as Chinchilla's
+profiles span about one decade around their minima.
+
 Uncertainty, two ways:
 - the standard error of the slope from the log-log regression (s² / Σ(x - x̄)², s² the residual
   variance on n - 2 degrees of freedom): needs 3 budgets, and with few budgets it is itself rough;
@@ -19,7 +25,9 @@ Uncertainty, two ways:
 
 A budget whose parabola opens downwards (or has fewer than 3 sizes) has no minimum; it is left out
 of the law and named (`ScalingFit.skipped`). A minimum outside the sizes trained is kept but
-flagged (`IsoFLOP.inside`): Chinchilla's grids were chosen so the minimum lies inside them.
+flagged (`IsoFLOP.inside`): Chinchilla's grids were chosen so the minimum lies inside them. One
+farther out, in ln N, than the sizes span is not a measurement but the tail of a nearly flat
+parabola (a bootstrap replicate draws such ones), and is left out like one opening downwards.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import numpy as np
 
 FLOPS_PER_PARAM_TOKEN = 6  # forward 2 + backward 4 FLOPs per parameter per token (Kaplan et al. 2020)
 BOOTSTRAP_REPLICATES = 1000
+WINDOW = 5  # runs per parabola: the lowest loss and its neighbours in ln N
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,9 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> PowerLaw:
         se = math.sqrt(float((residual**2).sum()) / (n - 2) / sxx)
     else:
         se = math.nan
-    return PowerLaw(slope, math.exp(intercept), se, n)
+    with np.errstate(over="ignore"):  # two nearly equal x (a bootstrap's draw) can give a vast slope
+        prefactor = float(np.exp(intercept))
+    return PowerLaw(slope, prefactor, se, n)
 
 
 @dataclass(frozen=True)
@@ -106,25 +117,37 @@ class IsoFLOP:
     d_opt: float
     compute: float  # 6·n_opt·d_opt
     loss_opt: float
-    inside: bool  # the minimum lies within the sizes trained
+    inside: bool  # the minimum lies within the sizes fitted
+    fitted: tuple[float, float]  # the smallest and largest N the parabola went through
 
 
-def isoflop_optimum(budget: float, n: Sequence[float], d: Sequence[float],
-                    loss: Sequence[float]) -> IsoFLOP | str:
+def isoflop_optimum(budget: float, n: Sequence[float], d: Sequence[float], loss: Sequence[float],
+                    window: int = WINDOW) -> IsoFLOP | str:
     """The minimum of one budget's runs (sizes `n`, tokens `d`, final losses `loss`), or a string
-    saying why there is none (fewer than 3 sizes, a parabola opening downwards)."""
-    x = np.log(np.asarray(n, dtype=np.float64))
+    saying why there is none (fewer than 3 sizes, a parabola opening downwards, a minimum far outside).
+    The parabola goes through the `window` runs nearest the lowest loss in ln N (0: all runs)."""
+    order = np.argsort(np.log(np.asarray(n, dtype=np.float64)), kind="stable")
+    x = np.log(np.asarray(n, dtype=np.float64))[order]
+    y = np.asarray(loss, dtype=np.float64)[order]
+    ln_d = np.log(np.asarray(d, dtype=np.float64))[order]
+    if 0 < window < len(x):
+        start = min(max(int(np.argmin(y)) - window // 2, 0), len(x) - window)
+        x, y, ln_d = x[start:start + window], y[start:start + window], ln_d[start:start + window]
     distinct = len(np.unique(x))
     if distinct < 3:
         return f"{distinct} distinct sizes (a parabola needs 3)"
-    p = fit_parabola(x, loss)
+    p = fit_parabola(x, y)
     if not p.convex:
-        return "its parabola opens downwards (no minimum): the sizes do not straddle the optimum"
+        return "its parabola opens downwards: the sizes do not straddle the optimum"
     x_opt, loss_opt = p.vertex
-    line = np.polyfit(x, np.log(np.asarray(d, dtype=np.float64)), 1)  # ln D along the budget's runs
+    span = float(x.max() - x.min())
+    if not x.min() - span <= x_opt <= x.max() + span:
+        return (f"its minimum (ln N = {x_opt:.3g}) lies farther outside the sizes fitted than they span: "
+                "the sizes do not straddle the optimum")
+    line = np.polyfit(x, ln_d, 1)  # ln D along the budget's runs
     n_opt, d_opt = math.exp(x_opt), math.exp(float(np.polyval(line, x_opt)))
     return IsoFLOP(budget, p, n_opt, d_opt, FLOPS_PER_PARAM_TOKEN * n_opt * d_opt, loss_opt,
-                   bool(x.min() <= x_opt <= x.max()))
+                   bool(x.min() <= x_opt <= x.max()), (math.exp(x.min()), math.exp(x.max())))
 
 
 @dataclass(frozen=True)
@@ -173,7 +196,7 @@ def fit_scaling(budget: Sequence[float], n: Sequence[float], d: Sequence[float],
     """IsoFLOP optima per budget and the power laws N_opt(C), D_opt(C), with a bootstrap of `replicates`
     redraws over grid points (0: none). Each run is (budget, size n, tokens d, final loss)."""
     budget, n, d, loss = (np.asarray(a, dtype=np.float64) for a in (budget, n, d, loss))
-    groups = _groups(budget)
+    groups = _groups(budget)  # each budget's runs; a bootstrap redraws within them
     optima, skipped = [], []
     for idx in groups:
         found = isoflop_optimum(float(budget[idx[0]]), n[idx], d[idx], loss[idx])

@@ -11,8 +11,8 @@ validation at the end over the same `eval_iters` batches of the held-out split f
 fp32 on a CPU and bf16 on a GPU. The learning rate is not tuned per width: a simplification that
 the small widths and few budgets here make tolerable, and the main thing a careful study would add.
 
-Why non-embedding N for the budget: at these sizes the token table (vocab x width) is as large as
-the blocks, and its lookup costs no matmul FLOPs; the tied table does cost the output head's
+Why non-embedding N for the budget: at these sizes the token table (vocab x width) is a large share
+of the parameters, and its lookup costs no matmul FLOPs; the tied table does cost the output head's
 matmul, which the model's own `flops_per_token()` counts, so each point also records that count
 and its total parameters, and the fits are made with both counts (stage.py).
 
@@ -43,7 +43,7 @@ from torch import nn
 
 from scratchlm.config import Config, get_preset, switch_arch
 from scratchlm.errors import UserError
-from scratchlm.io import write_json
+from scratchlm.io import remove_stale_temps, write_json
 from scratchlm.model import build_model, padded_vocab
 from scratchlm.scaling.fit import FLOPS_PER_PARAM_TOKEN
 from scratchlm.train.device import pick_device
@@ -55,14 +55,17 @@ MIN_STEPS = 20  # fewer: the warmup and the decay are a handful of steps, and th
 
 @dataclass(frozen=True)
 class GridSettings:
-    """What every point of a grid shares; a resumed grid must keep them (the budgets and widths may grow)."""
+    """What every point of a grid shares. A resumed grid keeps them (its budgets and widths may grow), all but
+    `device`, `threads` and `max_epochs`, which change how or whether a point runs, not what it trains."""
 
     arch: str = "gpt"
     layers: int = 4
     heads: int = 4
     block_size: int = 64
     batch_size: int = 16
-    vocab_size: int = 2048  # the BPE trained once on the corpus for the whole grid
+    # the BPE trained once on the corpus for the whole grid; 512, not the demo's 2,048: at these widths a
+    # 2,048-row table outweighs the blocks, and its output matmul costs more than they do
+    vocab_size: int = 512
     tokenizer_max_chars: int = 0  # characters of the corpus the tokenizer is trained on (0 = all)
     lr: float = 2e-3
     eval_iters: int = 40  # validation batches of batch_size x block_size tokens, the same for every point
@@ -78,9 +81,12 @@ class GridSettings:
         return self.batch_size * self.block_size
 
 
-# The defaults: the demo's model (4 layers, 4 heads, block 64, BPE 2,048) at 5 widths, 3 budgets.
-DEFAULT_BUDGETS = (1e12, 3e12, 1e13)
-DEFAULT_WIDTHS = (48, 64, 96, 128, 192)
+# The defaults: the demo's model shape (4 layers, 4 heads, block 64) at 7 widths (N 7.6k-448k) and 4
+# budgets: 24 points (4 left out, over 8 epochs), about 25 minutes at one thread on this machine's CPU.
+# Measured here: the optimum sits near width 14 at 1e11 and width 24 at 3e11, and trains 60-160 tokens
+# per parameter; larger budgets than 3e12 would need more epochs of this corpus than their optimum is worth.
+DEFAULT_BUDGETS = (1e11, 3e11, 1e12, 3e12)
+DEFAULT_WIDTHS = (12, 16, 24, 32, 48, 64, 96)
 DEFAULT_SETTINGS = GridSettings()
 # --quick, for tests: 2-layer models of 16-32 dims, a few hundred steps each.
 QUICK_BUDGETS = (1e9, 2e9, 4e9)
@@ -229,6 +235,8 @@ def run_point(p: Point, s: GridSettings, run_dir: Path, data_dir: Path, train_to
 
     The run's own output (its header, the final validation line) goes to `RUN/train.log`, so the
     grid prints one line per point."""
+    for where in (run_dir, run_dir / "ckpt"):  # what a killed run left half-written
+        remove_stale_temps(where)
     resume = (run_dir / "ckpt" / "latest").is_file()
     if run_dir.exists() and not resume:  # stopped before its first checkpoint: nothing to keep
         shutil.rmtree(run_dir)

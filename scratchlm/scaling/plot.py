@@ -1,9 +1,9 @@
 """The grid's picture, one PNG of two panels.
 
 Left: the IsoFLOP profiles, final validation loss against non-embedding parameters, one colour per
-budget, each with its parabola (in ln N) and its minimum (a star; hollow when it lies outside the
-sizes trained). Right: the optima N_opt against the compute they stand for, with the fitted power
-laws, for non-embedding N (filled) and total N (hollow, dashed).
+budget, each with its parabola (in ln N, over the runs it was fitted to) and its minimum (a star;
+hollow when it lies outside them). Right: the optima N_opt against the compute they stand for, with
+the fitted power laws, for non-embedding N (filled) and total N (hollow, dashed).
 
 Drawn with matplotlib's object API (`Figure`, no pyplot): no backend or global state is touched,
 and the file is written atomically.
@@ -44,7 +44,7 @@ def plot_scaling(budget: Sequence[float], n: Sequence[float], loss: Sequence[flo
         o = optima.get(c)
         if o is None:
             continue
-        lo, hi = math.log(min(n[idx].min(), o.n_opt)), math.log(max(n[idx].max(), o.n_opt))
+        lo, hi = math.log(min(o.fitted[0], o.n_opt)), math.log(max(o.fitted[1], o.n_opt))
         xs = np.linspace(lo - 0.1, hi + 0.1, 100)
         left.plot(np.exp(xs), o.parabola(xs), "-", color=colour, alpha=0.7)
         left.plot([o.n_opt], [o.loss_opt], "*", markersize=14, color=colour,

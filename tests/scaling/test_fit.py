@@ -117,7 +117,27 @@ def test_a_budget_without_a_minimum_is_skipped_and_named():
     assert one.n_law is None and one.notes and "needs 2" in one.notes[0]
 
 
-def test_a_minimum_outside_the_sizes_is_flagged():
+def test_a_minimum_outside_the_sizes_is_flagged_and_one_far_outside_left_out():
     n = [1e5, 2e5, 4e5]
-    found = isoflop_optimum(1e12, n, [1e12 / (6 * s) for s in n], [(math.log(s) - math.log(1e6)) ** 2 for s in n])
-    assert not found.inside and found.n_opt == pytest.approx(1e6, rel=1e-9)
+    d = [1e12 / (6 * s) for s in n]
+    found = isoflop_optimum(1e12, n, d, [(math.log(s) - math.log(1e6)) ** 2 for s in n])
+    assert not found.inside and found.n_opt == pytest.approx(1e6, rel=1e-9)  # ln 2.5 past the edge, span ln 4
+    assert "farther outside" in isoflop_optimum(1e12, n, d, [(math.log(s) - math.log(2e6)) ** 2 for s in n])
+    # a nearly flat parabola: its vertex would overflow exp(); it is left out instead
+    flat = isoflop_optimum(1e12, n, d, [3.0 - 1e-3 * math.log(s) + 1e-12 * math.log(s) ** 2 for s in n])
+    assert isinstance(flat, str)
+
+
+def test_the_parabola_through_the_runs_nearest_the_minimum_places_it_better_than_one_through_all():
+    """Over three decades of N a loss profile is lopsided in ln N; the 5 runs around the lowest loss
+    find its minimum where a parabola through all 13 misses by far more."""
+    e, big_a, big_b, alpha, beta, c = 1.69, 406.4, 410.7, 0.34, 0.28, 1e18
+    n_star = (alpha * big_a / (beta * big_b)) ** (1 / (alpha + beta)) * (c / 6) ** (beta / (alpha + beta))
+    n = n_star * np.geomspace(1 / 30, 30, 13) * 1.2
+    d = c / (6 * n)
+    loss = e + big_a / n**alpha + big_b / d**beta
+    near = isoflop_optimum(c, n, d, loss)
+    whole = isoflop_optimum(c, n, d, loss, window=0)
+    assert near.fitted == pytest.approx((n[4], n[8]), rel=1e-12)  # the lowest is n[6]: 2 either side
+    assert abs(math.log(near.n_opt / n_star)) < 0.02
+    assert abs(math.log(whole.n_opt / n_star)) > 5 * abs(math.log(near.n_opt / n_star))
