@@ -4,6 +4,7 @@ So far:
 - `linear_cross_entropy`: the language-model loss fused with the output head, chunked over rows.
 - `load_balancing_loss`, `router_z_loss`, `routing_entropy`: mixture-of-experts router losses
   (Switch Transformer, Fedus et al. 2021; ST-MoE, Zoph et al. 2022).
+- `multi_token_loss`: next-token loss + weighted mean of multi-token prediction depths (DeepSeek-V3).
 - `sequence_logprobs` / `linear_sequence_logprobs`: a response's summed (or mean) token
   log-probability from logits / from hidden states and the head weight, the input of DPO.
 - `bradley_terry_loss`: the reward model's pairwise loss (Bradley & Terry 1952; InstructGPT,
@@ -50,6 +51,15 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Mean entropy (nats) of the router's distribution per token; ln E = undecided, 0 = certain."""
     return -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+def multi_token_loss(main: torch.Tensor, depths: list[torch.Tensor], weight: float) -> torch.Tensor:
+    """DeepSeek-V3's objective with multi-token prediction: the next-token loss plus `weight` x the mean
+    of the D prediction depths' cross-entropies, main + weight / D * sum_k L_k. No depths or weight 0:
+    the next-token loss alone."""
+    if not depths or weight == 0:
+        return main
+    return main + weight * torch.stack(depths).mean()
 
 
 def chunk_rows(vocab: int) -> int:

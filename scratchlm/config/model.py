@@ -9,6 +9,7 @@ one args class per model.
         ├── GPTConfig                arch=gpt: + pos_emb
         └── LlamaConfig              arch=llama: + n_kv_head, ffn_hidden, norm_eps, qk_norm, rope (RopeConfig)
             └── MoEConfig            arch=moe: + the experts and the router
+                └── MLAConfig        arch=mla: + latent attention, multi-token prediction (DeepSeek-V3)
 
 `arch` names the family and is fixed by the class. `model_config("llama", n_head=8)` builds a
 family by name; a field the family does not have is refused, naming the archs that have it (a
@@ -33,7 +34,7 @@ from typing import Annotated, Any, Literal
 from scratchlm.config.fields import CONTEXT_CAP, VOCAB_CAP, Range, check_fields, flatten, not_one_of, suggest
 from scratchlm.errors import UserError
 
-Arch = Literal["gpt", "llama", "moe", "bigram", "mlp", "diff"]
+Arch = Literal["gpt", "llama", "moe", "bigram", "mlp", "mla", "diff"]
 
 
 @dataclass
@@ -188,6 +189,35 @@ class MoEConfig(LlamaConfig):
 
 
 @dataclass
+class MLAConfig(MoEConfig):
+    """arch=mla, DeepSeek-V3 (model/mla.py): multi-head latent attention over a compressed key/value
+    latent with a decoupled RoPE key, the MoE blocks (`moe_first_dense` dense layers first), and
+    optional multi-token prediction modules."""
+
+    arch: Arch = field(default="mla", init=False)
+    kv_lora_rank: Annotated[int, Range(">= 1")] = 64  # width of the cached key/value latent
+    q_lora_rank: Annotated[int, Range(">= 0", "0 = queries not compressed")] = 0  # width of the query latent
+    qk_nope_head_dim: Annotated[int, Range(">= 1")] = 32  # per head: query/key dims without positions
+    qk_rope_head_dim: Annotated[int, Range(">= 2")] = 16  # per head: query dims (one shared key) RoPE rotates
+    v_head_dim: Annotated[int, Range(">= 1")] = 32  # per head: value dims
+    # which attention path: naive (expand K and V from the latent) or absorbed (attend in the latent);
+    # decode = absorbed with a cache (decoding), naive without (training); equal up to rounding
+    mla_absorb: Literal["decode", "always", "never"] = "decode"
+    mtp_depth: Annotated[int, Range(">= 0", "0 = no multi-token prediction")] = 0  # MTP modules (DeepSeek-V3)
+    # training loss = next-token loss + weight x mean of the MTP depths' losses; 0 = MTP not trained
+    mtp_loss_weight: Annotated[float, Range(">= 0", "0 = off")] = 0.3
+
+    def validate(self) -> None:
+        super().validate()
+        check_fields(self, "model.", MLAConfig)
+        if self.qk_rope_head_dim % 2:
+            raise UserError(f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even: RoPE rotates pairs")
+        if self.rope.scaling != "none":
+            raise UserError(f"model.rope.scaling={self.rope.scaling} is not supported with arch=mla",
+                            fix="use --model.rope.scaling=none")
+
+
+@dataclass
 class DiffConfig(LlamaConfig):
     """arch=diff: the Llama blocks with differential attention (Ye et al. 2024, model/diff_attn.py):
     each output is softmax(Q1K1ᵀ)V - λ·softmax(Q2K2ᵀ)V, the n_head query heads forming n_head/2 pairs."""
@@ -206,7 +236,7 @@ class DiffConfig(LlamaConfig):
 
 MODEL_FAMILIES: dict[str, type[ModelConfig]] = {
     "gpt": GPTConfig, "llama": LlamaConfig, "moe": MoEConfig, "bigram": BigramConfig, "mlp": MLPConfig,
-    "diff": DiffConfig}
+    "mla": MLAConfig, "diff": DiffConfig}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -121,6 +121,31 @@ def moe_tiny() -> Config:
 
 
 @preset
+def mla_tiny() -> Config:
+    """DeepSeek-V3 at demo scale: llama-tiny's width and depth with multi-head latent attention (a 32-wide
+    cached latent + a 16-wide RoPE key per token and layer, against llama-tiny's 2 x 2 x 32), the first
+    layer dense, then 4 sigmoid-routed experts (top 2) plus one shared expert."""
+    cfg = llama_tiny()
+    cfg.name, cfg.out_dir = "mla-tiny", "runs/mla-tiny"
+    m = switch_arch(cfg.model, "mla")
+    m.n_kv_head, m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim = 0, 32, 32, 16, 32
+    m.n_experts, m.n_active_experts, m.n_shared_experts, m.moe_first_dense = 4, 2, 1, 1
+    m.expert_hidden, m.router = 128, "sigmoid"
+    cfg.model = m
+    return cfg
+
+
+@preset
+def mtp_tiny() -> Config:
+    """mla-tiny with two multi-token prediction depths (loss weight 0.3), which also draft for
+    speculative decoding."""
+    cfg = mla_tiny()
+    cfg.name, cfg.out_dir = "mtp-tiny", "runs/mtp-tiny"
+    cfg.model.mtp_depth, cfg.model.mtp_loss_weight = 2, 0.3
+    return cfg
+
+
+@preset
 def diff_tiny() -> Config:
     """llama-tiny with differential attention: its 4 query heads form 2 pairs (two softmax maps each),
     its 2 key/value heads 1 pair of 2D-wide values; the same parameters plus λ's 4 x 32 per layer."""

@@ -56,6 +56,9 @@ class KVCache(Cache):
                   dtype: torch.dtype | None = None) -> KVCache:
         a = model.attention_shape()
         p = next(model.parameters())
+        if a.latent_dim:  # the model caches a latent and a RoPE key per token (MLA): their layout
+            return LatentCache(a.n_layer, batch, a.latent_dim, a.rope_dim, max_len or a.context, window=a.window,
+                               pad=pad, device=p.device, dtype=dtype or p.dtype)
         return cls(a.n_layer, batch, a.n_kv_head, a.head_dim, max_len or a.context, window=a.window, pad=pad,
                    device=p.device, dtype=dtype or p.dtype)
 
@@ -85,7 +88,7 @@ class KVCache(Cache):
             raise ValueError(f"joining rows of {other.len} slots does not fit a cache of {self.max_len}")
         B, B2 = self.batch, other.batch
         shape = (self.k.size(0), B + B2, self.k.size(2), self.max_len, self.k.size(4))
-        k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        k, v = self.k.new_zeros(shape), self.v.new_zeros(shape[:-1] + self.v.shape[-1:])  # (v: its own width)
         for src, rows, shift in ((self, slice(0, B), n - self.len), (other, slice(B, B + B2), n - other.len)):
             k[:, rows, :, shift:n] = src.k[:, :, :, : src.len]
             v[:, rows, :, shift:n] = src.v[:, :, :, : src.len]
@@ -148,3 +151,42 @@ class KVCache(Cache):
         """Called by the model after its last layer: the T new tokens are now part of the past."""
         self.len += T
         self._step = None
+
+
+class LatentCache(KVCache):
+    """The cache of multi-head latent attention (DeepSeek-V2/V3, model/mla.py): per token and layer only
+    the compressed key/value latent (kv_lora_rank wide) and the one RoPE key every head shares
+    (qk_rope_head_dim wide, stored rotated), in place of H_kv keys and values of head_dim each. They sit in
+    `k` (L, B, 1, S, r) and `v` (L, B, 1, S, d_rope) so padding, joins, rollbacks and row selection are
+    the KV cache's own; the attention is the model's (it expands or absorbs the latent), so the model
+    calls `extend` instead of `attend`."""
+
+    def __init__(self, n_layer: int, batch: int, latent_dim: int, rope_dim: int, max_len: int, *, window: int = 0,
+                 pad: torch.Tensor | None = None, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(n_layer, batch, 1, latent_dim, max_len, window=window, pad=pad, device=device, dtype=dtype)
+        self.v = torch.zeros((n_layer, batch, 1, max_len, rope_dim), device=device, dtype=dtype)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope) -> torch.Tensor:
+        raise ValueError("a latent cache holds no keys and values: the model attends itself (LatentCache.extend)")
+
+    def extend(self, layer: int, latent: torch.Tensor, rope_key: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store the T new tokens' latent (B, T, r) and rotated RoPE key (B, 1, T, d_rope); return every
+        slot's so far, (B, S, r) and (B, 1, S, d_rope), with the mask (B, 1, T, S) (None: all allowed)."""
+        T = latent.size(1)
+        _, mask = self._prepare(T)
+        end = self.len + T
+        self.k[layer, :, 0, self.len : end] = latent
+        self.v[layer, :, :, self.len : end] = rope_key
+        return self.k[layer, :, 0, :end], self.v[layer, :, :, :end], mask
+
+    @property
+    def nbytes(self) -> int:
+        states = sum(s.nelement() * s.element_size() for s in self.states.values())
+        return (self.k.nelement() + self.v.nelement()) * self.k.element_size() + states
+
+    def bytes_per_token(self) -> int:
+        """layers x (latent width + RoPE key width) x element size: no factor 2, no heads."""
+        L, _, _, _, r = self.k.shape
+        return L * (r + self.v.size(-1)) * self.k.element_size()

@@ -32,13 +32,16 @@ from scratchlm.model.layers import RoPE
 @dataclass(frozen=True)
 class AttentionShape:
     """What a cache needs to know about a model: per layer, n_kv_head heads of head_dim keys and values;
-    `window` > 0 limits each query to that many latest positions; `context` is block_size."""
+    `window` > 0 limits each query to that many latest positions; `context` is block_size. A model that
+    caches a latent instead (MLA) sets `latent_dim` (its width) and `rope_dim` (its RoPE key's width)."""
 
     n_layer: int
     n_kv_head: int
     head_dim: int
     window: int
     context: int
+    latent_dim: int = 0
+    rope_dim: int = 0
 
 
 class LanguageModel(nn.Module):
