@@ -34,7 +34,7 @@ from typing import Annotated, Any, Literal
 from scratchlm.config.fields import CONTEXT_CAP, VOCAB_CAP, Range, check_fields, flatten, not_one_of, suggest
 from scratchlm.errors import UserError
 
-Arch = Literal["gpt", "llama", "moe", "bigram", "mlp", "mla", "diff"]
+Arch = Literal["gpt", "llama", "moe", "bigram", "mlp", "mla", "diff", "jamba"]
 
 
 @dataclass
@@ -234,9 +234,41 @@ class DiffConfig(LlamaConfig):
                                 "softmax maps", fix=f"use an even model.{name}")
 
 
+@dataclass
+class JambaConfig(MoEConfig):
+    """arch=jamba, the Jamba hybrid (Lieber et al. 2024, model/jamba.py): Mamba layers with one attention
+    layer in every `attn_layer_period` (at `attn_layer_offset`), an MoE feed-forward every `moe_every`-th
+    layer from `moe_first_dense` (Jamba's expert_layer_period / offset), the rest dense. Attention has
+    no positional encoding (the Mamba layers carry order), so the rope section is not read."""
+
+    arch: Arch = field(default="jamba", init=False)
+    bias: bool = False
+    attn_layer_period: Annotated[int, Range(">= 1")] = 4  # one attention layer in this many (Jamba v0.1: 8)
+    attn_layer_offset: Annotated[int, Range(">= 0")] = 2  # the first attention layer's index (Jamba v0.1: 4)
+    moe_every: Annotated[int, Range(">= 1")] = 2  # Jamba's expert_layer_period
+    moe_first_dense: Annotated[int, Range(">= 0")] = 1  # Jamba's expert_layer_offset
+    router_norm_topk: bool = False  # Jamba weighs the top-k by their softmax probabilities, unrenormalised
+    mamba_d_state: Annotated[int, Range(">= 1")] = 16  # N: state size per channel
+    mamba_d_conv: Annotated[int, Range(">= 1")] = 4  # width of the causal depthwise conv
+    mamba_expand: Annotated[int, Range(">= 1")] = 2  # inner width = expand x n_embd
+    mamba_dt_rank: Annotated[int, Range(">= 0", "0 = ceil(n_embd / 16)")] = 0  # rank of the step-size projection
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False  # biases in in_proj and out_proj
+    # sequential (a loop over time) | chunked (parallel prefix scan within chunks); equal up to rounding
+    mamba_scan: Literal["chunked", "sequential"] = "chunked"
+    mamba_chunk: Annotated[int, Range(">= 1")] = 16  # steps per chunk of the chunked scan
+
+    def validate(self) -> None:
+        super().validate()
+        check_fields(self, "model.", JambaConfig)
+        if self.attn_layer_offset >= self.attn_layer_period:
+            raise UserError(f"model.attn_layer_offset={self.attn_layer_offset} must be < "
+                            f"model.attn_layer_period={self.attn_layer_period}")
+
+
 MODEL_FAMILIES: dict[str, type[ModelConfig]] = {
     "gpt": GPTConfig, "llama": LlamaConfig, "moe": MoEConfig, "bigram": BigramConfig, "mlp": MLPConfig,
-    "mla": MLAConfig, "diff": DiffConfig}
+    "mla": MLAConfig, "diff": DiffConfig, "jamba": JambaConfig}
 
 
 # ----------------------------------------------------------------------------------------------

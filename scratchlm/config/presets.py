@@ -156,6 +156,17 @@ def diff_tiny() -> Config:
 
 
 @preset
+def jamba_tiny() -> Config:
+    """The Jamba hybrid at demo scale: llama-tiny's 4 layers and 128 dims as Mamba, Mamba, attention,
+    Mamba (one attention layer in 4, at index 2), the odd layers' feed-forwards 8 experts (top 2, each
+    half the dense FFN); state size 16, conv width 4, inner width 256."""
+    cfg = llama_tiny()
+    cfg.name, cfg.out_dir = "jamba-tiny", "runs/jamba-tiny"
+    cfg.model = switch_arch(cfg.model, "jamba")
+    return cfg
+
+
+@preset
 def sft_tiny() -> Config:
     """Fine-tuning the demo's model on the embedded tasks: 1,500 steps on 10,000 generated tasks took the
     demo's 1M GPT from 10% held-out exact match (300 steps on 3,000 tasks) to 65% in 2 minutes, with room

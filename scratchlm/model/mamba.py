@@ -47,14 +47,18 @@ from scratchlm.model.layers import RMSNorm
 
 
 def scan_sequential(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                    h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    h0: torch.Tensor | None = None,
+                    reset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The selective scan as a loop over time. x, dt (B, T, D_in); A (D_in, N); B, C (B, T, N);
-    h0 (B, D_in, N) or None (zeros). Returns y (B, T, D_in) with y_t = h_t C_t, and the last state h_T."""
+    h0 (B, D_in, N) or None (zeros); reset (B, T) bool or None: True where the state restarts from zero
+    (a packed document's first token). Returns y (B, T, D_in) with y_t = h_t C_t, and the last state h_T."""
     b_, T, d = x.shape
     h = h0 if h0 is not None else x.new_zeros(b_, d, A.size(1))
     ys = []
     for t in range(T):
         decay = torch.exp(dt[:, t, :, None] * A)  # (B, D_in, N)
+        if reset is not None:
+            decay = decay * ~reset[:, t, None, None]
         h = decay * h + (dt[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]
         ys.append((h * C[:, t, None, :]).sum(-1))  # (B, D_in)
     return torch.stack(ys, 1), h
@@ -73,7 +77,8 @@ def _prefix_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def scan_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                 h0: torch.Tensor | None = None, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+                 h0: torch.Tensor | None = None, chunk: int = 16,
+                 reset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`scan_sequential`'s result in three vectorised stages: (1) every chunk of `chunk` steps scanned
     at once from a zero state by the parallel prefix scan, which also gives each step's decay since
     the chunk start; (2) the state entering each chunk, a short loop over the chunk ends; (3) each
@@ -87,7 +92,10 @@ def scan_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
     pad = n * chunk - T  # padded steps at the end: dt = 0 gives decay 1 and no write, dropped below
     dt_p, xdt = F.pad(dt, (0, 0, 0, pad)), F.pad(dt * x, (0, 0, 0, pad))
     B_p = F.pad(B, (0, 0, 0, pad))
-    a = torch.exp(dt_p[..., None] * A).view(Bsz, n, chunk, D, N)  # decays
+    a = torch.exp(dt_p[..., None] * A)  # (B, T', D, N) decays
+    if reset is not None:
+        a = a * ~F.pad(reset, (0, pad))[..., None, None]
+    a = a.view(Bsz, n, chunk, D, N)
     b = (xdt[..., None] * B_p[:, :, None, :]).view(Bsz, n, chunk, D, N)  # writes
     decay, local = _prefix_scan(a, b)  # (B, n, L, D, N): decay since the chunk start, state from zero
     starts = []
@@ -136,10 +144,12 @@ class Mamba(nn.Module):
         dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
 
-    def forward(self, u: torch.Tensor, state: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, u: torch.Tensor, state: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """u (B, T, C); state (B, D_in, K-1+N) from the previous forward or None (a fresh sequence);
-        keep (B, T) bool, False at padding, or None. Returns the output (B, T, C) and the new state."""
+        keep (B, T) bool, False at padding, or None; starts (B, T) bool, True at each packed document's
+        first token (the conv and the scan see nothing before it), or None. Returns the output (B, T, C)
+        and the new state."""
         Bsz, T, _ = u.shape
         K = self.d_conv
         sdt = torch.promote_types(u.dtype, torch.float32)  # the scan runs in fp32 at least
@@ -152,7 +162,11 @@ class Mamba(nn.Module):
         else:
             conv_past, h0 = state[..., : K - 1].to(x.dtype), state[..., K - 1 :]
         window = torch.cat([conv_past, x.transpose(1, 2)], -1)  # (B, D_in, K-1+T)
-        x = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2)
+        if starts is None:
+            x = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner).transpose(1, 2)
+        else:
+            x = self._conv_within_documents(window, starts)
+        x = F.silu(x)
         if keep is not None:
             x = x * keep[..., None].to(x.dtype)
         dt_raw, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -162,9 +176,24 @@ class Mamba(nn.Module):
         xs = x.to(sdt)
         h0 = h0.to(sdt) if h0 is not None else None
         if self.scan == "sequential" or T == 1:
-            y, h = scan_sequential(xs, dt, A, Bm, Cm, h0)
+            y, h = scan_sequential(xs, dt, A, Bm, Cm, h0, starts)
         else:
-            y, h = scan_chunked(xs, dt, A, Bm, Cm, h0, self.chunk)
+            y, h = scan_chunked(xs, dt, A, Bm, Cm, h0, self.chunk, starts)
         y = (y + xs * self.D.to(sdt)).to(u.dtype) * F.silu(z)
         new_state = torch.cat([window[..., window.size(-1) - (K - 1) :].to(sdt), h], -1)  # (B, D_in, K-1+N)
         return self.out_proj(y), new_state
+
+    def _conv_within_documents(self, window: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """The causal conv as K shifted products, each input counted only if it belongs to the output
+        token's document: window (B, D_in, K-1+T) -> (B, T, D_in)."""
+        K, T = self.d_conv, starts.size(1)
+        doc = starts.long().cumsum(1)  # (B, T) document number of each token
+        doc = F.pad(doc, (K - 1, 0), value=-1)  # the window's past columns: no document of this forward
+        w = self.conv1d.weight[:, 0]  # (D_in, K), tap K-1 reads the newest input
+        out = 0
+        for j in range(K):  # tap j reads the input K-1-j steps back
+            same = (doc[:, j : j + T] == doc[:, K - 1 :])[:, None].to(window.dtype)  # (B, 1, T)
+            out = out + w[:, j, None] * window[..., j : j + T] * same
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias[:, None]
+        return out.transpose(1, 2)

@@ -112,3 +112,16 @@ def test_layer_equals_hf_jamba_mixer():
     err = (y - ref).abs().max().item()
     print(f"mamba layer vs HF mixer: max abs diff {err:.2e}")
     assert err <= 1e-5 * ref.abs().max().item(), err  # fp32: the same sums in a different order
+
+
+def test_a_reset_restarts_the_scan_in_both_scans():
+    x, dt, A, B, C, h0 = scan_inputs(torch.float64)
+    reset = torch.zeros(2, 13, dtype=torch.bool)
+    reset[:, 5] = True
+    y_ref, h_ref = scan_sequential(x, dt, A, B, C, h0, reset)
+    y, h = scan_chunked(x, dt, A, B, C, h0, 4, reset)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
+    y_tail, h_tail = scan_sequential(x[:, 5:], dt[:, 5:], A, B[:, 5:], C[:, 5:])  # from a zero state
+    torch.testing.assert_close(y[:, 5:], y_tail, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h, h_tail, rtol=1e-12, atol=1e-12)
