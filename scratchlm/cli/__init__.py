@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="auto")
         sp.add_argument("--adapters", help=ADAPTERS_HELP)
         sp.add_argument("--draft", help="speculative decoding: a draft head folder (scratchlm train-draft) or a "
-                                        "smaller checkpoint with the same tokenizer; prints the mean accepted length")
+                                        "smaller checkpoint with the same tokenizer, or mtp (the model's own "
+                                        "multi-token prediction modules); prints the mean accepted length")
         sp.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per target forward")
         return sp
 

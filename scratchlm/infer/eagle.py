@@ -35,6 +35,7 @@ from scratchlm.checkpoint.adapters import base_fingerprint
 from scratchlm.config import LlamaConfig
 from scratchlm.errors import UserError
 from scratchlm.infer.kv_cache import KVCache
+from scratchlm.infer.mtp import MTPDraft
 from scratchlm.infer.speculative import Draft, ModelDraft, Pick
 from scratchlm.io import atomic_open, write_json
 from scratchlm.model.base import AttentionShape, LanguageModel
@@ -163,7 +164,10 @@ def load_head(path: str | Path, target: LanguageModel, tok: Tokenizer) -> EagleH
 
 def load_draft(path: str | Path, target: LanguageModel, tok: Tokenizer, device: str = "cpu") -> Draft:
     """--draft PATH: an EAGLE head folder (from `scratchlm train-draft`) or any scratchlm checkpoint
-    whose tokenizer is the target's (refused by fingerprint otherwise)."""
+    whose tokenizer is the target's (refused by fingerprint otherwise); `mtp`: the target's own
+    multi-token prediction modules (an arch=mla model with model.mtp_depth >= 1)."""
+    if str(path) == "mtp":
+        return MTPDraft(target)
     if not Path(path).exists():
         raise UserError(f"--draft {path}: no such file or directory", fix="pass a run or checkpoint folder")
     if is_eagle(path):

@@ -1,5 +1,6 @@
 """`scratchlm pretrain --preset mla-tiny` / `mtp-tiny` trains (20 steps) and `scratchlm sample --ckpt` samples
-from the checkpoint (the latent cache through the unchanged engine)."""
+from the checkpoint (the latent cache through the unchanged engine); mtp-tiny samples the same greedy
+text with `--draft mtp`."""
 
 from __future__ import annotations
 
@@ -31,4 +32,10 @@ def test_pretrain_preset_then_sample(capsys, tmp_path, preset):
     capsys.readouterr()
     assert main(["sample", "--ckpt", str(run), "--prompt", "the", "--sample.max_new_tokens=8",
                  "--sample.temperature=0"]) == 0
-    assert capsys.readouterr().out.strip()
+    plain = capsys.readouterr().out.strip()
+    assert plain
+    if preset == "mtp-tiny":  # the model's own MTP modules draft; greedy text unchanged
+        assert main(["sample", "--ckpt", str(run), "--prompt", "the", "--sample.max_new_tokens=8",
+                     "--sample.temperature=0", "--draft", "mtp", "--draft-k", "2"]) == 0
+        out, err = capsys.readouterr()
+        assert out.strip() == plain and "mean accepted length" in out + err
