@@ -19,12 +19,12 @@ computed with the context its worker saw when writing them, and stay so when oth
 the block is read at another place (the paper accepts this; the tests check exact equality where it
 holds: one layer, or blocks written in the order a view reads them).
 
-Choices and simplifications: workers take turns, one token each, in one process (the paper runs
-them as one batch); each turn builds the worker's view as a plain `KVCache` (re-rotating every
-block, O(cache) work per token, where the paper rotates queries instead) and the model runs its
-ordinary cached forward on it, so nothing in the model or the engine changes; greedy decoding
-only; no prompt to the workers about each other (the paper adds one). Only RoPE models: a learned
-position table fixes a key's position for good.
+Choices and simplifications: workers take turns, one token each, in one process (a real system
+runs them as one batch); each turn builds the worker's view as a plain `KVCache`, re-rotating every
+block (O(cache) work per token; rotating the few new queries by each block's offset instead would be
+cheaper), and the model runs its ordinary cached forward on it, so nothing in the model or the
+engine changes; greedy decoding only; no instructions to the workers about each other (the paper
+prompts them to collaborate). Only RoPE models: a learned position table fixes a key's position.
 
 Shapes: L layers, H_kv key/value heads, n tokens in a block, D head dim.
 """
