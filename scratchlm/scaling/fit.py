@@ -219,6 +219,10 @@ def fit_scaling(budget: Sequence[float], n: Sequence[float], d: Sequence[float],
             a_reps.append(replicate[0].exponent)
             b_reps.append(replicate[1].exponent)
     fit.n_bootstrap, fit.d_bootstrap = _spread(a_reps), _spread(b_reps)
+    thin = [float(budget[idx[0]]) for idx in groups if len(idx) == 3]
+    if replicates and thin:
+        fit.notes.append(f"{len(thin)} budget(s) with only 3 runs: a replicate either redraws all three or has no "
+                         "parabola there, so the bootstrap understates the uncertainty")
     if replicates and len(a_reps) < replicates:
         fit.notes.append(f"bootstrap: {replicates - len(a_reps)} of {replicates} replicates left fewer than 2 "
                          "budgets with a minimum and were dropped")

@@ -113,6 +113,9 @@ def test_a_budget_without_a_minimum_is_skipped_and_named():
     assert len(fit.optima) == len(BUDGETS) - 1
     assert fit.n_law.exponent == pytest.approx(0.5, abs=1e-9)
     assert isinstance(isoflop_optimum(1e12, [1.0, 1.0, 2.0], [1.0, 1.0, 1.0], [1.0, 2.0, 3.0]), str)
+    three = [i for i in range(len(budget)) if i % 7 < 3]  # 3 runs per budget
+    thin = fit_scaling(*([v[i] for i in three] for v in (budget, n, d, loss)), replicates=50)
+    assert thin.n_bootstrap.sd < 1e-9 and any("understates" in note for note in thin.notes)
     one = fit_scaling(budget[:7], n[:7], d[:7], loss[:7])
     assert one.n_law is None and one.notes and "needs 2" in one.notes[0]
 
