@@ -192,7 +192,7 @@ def summary_markdown(results: dict[str, Any], fits: dict[str, ScalingFit]) -> st
                   + "; ".join(results["left_out"]) + ".\n"]
     for name, fit in fits.items():
         parts += [f"## Optima and law, {name} N\n"] + [f"- {line}" for line in _optimum_lines(fit)]
-        parts += ["", law_line(name, fit), ""] + [f"Note: {n}" for n in fit.notes]
+        parts += ["", law_line(name, fit), ""] + [f"Note: {n}\n" for n in fit.notes]
     parts += ["![IsoFLOP profiles and the fitted law](scaling.png)\n"]
     return "\n".join(parts)
 
