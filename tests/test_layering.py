@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("tasks",),  # verifiable task families and gold metrics, shared by the stages above
     # The stages (later ones, such as serve, join this tuple). The pretraining stage
     # is train/pretrain.py, held to the train layer by its path.
-    ("sft", "align", "rl", "eval", "convert", "viz", "experiments", "quantize", "draft", "serve"),
+    ("sft", "align", "rl", "eval", "convert", "viz", "experiments", "quantize", "draft", "serve", "scaling"),
     ("report",),  # the report card reads every stage's run folder
     ("cli", "demo", "__main__"),
 ]
