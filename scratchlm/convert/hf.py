@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from scratchlm.checkpoint import find_checkpoint, load_model_for_inference, save_weights_checkpoint
 from scratchlm.config import Config, TokenizerConfig
-from scratchlm.convert import hf_gpt2, hf_llama, hf_moe
+from scratchlm.convert import hf_gpt2, hf_jamba, hf_llama, hf_moe
 from scratchlm.convert.chat_template import hf_tokenizer_config
 from scratchlm.convert.gguf_export import export_gguf
 from scratchlm.convert.hf_common import HFConfig
@@ -58,9 +58,11 @@ FAMILIES: dict[str, ModuleType] = {
     **{arch: hf_gpt2 for arch in hf_gpt2.ARCHITECTURES},
     **{arch: hf_llama for arch in hf_llama.ARCHITECTURES},
     **{arch: hf_moe for arch in hf_moe.ARCHITECTURES},
+    **{arch: hf_jamba for arch in hf_jamba.ARCHITECTURES},
 }
 MODEL_TYPE_ARCH = {"gpt2": "GPT2LMHeadModel", **{t: a for a, t in hf_llama.MODEL_TYPES.items()},
-                   **{t: a for a, t in hf_moe.MODEL_TYPES.items()}}
+                   **{t: a for a, t in hf_moe.MODEL_TYPES.items()},
+                   **{t: a for a, t in hf_jamba.MODEL_TYPES.items()}}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 MARK = "scratchlm_converted_from"  # in our outputs' trainer.json / config.json: safe to replace
@@ -257,10 +259,10 @@ def export_hf(src: str | Path, dst: str | Path, adapters: str | Path | None = No
     merge_lora(model, dequantize=True)  # HF models have no LoRA or int4 layers of ours
     dequantize_model(model)
     m = cfg.model
-    families = {"gpt": hf_gpt2, "llama": hf_llama, "moe": hf_moe}
+    families = {"gpt": hf_gpt2, "llama": hf_llama, "moe": hf_moe, "jamba": hf_jamba}
     if m.arch not in families:
         raise UserError(f"{ckpt}: model.arch={m.arch!r} has no HF transformers counterpart",
-                        fix="export a gpt, llama or moe model")
+                        fix="export a gpt, llama, moe or jamba model")
     family = families[m.arch]
     hf_cfg = {**family.config_to_hf(m, tok.eot_id), MARK: str(ckpt)}
     _check_destination(src, dst)
