@@ -34,7 +34,7 @@ from typing import Annotated, Any, Literal
 from scratchlm.config.fields import CONTEXT_CAP, VOCAB_CAP, Range, check_fields, flatten, not_one_of, suggest
 from scratchlm.errors import UserError
 
-Arch = Literal["gpt", "llama", "moe", "bigram", "mlp", "mla", "diff", "jamba"]
+Arch = Literal["gpt", "llama", "moe", "bigram", "mlp", "mla", "diff", "jamba", "nsa"]
 
 
 @dataclass
@@ -266,9 +266,34 @@ class JambaConfig(MoEConfig):
                             f"model.attn_layer_period={self.attn_layer_period}")
 
 
+@dataclass
+class NSAConfig(LlamaConfig):
+    """arch=nsa: the Llama blocks with native sparse attention (DeepSeek 2025, model/nsa.py): per query, a
+    gated sum of attention over compressed blocks, over the top-scoring blocks in full, and over a window."""
+
+    arch: Arch = field(default="nsa", init=False)
+    nsa_cmp_block: Annotated[int, Range(">= 1")] = 8  # l: tokens per compressed block
+    nsa_cmp_stride: Annotated[int, Range(">= 1")] = 4  # d: positions between compressed blocks' starts
+    nsa_sel_block: Annotated[int, Range(">= 1")] = 8  # l': tokens per selection block
+    # n: blocks each query attends in full, the first block and its own among them
+    nsa_n_selected: Annotated[int, Range(">= 2")] = 4
+    nsa_window: Annotated[int, Range(">= 1")] = 16  # w: the sliding window branch's latest tokens
+
+    def validate(self) -> None:
+        super().validate()
+        check_fields(self, "model.", NSAConfig)
+        for name in ("nsa_cmp_block", "nsa_sel_block"):
+            if getattr(self, name) % self.nsa_cmp_stride:
+                raise UserError(f"model.{name}={getattr(self, name)} must be a multiple of "
+                                f"model.nsa_cmp_stride={self.nsa_cmp_stride}", fix="blocks start on the stride's grid")
+        if self.sliding_window:
+            raise UserError(f"model.sliding_window={self.sliding_window} is not read by arch=nsa",
+                            fix="set model.nsa_window (its window branch) and leave sliding_window=0")
+
+
 MODEL_FAMILIES: dict[str, type[ModelConfig]] = {
     "gpt": GPTConfig, "llama": LlamaConfig, "moe": MoEConfig, "bigram": BigramConfig, "mlp": MLPConfig,
-    "mla": MLAConfig, "diff": DiffConfig, "jamba": JambaConfig}
+    "mla": MLAConfig, "diff": DiffConfig, "jamba": JambaConfig, "nsa": NSAConfig}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -167,6 +167,16 @@ def jamba_tiny() -> Config:
 
 
 @preset
+def nsa_tiny() -> Config:
+    """llama-tiny with native sparse attention: compressed blocks of 8 tokens every 4, the top 4 of the
+    8-token blocks in full (the first and the query's own among them), a 16-token window."""
+    cfg = llama_tiny()
+    cfg.name, cfg.out_dir = "nsa-tiny", "runs/nsa-tiny"
+    cfg.model = switch_arch(cfg.model, "nsa")
+    return cfg
+
+
+@preset
 def sft_tiny() -> Config:
     """Fine-tuning the demo's model on the embedded tasks: 1,500 steps on 10,000 generated tasks took the
     demo's 1M GPT from 10% held-out exact match (300 steps on 3,000 tasks) to 65% in 2 minutes, with room

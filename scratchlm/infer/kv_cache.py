@@ -147,6 +147,17 @@ class KVCache(Cache):
         keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, H_kv, S, D)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=keys.size(1) != q.size(1))
 
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a model that attends by itself over its whole past (native sparse attention reads blocks of
+        keys): store the T new tokens' keys and values (B, H_kv, T, D) as given (rotated by the model) and
+        return every slot's so far, (B, H_kv, S, D) each, with each row's left padding (B,): slot s of row b
+        holds position s - pad[b]."""
+        self._prepare(k.size(2))  # refuses a full cache
+        end = self.len + k.size(2)
+        self.k[layer, :, :, self.len : end] = k
+        self.v[layer, :, :, self.len : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], self._pads()
+
     def advance(self, T: int) -> None:
         """Called by the model after its last layer: the T new tokens are now part of the past."""
         self.len += T

@@ -16,6 +16,7 @@ from scratchlm.model.jamba import Jamba
 from scratchlm.model.llama import Llama
 from scratchlm.model.mla import MLA
 from scratchlm.model.moe import MoE
+from scratchlm.model.nsa import NSATransformer
 
 
 def padded_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> int:
@@ -31,7 +32,7 @@ def padded_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> int:
 def build_model(cfg: ModelConfig) -> LanguageModel:
     """Instantiate `cfg.arch` (its `vocab_size` already resolved by `padded_vocab`)."""
     archs = {"gpt": GPT, "llama": Llama, "moe": MoE, "bigram": BigramLM, "mlp": MLPLM, "mla": MLA,
-             "diff": DiffTransformer, "jamba": Jamba}
+             "diff": DiffTransformer, "jamba": Jamba, "nsa": NSATransformer}
     if cfg.arch not in archs:
         raise UserError(f"model.arch={cfg.arch!r} is unknown", fix=f"use one of {', '.join(archs)}")
     if cfg.vocab_size <= 0:
