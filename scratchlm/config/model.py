@@ -254,8 +254,9 @@ class JambaConfig(MoEConfig):
     mamba_dt_rank: Annotated[int, Range(">= 0", "0 = ceil(n_embd / 16)")] = 0  # rank of the step-size projection
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False  # biases in in_proj and out_proj
-    # sequential (a loop over time) | chunked (parallel prefix scan within chunks); equal up to rounding
-    mamba_scan: Literal["chunked", "sequential"] = "chunked"
+    # sequential (a loop over time) | chunked (parallel prefix scan within chunks) | auto (chunked on
+    # accelerators, sequential on CPUs); equal up to rounding
+    mamba_scan: Literal["auto", "chunked", "sequential"] = "auto"
     mamba_chunk: Annotated[int, Range(">= 1")] = 16  # steps per chunk of the chunked scan
 
     def validate(self) -> None:

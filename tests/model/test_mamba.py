@@ -48,11 +48,15 @@ def test_chunked_scan_equals_the_sequential_loop(dtype, tol, chunk, with_state):
     assert (h - h_ref).abs().max() <= tol * h_ref.abs().max()
 
 
-def test_chunked_scan_gradients_equal_the_loop():
+@pytest.mark.parametrize("chunk", [1, 4, 9])
+@pytest.mark.parametrize("with_reset", [False, True])
+def test_chunked_scan_gradients_equal_the_loop(chunk, with_reset):
+    """The chunked scan's hand-written backward (the reversed scan) against autograd through the loop."""
     inputs = [t.requires_grad_() for t in scan_inputs(torch.float64, T=9)]
-    y_ref, h_ref = scan_sequential(*inputs)
+    reset = torch.tensor([[False] * 4 + [True] + [False] * 4] * 2) if with_reset else None
+    y_ref, h_ref = scan_sequential(*inputs, reset=reset)
     g_ref = torch.autograd.grad((y_ref.sin().sum() + h_ref.sum()), inputs)
-    y, h = scan_chunked(*inputs, chunk=4)
+    y, h = scan_chunked(*inputs, chunk=chunk, reset=reset)
     g = torch.autograd.grad((y.sin().sum() + h.sum()), inputs)
     for a, b in zip(g, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
