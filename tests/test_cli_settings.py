@@ -80,7 +80,8 @@ BAD_PRETRAIN = [
     ("--model.sliding_window=-1", "model.sliding_window=-1 must be >= 0"),
     ("--model.aux_loss_coef=-1 --model.arch=moe", "model.aux_loss_coef=-1.0 must be >= 0"),
     ("--model.arch=moe --model.capacity_factor=0", "model.capacity_factor=0.0 must be > 0"),
-    ("--model.qk_norm=true", "model.qk_norm is not a setting of model.arch=gpt: only arch=llama, moe"),  # (+ later families)
+    # (later families are listed after these)
+    ("--model.qk_norm=true", "model.qk_norm is not a setting of model.arch=gpt: only arch=llama, moe"),
     ("--model.rope_scaling=yarn", "model.rope_scaling is now model.rope.scaling"),
     ("--tokenizer.kind=sentencepiece", "tokenizer.kind='sentencepiece' must be one of bpe, wordpiece"),
     ("--tokenizer.vocab_size=0", "tokenizer.vocab_size=0 must be in [1, 16777216]"),

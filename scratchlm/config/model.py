@@ -164,6 +164,11 @@ class MoEConfig(LlamaConfig):
     # softmax (Switch/Mixtral) | sigmoid (DeepSeek-V3, aux-loss-free bias balancing)
     router: Literal["softmax", "sigmoid"] = "softmax"
     router_norm_topk: bool = True  # renormalise the top-k weights to sum to 1
+    # group-limited routing (DeepSeek-V3): experts in this many equal groups, each token routed within the
+    # topk_groups groups whose two best selection scores sum highest; 1 = no groups, topk_groups 0 = all groups
+    expert_groups: Annotated[int, Range(">= 1")] = 1
+    topk_groups: Annotated[int, Range(">= 0", "0 = all groups")] = 0
+    routed_scale: Annotated[float, Range("> 0")] = 1.0  # routed experts' weights times this (routed_scaling_factor)
     dropless: bool = True  # every routed token is computed; False = capacity limit with dropping
     # when not dropless: slots per expert = factor x tokens x k / n_experts
     capacity_factor: Annotated[float, Range("> 0")] = 1.25
@@ -186,6 +191,14 @@ class MoEConfig(LlamaConfig):
         if self.moe_first_dense >= self.n_layer:
             raise UserError(f"model.moe_first_dense={self.moe_first_dense} must be < model.n_layer={self.n_layer}",
                             fix="leave at least one MoE layer")
+        if self.n_experts % self.expert_groups:
+            raise UserError(f"model.expert_groups={self.expert_groups} must divide model.n_experts={self.n_experts}")
+        if self.topk_groups > self.expert_groups:
+            raise UserError(f"model.topk_groups={self.topk_groups} must be <= model.expert_groups={self.expert_groups}")
+        if self.topk_groups and self.topk_groups * (self.n_experts // self.expert_groups) < self.n_active_experts:
+            raise UserError(f"model.topk_groups={self.topk_groups} groups of {self.n_experts // self.expert_groups} "
+                            f"experts hold fewer than model.n_active_experts={self.n_active_experts}",
+                            fix="route within more groups")
 
 
 @dataclass

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from scratchlm.checkpoint import find_checkpoint, load_model_for_inference, save_weights_checkpoint
 from scratchlm.config import Config, TokenizerConfig
-from scratchlm.convert import hf_gpt2, hf_jamba, hf_llama, hf_moe
+from scratchlm.convert import hf_deepseek, hf_gpt2, hf_jamba, hf_llama, hf_moe
 from scratchlm.convert.chat_template import hf_tokenizer_config
 from scratchlm.convert.gguf_export import export_gguf
 from scratchlm.convert.hf_common import HFConfig
@@ -58,10 +58,12 @@ FAMILIES: dict[str, ModuleType] = {
     **{arch: hf_gpt2 for arch in hf_gpt2.ARCHITECTURES},
     **{arch: hf_llama for arch in hf_llama.ARCHITECTURES},
     **{arch: hf_moe for arch in hf_moe.ARCHITECTURES},
+    **{arch: hf_deepseek for arch in hf_deepseek.ARCHITECTURES},
     **{arch: hf_jamba for arch in hf_jamba.ARCHITECTURES},
 }
 MODEL_TYPE_ARCH = {"gpt2": "GPT2LMHeadModel", **{t: a for a, t in hf_llama.MODEL_TYPES.items()},
                    **{t: a for a, t in hf_moe.MODEL_TYPES.items()},
+                   **{t: a for a, t in hf_deepseek.MODEL_TYPES.items()},
                    **{t: a for a, t in hf_jamba.MODEL_TYPES.items()}}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -190,6 +192,11 @@ def _check_destination(src: Path, dst: Path) -> None:
 
 
 # -- import ------------------------------------------------------------------------------------
+def hf_buffers(family: ModuleType, m) -> dict[str, str]:
+    """Our persistent buffers the HF model keeps too (ours -> HF name): a family's `hf_buffers`, or none."""
+    return family.hf_buffers(m) if hasattr(family, "hf_buffers") else {}
+
+
 def map_weights(hf: dict[str, torch.Tensor], model: torch.nn.Module, family: ModuleType, where: Path) \
         -> dict[str, torch.Tensor]:
     """HF tensors -> ours, for every parameter `model` (on the meta device) expects. Tied
@@ -208,6 +215,12 @@ def map_weights(hf: dict[str, torch.Tensor], model: torch.nn.Module, family: Mod
             raise UserError(f"{where}: tensor {hf_name} has shape {tuple(t.shape)}, config.json implies {want}",
                             fix="the weights do not belong to this config.json")
         ours[name] = (t.transpose(-2, -1) if transposed else t).to(torch.float32).contiguous()
+    for name, hf_name in hf_buffers(family, cfg).items():  # persistent buffers both sides keep
+        t = hf.pop(hf_name, None)
+        if t is None:
+            missing.append(hf_name)
+        else:
+            ours[name] = t.to(torch.float32).contiguous()
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"{where}: missing tensors {', '.join(missing[:3])}{more}",
@@ -259,10 +272,10 @@ def export_hf(src: str | Path, dst: str | Path, adapters: str | Path | None = No
     merge_lora(model, dequantize=True)  # HF models have no LoRA or int4 layers of ours
     dequantize_model(model)
     m = cfg.model
-    families = {"gpt": hf_gpt2, "llama": hf_llama, "moe": hf_moe, "jamba": hf_jamba}
+    families = {"gpt": hf_gpt2, "llama": hf_llama, "moe": hf_moe, "mla": hf_deepseek, "jamba": hf_jamba}
     if m.arch not in families:
         raise UserError(f"{ckpt}: model.arch={m.arch!r} has no HF transformers counterpart",
-                        fix="export a gpt, llama, moe or jamba model")
+                        fix="export a gpt, llama, moe, mla or jamba model")
     family = families[m.arch]
     hf_cfg = {**family.config_to_hf(m, tok.eot_id), MARK: str(ckpt)}
     _check_destination(src, dst)
@@ -271,6 +284,8 @@ def export_hf(src: str | Path, dst: str | Path, adapters: str | Path | None = No
         hf_name, transposed = family.hf_name(name, m)
         t = p.detach().float()
         tensors[hf_name] = (t.transpose(-2, -1) if transposed else t).contiguous()
+    for name, hf_name in hf_buffers(family, m).items():
+        tensors[hf_name] = model.get_buffer(name).detach().float().contiguous()
     tensors.update(family.extra_hf_tensors(m))
     family.finish_hf(tensors, m)
     with atomic_dir(dst) as tmp:

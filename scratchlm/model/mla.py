@@ -56,6 +56,8 @@ from scratchlm.model.layers import DocumentMask, RMSNorm, RoPE, causal_mask, che
 from scratchlm.model.llama import TransformerBlock
 from scratchlm.model.moe import MoE
 
+LATENT_EPS = 1e-6  # the latents' RMSNorms use DeepSeek's fixed epsilon, not model.norm_eps (as HF's DeepseekV3)
+
 
 class LatentAttention(nn.Module):
     """Multi-head latent attention; the block calls it as it calls `llama.Attention`."""
@@ -68,13 +70,13 @@ class LatentAttention(nn.Module):
         dq = self.dn + self.dr
         if cfg.q_lora_rank:
             self.wq_a = nn.Linear(C, cfg.q_lora_rank, bias=cfg.bias)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, LATENT_EPS)
             self.wq_b = nn.Linear(cfg.q_lora_rank, H * dq, bias=False)
             self.wq = None
         else:
             self.wq = nn.Linear(C, H * dq, bias=False)
         self.wkv_a = nn.Linear(C, self.rank + self.dr, bias=cfg.bias)  # -> [latent | RoPE key]
-        self.kv_norm = RMSNorm(self.rank, cfg.norm_eps)
+        self.kv_norm = RMSNorm(self.rank, LATENT_EPS)
         self.wkv_b = nn.Linear(self.rank, H * (self.dn + self.dv), bias=False)  # latent -> [k_nope | v] per head
         self.wo = nn.Linear(H * self.dv, C, bias=cfg.bias)
         self.scale = 1.0 / math.sqrt(dq)

@@ -26,6 +26,8 @@ are added to the cross-entropy with their coefficients (`aux_loss`); the balance
 default with the softmax router and 0 with the aux-loss-free sigmoid one (`balance_loss_coef`; an
 explicit `aux_loss_coef` is honoured with either, e.g. DeepSeek-V3's tiny complementary one).
 Hybrid stacks: `moe_first_dense` dense layers first, then every `moe_every`-th layer is MoE.
+DeepSeek-V3's group-limited routing (`expert_groups`, `topk_groups`: a token's experts come from its
+best groups only) and `routed_scale` (the routed weights times a constant) are options of either router.
 
 Shapes: N = B*T tokens, C model width, E experts, k active, H expert hidden, M kept assignments.
 Tensor names carry their shape letters where it helps (w2_EHC: (E, H, C)).
@@ -149,6 +151,7 @@ class MoELayer(nn.Module):
         E, C, H = cfg.n_experts, cfg.n_embd, expert_hidden(cfg)
         self.n_experts, self.k = E, cfg.n_active_experts
         self.router_kind, self.norm_topk = cfg.router, cfg.router_norm_topk
+        self.groups, self.topk_groups, self.routed_scale = cfg.expert_groups, cfg.topk_groups, cfg.routed_scale
         self.capacity = None if cfg.dropless else cfg.capacity_factor
         self.gate = nn.Linear(C, E, bias=False)
         self.w13_EC2H = nn.Parameter(torch.empty(E, C, 2 * H))  # [gate | up] projections, all experts
@@ -169,15 +172,34 @@ class MoELayer(nn.Module):
         logits_NE = logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32))  # fp32, float64 kept
         if self.router_kind == "softmax":
             probs_NE = logits_NE.softmax(-1)
-            weights, experts = probs_NE.topk(self.k, dim=-1)
+            weights, experts = self.limit_groups(probs_NE).topk(self.k, dim=-1)
+            if self.topk_groups and self.topk_groups < self.groups:
+                weights = probs_NE.gather(1, experts)
         else:
             scores_NE = torch.sigmoid(logits_NE)
-            experts = (scores_NE + self.select_bias).topk(self.k, dim=-1).indices  # bias picks, never weighs
+            # the bias picks, never weighs
+            experts = self.limit_groups(scores_NE + self.select_bias).topk(self.k, dim=-1).indices
             weights = scores_NE.gather(1, experts)
             probs_NE = scores_NE / scores_NE.sum(-1, keepdim=True)
         if self.norm_topk or self.router_kind == "sigmoid":
             weights = weights / weights.sum(-1, keepdim=True)
+        if self.routed_scale != 1.0:
+            weights = weights * self.routed_scale
         return weights, experts, logits_NE, probs_NE
+
+    def limit_groups(self, select_NE: torch.Tensor) -> torch.Tensor:
+        """Group-limited routing (DeepSeek-V3): the experts form `groups` equal groups, each scored by the sum
+        of its two highest selection scores (its one, for groups of one); outside the `topk_groups` best
+        groups the scores become -inf, so the top-k picks within them. Unchanged when every group is allowed."""
+        G, kg = self.groups, self.topk_groups
+        if not kg or kg >= G:
+            return select_NE
+        N, E = select_NE.shape
+        grouped = select_NE.view(N, G, E // G)
+        group_scores = grouped.topk(min(2, E // G), dim=-1).values.sum(-1)  # (N, G)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_scores.topk(kg, dim=-1).indices,
+                                                                         True)
+        return grouped.masked_fill(~keep[:, :, None], float("-inf")).view(N, E)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape

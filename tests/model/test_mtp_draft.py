@@ -43,7 +43,7 @@ def test_each_proposal_equals_the_uncached_mtp_forward():
             features = target.norm(target.hidden(torch.tensor([view[:-1]])))[0]  # the target's true features
             seen = []
 
-            def pick(logits, context):
+            def pick(logits, context, seen=seen):
                 seen.append(logits[0].clone())
                 return int(logits[0].argmax()), None
 
