@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from scratchlm.checkpoint import find_checkpoint, load_model_for_inference, save_weights_checkpoint
 from scratchlm.config import Config, TokenizerConfig
-from scratchlm.convert import hf_deepseek, hf_gpt2, hf_jamba, hf_llama, hf_moe
+from scratchlm.convert import hf_deepseek, hf_diffllama, hf_gpt2, hf_jamba, hf_llama, hf_moe
 from scratchlm.convert.chat_template import hf_tokenizer_config
 from scratchlm.convert.gguf_export import export_gguf
 from scratchlm.convert.hf_common import HFConfig
@@ -57,12 +57,14 @@ FORMATS = ("hf", "scratchlm", "gguf")  # gguf: written only (gguf_export.py)
 FAMILIES: dict[str, ModuleType] = {
     **{arch: hf_gpt2 for arch in hf_gpt2.ARCHITECTURES},
     **{arch: hf_llama for arch in hf_llama.ARCHITECTURES},
+    **{arch: hf_diffllama for arch in hf_diffllama.ARCHITECTURES},
     **{arch: hf_moe for arch in hf_moe.ARCHITECTURES},
     **{arch: hf_deepseek for arch in hf_deepseek.ARCHITECTURES},
     **{arch: hf_jamba for arch in hf_jamba.ARCHITECTURES},
 }
 MODEL_TYPE_ARCH = {"gpt2": "GPT2LMHeadModel", **{t: a for a, t in hf_llama.MODEL_TYPES.items()},
                    **{t: a for a, t in hf_moe.MODEL_TYPES.items()},
+                   **{t: a for a, t in hf_diffllama.MODEL_TYPES.items()},
                    **{t: a for a, t in hf_deepseek.MODEL_TYPES.items()},
                    **{t: a for a, t in hf_jamba.MODEL_TYPES.items()}}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -272,7 +274,8 @@ def export_hf(src: str | Path, dst: str | Path, adapters: str | Path | None = No
     merge_lora(model, dequantize=True)  # HF models have no LoRA or int4 layers of ours
     dequantize_model(model)
     m = cfg.model
-    families = {"gpt": hf_gpt2, "llama": hf_llama, "moe": hf_moe, "mla": hf_deepseek, "jamba": hf_jamba}
+    families = {"gpt": hf_gpt2, "llama": hf_llama, "moe": hf_moe, "mla": hf_deepseek, "jamba": hf_jamba,
+                "diff": hf_diffllama}
     if m.arch not in families:
         raise UserError(f"{ckpt}: model.arch={m.arch!r} has no HF transformers counterpart",
                         fix="export a gpt, llama, moe, mla or jamba model")
