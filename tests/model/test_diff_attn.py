@@ -13,10 +13,12 @@ from scratchlm.cli import main
 from scratchlm.config.model import DiffConfig
 from scratchlm.convert.hf_llama import LAYER_NAMES, TOP_NAMES
 from scratchlm.errors import UserError
+from scratchlm.infer.engine import Engine
 from scratchlm.infer.kv_cache import KVCache
 from scratchlm.model import build_model
 from scratchlm.model.diff_attn import lambda_init, pack, unpack
 from scratchlm.model.layers import DocumentMask, RoPE, causal_mask, repeat_kv
+from tests.helpers import greedy, tiny_model, uncached_greedy
 
 transformers = pytest.importorskip("transformers")
 
@@ -188,3 +190,13 @@ def test_preset_pretrains_and_samples_from_the_cli(capsys, tmp_path):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.startswith("the cat") and len(out) > len("the cat")
+
+
+
+def test_engine_batch_of_uneven_prompts_equals_uncached_greedy():
+    """Left-padded rows through the engine's KV cache give each prompt's plain uncached greedy tokens."""
+    model = tiny_model(arch="diff", n_head=4)  # block_size 16
+    prompts = [[1, 2, 3], [5, 4, 3, 2, 1, 7, 9], [8]]
+    out = Engine(model).generate(prompts, greedy(8))
+    for prompt, tokens in zip(prompts, out):
+        assert tokens == uncached_greedy(model, prompt, 8)[0]

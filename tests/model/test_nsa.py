@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from scratchlm.cli import main
 from scratchlm.config.model import NSAConfig
 from scratchlm.errors import UserError
+from scratchlm.infer.engine import Engine
 from scratchlm.infer.kv_cache import KVCache
 from scratchlm.infer.sink_cache import SinkCache
 from scratchlm.model import build_model
 from scratchlm.model.layers import explicit_attention
+from tests.helpers import greedy, tiny_model, uncached_greedy
 
 
 def tiny(**kw) -> NSAConfig:
@@ -183,3 +185,14 @@ def test_preset_pretrains_and_samples_from_the_cli(capsys, tmp_path):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.startswith("the cat") and len(out) > len("the cat")
+
+
+
+def test_engine_batch_of_uneven_prompts_equals_uncached_greedy():
+    """Left-padded rows through the engine's KV cache give each prompt's plain uncached greedy tokens."""
+    model = tiny_model(arch="nsa", n_head=4, nsa_cmp_block=4, nsa_cmp_stride=2, nsa_sel_block=4, nsa_n_selected=2,
+                       nsa_window=3)  # block_size 16
+    prompts = [[1, 2, 3], [5, 4, 3, 2, 1, 7, 9], [8]]
+    out = Engine(model).generate(prompts, greedy(8))
+    for prompt, tokens in zip(prompts, out):
+        assert tokens == uncached_greedy(model, prompt, 8)[0]
