@@ -72,8 +72,9 @@ def check_sink_settings(model: LanguageModel, sink_tokens: int, window: int) -> 
     c = model.config
     if model.rotary is None:
         raise UserError(
-            f"the sink cache needs rotary positions (RoPE, model.arch=llama); this model.arch={c.arch} adds "
-            "absolute position embeddings to its tokens, so cached keys cannot be moved to new positions",
+            f"the sink cache needs rotary positions (RoPE) to move cached keys to new positions; this "
+            f"model.arch={c.arch} has none (a GPT adds absolute position embeddings to its tokens; Jamba's "
+            "attention has no positions at all)",
             fix="use the normal KV cache (sample.cache=kv) with this model")
     if sink_tokens < 0:
         raise UserError(f"sample.sink_tokens={sink_tokens} must be >= 0")

@@ -193,6 +193,11 @@ class SpeculativeDecoder:
             raise ValueError(f"k={k}: a draft proposes at least one token")
         if not target.cacheable:
             raise ValueError(f"model.arch={target.model.config.arch} has no KV cache to verify drafts with")
+        for role, model in (("target", target.model), ("draft", getattr(draft, "module", None))):
+            if getattr(model, "recurrent", False):
+                raise UserError(f"speculative decoding rolls the caches back past rejected tokens, and the {role} "
+                                f"model.arch={model.config.arch} keeps a recurrent state that cannot roll back",
+                                fix="generate without --draft, or use an attention-only model")
         self.target, self.draft, self.k = target, draft, k
         self.stats = SpecStats()
 

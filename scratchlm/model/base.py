@@ -67,6 +67,12 @@ class LanguageModel(nn.Module):
         return None
 
     @property
+    def recurrent(self) -> bool:
+        """Whether some layer keeps a recurrent state (an SSM's scan) in the cache: such a cache cannot
+        roll back to an earlier length (speculative decoding's rejected tokens)."""
+        return False
+
+    @property
     def can_stretch(self) -> bool:
         """Whether generation may run past block_size: only RoPE with a scaling scheme (a learned position
         table, or unscaled RoPE, ends at the trained context)."""

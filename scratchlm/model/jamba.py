@@ -105,6 +105,10 @@ class Jamba(LanguageModel):
     def unembedding(self) -> nn.Module:
         return self.output
 
+    @property
+    def recurrent(self) -> bool:
+        return True
+
     def attention_shape(self) -> AttentionShape:
         """The key/value cache of the attention layers only; the Mamba layers keep states beside it."""
         c = self.config

@@ -14,7 +14,9 @@ from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.cli import main
 from scratchlm.config.model import JambaConfig
 from scratchlm.errors import UserError
+from scratchlm.infer.engine import Engine
 from scratchlm.infer.kv_cache import KVCache
+from scratchlm.infer.speculative import ModelDraft, SpeculativeDecoder
 from scratchlm.model import build_model
 from scratchlm.model.jamba import Jamba, MambaBlock
 from scratchlm.model.layers import DocumentMask
@@ -145,3 +147,12 @@ def test_pretrain_jamba_tiny_then_sample(capsys, tmp_path):
     assert main(["sample", "--ckpt", str(run), "--prompt", "the", "--sample.max_new_tokens=8",
                  "--sample.temperature=0"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_speculative_decoding_refuses_a_recurrent_model_in_one_line():
+    jamba, llama = tiny_model(n_embd=16, **JAMBA), tiny_model(arch="llama", n_embd=16, n_layer=2, n_head=2)
+    with pytest.raises(UserError, match="target model.arch=jamba keeps a recurrent state"):
+        SpeculativeDecoder(Engine(jamba), ModelDraft(llama), 2)
+    with pytest.raises(UserError, match="draft model.arch=jamba keeps a recurrent state"):
+        SpeculativeDecoder(Engine(llama), ModelDraft(jamba), 2)
+    assert jamba.recurrent and not llama.recurrent
