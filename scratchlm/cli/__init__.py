@@ -46,6 +46,7 @@ from scratchlm.cli.commands import (
     cmd_tokenizer_train,
     cmd_viz_attention,
     cmd_viz_diff,
+    cmd_viz_nsa,
     cmd_viz_routing,
 )
 from scratchlm.cli.draft import add_parsers as add_draft_parsers
@@ -272,6 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--layer", type=int, default=-1, help="which layer (default: all, one row each)")
     sp.add_argument("--pair", type=int, default=0, help="which head pair (0 .. n_head/2 - 1)")
     sp.set_defaults(fn=cmd_viz_diff)
+
+    sp = writes(with_common(vv.add_parser("nsa", help="native sparse attention (arch=nsa): the key blocks each "
+                                                      "query selected, the window, the branches' gates")))
+    sp.add_argument("--ckpt", required=True)
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--out", default="nsa.png")
+    sp.add_argument("--layer", type=int, default=-1, help="which layer (default: all, one column each)")
+    sp.add_argument("--head", type=int, default=0, help="which query head (0 .. n_head - 1); its key/value "
+                                                        "group's selection")
+    sp.set_defaults(fn=cmd_viz_nsa)
 
     sp = writes(with_common(vv.add_parser("routing", help="MoE expert load per layer and expert over training")))
     sp.add_argument("--run", required=True, help="a run folder of an MoE model (its metrics.jsonl)")

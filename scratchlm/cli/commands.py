@@ -337,6 +337,16 @@ def cmd_viz_diff(args: argparse.Namespace, overrides: list[str]) -> None:
     print(Path(args.out))
 
 
+def cmd_viz_nsa(args: argparse.Namespace, overrides: list[str]) -> None:
+    from scratchlm.viz.nsa import draw_nsa
+
+    check_output_path(args.out, overwrite=args.overwrite, inputs=[args.ckpt])
+    n_prompt, n_shown = draw_nsa(args.ckpt, args.prompt, Path(args.out), layer=args.layer, head=args.head)
+    if n_shown < n_prompt:
+        print(f"scratchlm: warning: the prompt is {n_prompt} tokens; showing its last {n_shown}", file=sys.stderr)
+    print(Path(args.out))
+
+
 def cmd_viz_routing(args: argparse.Namespace, overrides: list[str]) -> None:
     from scratchlm.viz.routing import draw_routing
 

@@ -80,8 +80,9 @@ class SparseAttention(nn.Module):
         self.gate = nn.Linear(cfg.n_embd, 3 * self.n_head)  # per head: compressed, selected, window
         self.cmp_block, self.cmp_stride = cfg.nsa_cmp_block, cfg.nsa_cmp_stride
         self.sel_block, self.n_selected, self.window = cfg.nsa_sel_block, cfg.nsa_n_selected, cfg.nsa_window
-        self.record = False
-        self.selected: torch.Tensor | None = None  # recorded (B, H_kv, T, N) chosen blocks
+        self.record = False  # keep the last forward's choices and gates (for `scratchlm viz nsa`)
+        self.selected: torch.Tensor | None = None  # recorded (B, H_kv, T, N_sel) chosen blocks
+        self.gates: torch.Tensor | None = None  # recorded (B, H, T, 3): compressed, selected, window
 
     # -- the three branches, over keys in position order (index p = position p) --------------------------
 
@@ -134,6 +135,8 @@ class SparseAttention(nn.Module):
         in_window = causal & (q_pos[:, :, None] - pos[None, None, :] < self.window)
         o_win, _ = masked_attention(q, k, v, in_window[:, None])
         g = torch.sigmoid(self.gate(x)).view(B, T, H, 3).permute(0, 2, 1, 3)  # (B, H, T, 3)
+        if self.record:
+            self.gates = g.detach()
         return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
 
     def forward(self, x: torch.Tensor, rope: RoPE, positions: torch.Tensor | None, layer: int, cache,
