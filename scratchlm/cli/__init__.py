@@ -45,6 +45,7 @@ from scratchlm.cli.commands import (
     cmd_tokenizer_export,
     cmd_tokenizer_train,
     cmd_viz_attention,
+    cmd_viz_cache,
     cmd_viz_diff,
     cmd_viz_nsa,
     cmd_viz_routing,
@@ -283,6 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--head", type=int, default=0, help="which query head (0 .. n_head - 1); its key/value "
                                                         "group's selection")
     sp.set_defaults(fn=cmd_viz_nsa)
+
+    sp = writes(with_common(vv.add_parser("cache", help="inference cache bytes per token and in total against "
+                                                        "context length, for several models")))
+    sp.add_argument("--ckpt", action="append", default=[], help="a run or checkpoint (repeat for several; "
+                                                                "default: llama-tiny, mla-tiny and jamba-tiny "
+                                                                "built untrained)")
+    sp.add_argument("--out", default="cache.png")
+    sp.add_argument("--max-blocks", type=int, default=10, help="contexts up to this many block_sizes")
+    sp.set_defaults(fn=cmd_viz_cache)
 
     sp = writes(with_common(vv.add_parser("routing", help="MoE expert load per layer and expert over training")))
     sp.add_argument("--run", required=True, help="a run folder of an MoE model (its metrics.jsonl)")

@@ -347,6 +347,15 @@ def cmd_viz_nsa(args: argparse.Namespace, overrides: list[str]) -> None:
     print(Path(args.out))
 
 
+def cmd_viz_cache(args: argparse.Namespace, overrides: list[str]) -> None:
+    from scratchlm.viz.cache import draw_cache
+
+    check_output_path(args.out, overwrite=args.overwrite, inputs=args.ckpt)
+    for line in draw_cache(args.ckpt, Path(args.out), max_blocks=args.max_blocks):
+        print(line)
+    print(Path(args.out))
+
+
 def cmd_viz_routing(args: argparse.Namespace, overrides: list[str]) -> None:
     from scratchlm.viz.routing import draw_routing
 
