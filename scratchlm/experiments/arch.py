@@ -80,7 +80,7 @@ class ArchSettings:
     """What every run shares. A resumed comparison keeps them, all but `archs` and `seeds` (which runs
     there are), `device` and `threads` (how they run)."""
 
-    budget: int = 327_680  # training tokens per run: 320 steps of 16 x 64
+    budget: int = 409_600  # training tokens per run: 400 steps of 16 x 64
     archs: tuple[str, ...] = tuple(PRESETS)
     seeds: int = 3  # of the baseline
     batch_size: int = 16
@@ -226,13 +226,29 @@ def check_settings(s: ArchSettings) -> None:
     if len(set(s.archs)) != len(s.archs):
         raise UserError(f"--archs {','.join(s.archs)}: an architecture is named twice")
     if s.seeds < 1:
-        raise UserError(f"--seeds {s.seeds}: the baseline needs at least one seed", fix="use --seeds 3 (the default)")
+        raise UserError(f"--seeds {s.seeds}: the baseline needs at least one seed", fix="use --seeds 3, the default")
     if s.steps < MIN_STEPS:
         raise UserError(f"--budget {s.budget}: {s.steps} steps of {s.tokens_per_step:,} tokens (batch {s.batch_size} "
                         f"x block {s.block_size}), fewer than {MIN_STEPS}",
                         fix=f"use --budget >= {MIN_STEPS * s.tokens_per_step}")
     if s.prompt_tokens + s.decode_tokens > s.block_size:
         raise UserError(f"prompt {s.prompt_tokens} + {s.decode_tokens} new tokens exceed the context {s.block_size}")
+
+
+def parse_budget(text: str) -> int:
+    """--budget: a whole number of tokens, also written 3.2e5."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0 and value == int(value)):
+        raise UserError(f"--budget {text}: not a whole, positive number of tokens", fix="e.g. --budget 327680")
+    return int(value)
+
+
+def parse_archs(text: str) -> tuple[str, ...]:
+    """--archs: comma-separated names (checked by `check_settings`)."""
+    return tuple(a.strip() for a in text.split(",") if a.strip())
 
 
 def run_config(v: Variant, s: ArchSettings, run_dir: Path, tokenizer_vocab: int) -> Config:
