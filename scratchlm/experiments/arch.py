@@ -419,9 +419,30 @@ def results_table(records: list[dict[str, Any]]) -> str:
 
 
 def verdict_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Per architecture: its loss against the seed spread, then its costs as multiples of the baseline's."""
     mean, sd = baseline_spread(records)
-    return [f"{r['name']} (matched on {r['matched']} parameters): {verdict(r['val_loss'], mean, sd)}"
-            for r in records if r["matched"] != "baseline"]
+    base = [r for r in records if r["matched"] == "baseline"]
+
+    def times(r: dict[str, Any], key: str, base_key: str | None = None) -> float:
+        return r[key] / statistics.fmean(b[base_key or key] for b in base)
+
+    lines = []
+    for r in records:
+        if r["matched"] == "baseline":
+            continue
+        cache = f"{times(r, 'cache_bytes_per_token'):.2f}x its KV cache per token"
+        if "cache_bytes_per_token_10x" in r:
+            cache += f" ({times(r, 'cache_bytes_per_token_10x', 'cache_bytes_per_token'):.2f}x at 10x the context)"
+        lines.append(f"{r['name']} (matched on {r['matched']} parameters): val loss: "
+                     f"{verdict(r['val_loss'], mean, sd)}; "
+                     f"{times(r, 'seconds'):.2f}x the baseline's training time, {cache}, "
+                     f"{times(r, 'decode_tokens_per_s'):.2f}x its decode speed")
+    return lines
+
+
+def variant_of(record: dict[str, Any]) -> Variant:
+    fields = {k: record[k] for k in Variant.__dataclass_fields__}
+    return Variant(**{**fields, "params": Counts(**record["params"])})
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
@@ -435,12 +456,13 @@ def summary_markdown(results: dict[str, Any]) -> str:
         f"at {s['threads'] or 'auto'} thread(s) on {results['device']}; KV cache: bytes the engine's cache allocates "
         f"per token of a {s['block_size']}-token prefill; decode: greedy, batch 1, {s['decode_tokens']} tokens after "
         f"a {s['prompt_tokens']}-token prompt.\n",
-        "## Sizes\n", size_table([Variant(**{**r, "params": Counts(**r["params"])}) for r in
-                                  [{k: x[k] for k in Variant.__dataclass_fields__} for x in records]]) + "\n",
+        "## Sizes\n", size_table([variant_of(r) for r in records]) + "\n",
         "## Results\n", results_table(records) + "\n",
         "## At this scale\n", *[f"- {line}" for line in verdict_lines(records)], "",
         "One run per architecture at one learning rate: a loss difference says what these settings gave, "
-        "not what the architecture can do at its best or at scale.\n",
+        "not what the architecture can do at its best or at scale. Wall time and decode speed are these plain-"
+        "PyTorch implementations on this device; on a shared CPU one model's decode speed, measured again, moved "
+        "by up to a quarter, so ratios that close are no difference.\n",
         "![validation loss against tokens and wall time](arch.png)\n",
     ])
 
