@@ -33,6 +33,7 @@ from scratchlm.cli.commands import (
     cmd_data_prepare,
     cmd_demo,
     cmd_env,
+    cmd_experiment_arch,
     cmd_experiment_norms,
     cmd_experiment_pipeline,
     cmd_merge,
@@ -336,6 +337,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--FB", type=float, help="time of a forward and a backward overlapped (default F + B)")
     sp.add_argument("--out", default="runs/pipeline", help="folder for the PNG, the table and its JSON")
     sp.set_defaults(fn=cmd_experiment_pipeline)
+    sp = writes(with_common(ev.add_parser(
+        "arch", help="the frontier architectures against the Llama baseline: one token budget, matched parameters",
+        description="Trains llama-tiny at --seeds seeds and each architecture's preset once, its FFN widths set so "
+                    "its non-embedding parameters match the baseline's (MoE ones: also its active parameters), all "
+                    "on the same tokens in the same order; draws validation loss against tokens and wall time "
+                    "(arch.png) and writes results.json and summary.md with KV-cache bytes/token and decode "
+                    "tokens/s. The default: 11 runs of 409,600 tokens, about 13 minutes on one CPU core.")))
+    sp.add_argument("--budget", help="training tokens per run, whole steps of 16 x 64 (default 409600; "
+                                     "--quick: 1536 of 4 x 32)")
+    sp.add_argument("--archs", help="comma-separated, from llama,mla,mtp,diff,nsa,jamba (default all; the llama "
+                                    "baseline is always trained)")
+    sp.add_argument("--seeds", type=int, help="baseline seeds (default 3)")
+    sp.add_argument("--threads", type=int, help="torch threads per run (default 1; 0 = auto)")
+    sp.add_argument("--device", help="auto, cpu, cuda, ... (default auto; bf16 on a GPU, fp32 on a CPU)")
+    sp.add_argument("--quick", action="store_true", help="a tiny budget for tests (seconds)")
+    sp.add_argument("--out", required=True, help="the comparison's folder: data, one run folder per run, results")
+    sp.add_argument("--resume", action="store_true", help="finish the comparison in --out: finished runs are kept, "
+                                                          "an interrupted one resumes; architectures may be added")
+    sp.set_defaults(fn=cmd_experiment_arch)
 
     sp = with_common(verbs.add_parser("env", help="device, torch build, precisions, measured matmul peaks"))
     sp.add_argument("--remeasure", action="store_true",

@@ -388,6 +388,22 @@ def cmd_experiment_norms(args: argparse.Namespace, overrides: list[str]) -> None
         norms_experiment(cfg, Path(args.out), inputs=args.inputs, progress=not args.quiet)
 
 
+def cmd_experiment_arch(args: argparse.Namespace, overrides: list[str]) -> None:
+    from dataclasses import replace
+
+    from scratchlm.experiments.arch import DEFAULT_SETTINGS, QUICK_SETTINGS, parse_archs, parse_budget, run_arch
+
+    s = QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS
+    chosen = {k: getattr(args, k) for k in ("seeds", "threads", "device") if getattr(args, k) is not None}
+    if chosen.get("threads", 0) < 0:
+        raise UserError(f"--threads {args.threads} is out of range", fix="use a whole number >= 0 (0 = auto)")
+    if args.budget is not None:
+        chosen["budget"] = parse_budget(args.budget)
+    if args.archs is not None:
+        chosen["archs"] = parse_archs(args.archs)
+    run_arch(args.out, replace(s, **chosen), resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+
+
 def cmd_experiment_pipeline(args: argparse.Namespace, overrides: list[str]) -> None:
     from scratchlm.experiments.pipeline import Costs, pipeline_experiment
 
