@@ -116,10 +116,15 @@ def sft(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_ste
         make_val=lambda: SFTLoader(val_ex, block, t.batch_size, packing=cfg.sft.packing, shuffle=False, device=device),
     )
     scores: dict[str, dict[str, dict[str, float]]] = {}
+    writer = place().rank == 0  # under torchrun every rank evaluates (FSDP's forward needs them all); rank 0 writes
     eval_dir = run_dir / "eval"
+
+    def answers_file(name: str) -> Path | None:
+        return eval_dir / name if writer else None
+
     if not resume:
         scores["base"] = gold_eval(model.eval(), tok, val_convs, cfg.sft.eval_max_new_tokens,
-                                   eval_dir / "answers_base.jsonl")
+                                   answers_file("answers_base.jsonl"))
     wrapped = adapt_model(model, cfg, tok)
     if wrapped:
         s = cfg.sft
@@ -131,12 +136,13 @@ def sft(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_ste
     latest = ckpt_io.find_checkpoint(run_dir) if resume else None
     result = train_model(cfg, model.train(), tok, batches, resume_from=latest, progress=progress,
                          stop_at_step=stop_at_step, desc="sft")
-    if wrapped:
+    if wrapped and writer:
         save_adapters(model, run_dir / ADAPTER_TENSORS, base=str(base), base_fingerprint=fingerprint,
                       base_vocab_size=base_vocab, added_tokens={n: tok.special_tokens[n] for n in added})
     scores["sft"] = gold_eval(model.eval(), tok, val_convs, cfg.sft.eval_max_new_tokens,
-                              eval_dir / "answers_sft.jsonl")
+                              answers_file("answers_sft.jsonl"))
     table = format_summary(scores)
-    write_text(eval_dir / "summary.md", table + "\n")
+    if writer:
+        write_text(eval_dir / "summary.md", table + "\n")
     print(table)
     return SFTResult(result, scores, table)
