@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "its non-embedding parameters match the baseline's (MoE ones: also its active parameters), all "
                     "on the same tokens in the same order; draws validation loss against tokens and wall time "
                     "(arch.png) and writes results.json and summary.md with KV-cache bytes/token and decode "
-                    "tokens/s. The default: 11 runs of 409,600 tokens, about 13 minutes on one CPU core.")))
+                    "tokens/s. The default: 12 runs of 409,600 tokens, about 14 minutes on one CPU core.")))
     sp.add_argument("--budget", help="training tokens per run, whole steps of 16 x 64 (default 409600; "
                                      "--quick: 1536 of 4 x 32)")
     sp.add_argument("--archs", help="comma-separated, from llama,mla,mtp,diff,nsa,jamba (default all; the llama "

@@ -237,6 +237,9 @@ class DiffConfig(LlamaConfig):
 
     arch: Arch = field(default="diff", init=False)
     lambda_std: Annotated[float, Range(">= 0")] = 0.1  # init std of λ's four vectors (HF's lambda_std_dev)
+    # The per-pair RMSNorm x (1 - λ_init) on the attention output. false drops it: an ablation, not the
+    # paper's model (preset diff-nonorm-tiny; `scratchlm experiment arch` shows what the norm costs here).
+    sub_norm: bool = True
 
     def validate(self) -> None:
         super().validate()

@@ -156,6 +156,17 @@ def diff_tiny() -> Config:
 
 
 @preset
+def diff_nonorm_tiny() -> Config:
+    """An ablation of diff-tiny: its per-pair RMSNorm on the attention output left out (model.sub_norm=false).
+    That norm sets the attention branch to unit scale (about 13x llama-tiny's output at init), which holds
+    diff-tiny on the unigram plateau for most of a short run; this preset measures that cost."""
+    cfg = diff_tiny()
+    cfg.name, cfg.out_dir = "diff-nonorm-tiny", "runs/diff-nonorm-tiny"
+    cfg.model.sub_norm = False
+    return cfg
+
+
+@preset
 def jamba_tiny() -> Config:
     """The Jamba hybrid at demo scale: llama-tiny's 4 layers and 128 dims as Mamba, Mamba, attention,
     Mamba (one attention layer in 4, at index 2), the odd layers' feed-forwards 8 experts (top 2, each

@@ -73,6 +73,9 @@ def hf_name(ours: str, m: DiffConfig) -> tuple[str, bool]:
 def config_to_hf(m: DiffConfig, eos_id: int | None) -> dict[str, Any]:
     if m.qk_norm:
         raise UserError("model.qk_norm=true has no place in HF's DiffLlama", fix="export a model without QK-norm")
+    if not m.sub_norm:
+        raise UserError("model.sub_norm=false (the ablation without the per-pair norm) has no place in HF's DiffLlama",
+                        fix="export a model with model.sub_norm=true")
     if m.sliding_window:
         raise UserError(f"model.sliding_window={m.sliding_window} has no place in HF's DiffLlama",
                         fix="export a model without a sliding window")

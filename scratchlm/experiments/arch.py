@@ -65,8 +65,8 @@ from scratchlm.rundir import claim_run_dir
 from scratchlm.train.device import pick_device
 from scratchlm.train.pretrain import prepare_run_data, pretrain
 
-PRESETS = {"llama": "llama-tiny", "mla": "mla-tiny", "mtp": "mtp-tiny", "diff": "diff-tiny", "nsa": "nsa-tiny",
-           "jamba": "jamba-tiny"}
+PRESETS = {"llama": "llama-tiny", "mla": "mla-tiny", "mtp": "mtp-tiny", "diff": "diff-tiny",
+           "diff-nonorm": "diff-nonorm-tiny", "nsa": "nsa-tiny", "jamba": "jamba-tiny"}
 BASELINE = "llama"
 MOE = ("mla", "mtp", "jamba")  # matched twice: on total and on active parameters
 TOLERANCE = 0.02  # |params - baseline's| / baseline's, at most

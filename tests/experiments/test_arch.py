@@ -39,7 +39,7 @@ def test_every_architecture_is_matched_within_tolerance_on_total_and_moe_on_acti
     target = base[0].params.total
     assert target == base[0].params.active  # dense: every weight is used by every token
     names = {v.name for v in variants}
-    assert names == {"llama_s0", "llama_s1", "llama_s2", "diff", "nsa", "mla_total", "mla_active", "mtp_total",
+    assert names == {"llama_s0", "llama_s1", "llama_s2", "diff", "diff-nonorm", "nsa", "mla_total", "mla_active", "mtp_total",
                      "mtp_active", "jamba_total", "jamba_active"}
     for v in variants:
         if v.matched == "baseline":
@@ -97,7 +97,7 @@ def test_quick_comparison_end_to_end_and_a_resumed_one_retrains_nothing(tmp_path
     assert (out / "arch.png").read_bytes()[:8] == PNG
     results = json.loads((out / "results.json").read_text())
     runs = {r["name"]: r for r in results["runs"]}
-    assert len(runs) == 11 and results["tokens"] == 12 * 4 * 32
+    assert len(runs) == 12 and results["tokens"] == 12 * 4 * 32
     s = arch.QUICK_SETTINGS
     for r in runs.values():
         assert 0 < r["val_loss"] < 10 and r["decode_tokens_per_s"] > 0 and r["seconds"] > 0
@@ -117,15 +117,15 @@ def test_quick_comparison_end_to_end_and_a_resumed_one_retrains_nothing(tmp_path
     assert len(set(losses)) == 3  # three initial draws
     assert results["baseline"]["mean"] == pytest.approx(sum(losses) / 3)
     summary = (out / "summary.md").read_text()
-    assert "| run | params (non-emb.) |" in summary and summary.count("matched on") >= 8
-    assert len(results["verdicts"]) == 8
+    assert "| run | params (non-emb.) |" in summary and summary.count("matched on") >= 9
+    assert len(results["verdicts"]) == 9
     assert all(("no difference measured" in v) or ("wins" in v) or ("loses" in v) for v in results["verdicts"])
     before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
-    assert len(before) == 11
+    assert len(before) == 12
 
     code, stdout, _ = run(capsys, "experiment", "arch", "--quick", "--out", str(out), "--quiet", "--resume")
     assert code == 0
-    assert stdout.count("kept (finished before)") == 11 and "trained" not in stdout
+    assert stdout.count("kept (finished before)") == 12 and "trained" not in stdout
     assert {p.parent.name: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")} == before
 
     code, _, err = run(capsys, "experiment", "arch", "--quick", "--out", str(out), "--quiet")

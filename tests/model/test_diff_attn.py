@@ -100,6 +100,10 @@ def test_attention_is_the_difference_of_two_softmax_maps():
     v_pair = repeat_kv(torch.cat([v[:, : Hkv // 2], v[:, Hkv // 2 :]], dim=-1), H // Hkv)  # (B, H/2, T, 2D)
     lam = (att.lambda_q1 @ att.lambda_k1).exp() - (att.lambda_q2 @ att.lambda_k2).exp() + att.lambda_init
     y = (maps[:, : H // 2] - lam * maps[:, H // 2 :]) @ v_pair
+    att.sub_norm = False  # the ablation (model.sub_norm=false): the difference, unnormalised
+    got = att(x, model.rope, pos, 0, None, None)
+    assert (got - att.wo(y.transpose(1, 2).reshape(B, T, -1))).abs().max().item() < 1e-6
+    att.sub_norm = True
     y = (1 - att.lambda_init) * y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
     want = att.wo(y.transpose(1, 2).reshape(B, T, -1))
     got = att(x, model.rope, pos, 0, None, None)

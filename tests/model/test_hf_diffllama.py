@@ -56,6 +56,9 @@ def test_what_hf_diffllama_cannot_hold_is_refused(tmp_path):
     run, _, _ = our_checkpoint(tmp_path, arch="diff", qk_norm=True)
     with pytest.raises(UserError, match="qk_norm=true has no place in HF's DiffLlama"):
         export_hf(run, tmp_path / "hf")
+    run, _, _ = our_checkpoint(tmp_path / "ablation", arch="diff", sub_norm=False)
+    with pytest.raises(UserError, match="sub_norm=false .* has no place in HF's DiffLlama"):
+        export_hf(run, tmp_path / "hf")
     hf = transformers.DiffLlamaForCausalLM(transformers.DiffLlamaConfig(**{**SIZES, "hidden_act": "gelu"}))
     with pytest.raises(UserError, match="hidden_act='gelu' cannot be converted"):
         import_hf(hf_folder(tmp_path / "a", hf), tmp_path / "ours")
