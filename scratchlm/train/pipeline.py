@@ -11,8 +11,8 @@ gradients come back up, and each rank's parameters collect the gradients of its 
 The loss is the batch's: each micro-batch's mean cross-entropy weighted by its share of the batch's
 valid targets, so after one step the loss (on the last rank) and every parameter's gradient (on the
 rank that owns it) equal one process accumulating the same micro-batches (float64: exactly), and its
-whole-batch `model(idx, targets)` backward up to fp32 rounding (tests/train/test_pipeline.py). Tied embeddings live on the first and last stage: their two
-gradient halves are summed across ranks.
+whole-batch `model(idx, targets)` backward up to fp32 rounding (tests/train/test_pipeline.py). Tied
+embeddings live on the first and last stage: their two gradient halves are summed across ranks.
 
 Left out: more than one stage per rank (interleaving), sends overlapped with compute beyond isend,
 the optimizer step (each rank would step its own parameters), families other than Llama.

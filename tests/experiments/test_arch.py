@@ -39,8 +39,8 @@ def test_every_architecture_is_matched_within_tolerance_on_total_and_moe_on_acti
     target = base[0].params.total
     assert target == base[0].params.active  # dense: every weight is used by every token
     names = {v.name for v in variants}
-    assert names == {"llama_s0", "llama_s1", "llama_s2", "diff", "diff-nonorm", "nsa", "mla_total", "mla_active", "mtp_total",
-                     "mtp_active", "jamba_total", "jamba_active"}
+    assert names == {"llama_s0", "llama_s1", "llama_s2", "diff", "diff-nonorm", "nsa", "mla_total", "mla_active",
+                     "mtp_total", "mtp_active", "jamba_total", "jamba_active"}
     for v in variants:
         if v.matched == "baseline":
             continue
