@@ -9,7 +9,10 @@ model's own samples with SFT and DPO scored side by side, online RL from the SFT
 task checkers as reward, PPO with the reward model), one table of every stage on the same
 held-out prompts, the evaluation suite (held-out bits per byte, a cloze task, the task families) of
 the pretrained and fine-tuned models, faster inference (the pretrained model quantized, and decoded
-speculatively with an EAGLE draft head), and the SFT model served to concurrent streaming clients. Each
+speculatively with an EAGLE draft head), the SFT model served to concurrent streaming clients, the same
+training in one process and in two (DDP, FSDP2), every frontier architecture against the Llama baseline
+(a quick comparison). (The scaling-law grid is not here: a grid whose sizes straddle each budget's optimum
+takes 25 minutes on a CPU core; `scratchlm scaling` runs it.) Each
 later stage of the project joins this function. Everything is written under the run folder, with the
 resolved config beside each artifact, and `report.md` and the report card `report.html` (one
 self-contained page of every stage's numbers and pictures) at the end.
@@ -39,6 +42,7 @@ from scratchlm.data.prepare import prepare
 from scratchlm.data.sources import read_corpus_text
 from scratchlm.draft.train import DraftTrainSettings, train_draft
 from scratchlm.eval.suite import heldout_texts, run_eval, side_by_side
+from scratchlm.experiments.arch import demo_section as arch_section
 from scratchlm.experiments.tokenizers import compare, format_table, plot
 from scratchlm.infer.eagle import load_draft
 from scratchlm.infer.engine import Engine
@@ -235,6 +239,9 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
 
     _stage("14. scale-out: data parallel processes, activation checkpointing")
     report.append(_scale_out(out, data_dir, quick))
+
+    _stage("15. frontier architectures: each against the Llama baseline, one budget")
+    report.append(arch_section(out / "arch", progress=progress))
 
     total = time.perf_counter() - t_start
     report.append(f"\nTotal time: {total:.1f}s.\n")

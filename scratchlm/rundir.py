@@ -50,7 +50,7 @@ RUN_ARTEFACTS = (
     "config.json", "metrics.jsonl", "loss.png", "ckpt", "data", "tb", "profile", "wandb",  # every training stage
     "eval", "adapters.safetensors", "adapters.json", "labels.json",  # sft, classify
     "tokenizer.json", "tokenizers.png", "pretrain", "sft", "rm", "dpo", "grpo", "ppo", "report.md",  # demo
-    "evaluation", "quantized", "draft", "report.html", "scale", "scaling",  # demo: later stages
+    "evaluation", "quantized", "draft", "report.html", "scale", "scaling", "arch",  # demo: later stages
     "rmsnorm", "layernorm", "norms.png",  # experiment norms
 )
 
