@@ -37,7 +37,9 @@ import os
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from scratchlm.errors import UserError
 from scratchlm.io import remove_stale_temps, write_text
@@ -131,6 +133,16 @@ def _lock(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _remove(folder: Path, names: Iterable[str]) -> None:
+    """Delete `folder/name` for each name: a folder with its contents, a file or a link (not its target)."""
+    for name in names:
+        target = folder / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+
+
 @contextlib.contextmanager
 def claim_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
                   inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
@@ -169,12 +181,7 @@ def claim_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite: b
                 raise UserError(f"{path}: already holds a run ({', '.join(found[:4])}"
                                 f"{', ...' if len(found) > 4 else ''})",
                                 fix="pass --resume to continue it, --overwrite to replace it, or choose another --out")
-            for name in found:
-                target = path / name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                else:
-                    target.unlink()
+            _remove(path, found)
         yield path
 
 
@@ -194,3 +201,65 @@ def trim_metrics(path: str | os.PathLike, step: int) -> None:
         if record.get("step", 0) <= step:
             kept.append(line + "\n")
     write_text(path, "".join(kept))
+
+
+# -- a stage's outputs inside its claimed folder (experiment arch, scaling) -----------------------------
+# Such a stage owns a fixed list of names in its folder; `claim_outputs`, `check_plan` and `read_result`
+# refuse, keep or replace them, each message worded by the caller ("an architecture comparison", "run").
+
+def claim_outputs(out: Path, names: Iterable[str], *, resume: bool, overwrite: bool, holds: str,
+                  kept: str) -> None:
+    """Refuse a folder already holding any of `names` unless `resume` (all kept) or `overwrite` (those
+    removed, nothing else). `holds` names the stage's output ("a scaling grid"), `kept` what a resume keeps
+    ("finished points are kept")."""
+    found = [name for name in names if (out / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise UserError(f"{out}: already holds {holds} ({', '.join(found)})",
+                        fix=f"pass --resume to finish it ({kept}), --overwrite to replace it, or choose another --out")
+    _remove(out, found)
+
+
+def check_plan(path: Path, settings: Any, *, ignore: Iterable[str], made: str, not_plan: str,
+               afresh: str) -> None:
+    """A resumed stage keeps the settings its `plan.json` (at `path`) recorded under "settings": what was
+    trained with others would not compare. `settings` is the stage's settings dataclass, compared as JSON
+    holds it (tuples as lists); the keys in `ignore` may change. Wording: `made` names the stage's output
+    ("the grid"), `not_plan` what an unreadable file is not ("a scaling plan"), `afresh` the fix then."""
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))["settings"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: not {not_plan}", fix=afresh) from None
+    new = json.loads(json.dumps(asdict(settings)))
+    ignore = set(ignore)
+    changed = [k for k in new if k not in ignore and old.get(k) != new[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(f"{path}: {made} was made with {k}={old.get(k)}, this call asks {k}={new[k]}",
+                        fix="resume with the same settings (--quick too), or pass --overwrite to start afresh")
+
+
+def read_result(path: Path, what: str) -> dict[str, Any] | None:
+    """The record of a finished `what` ("run", "point") at `path` (its result.json), or None when absent."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):  # written atomically: only an edit by hand can break it
+        raise UserError(f"{path}: not a {what}'s result (unreadable JSON)",
+                        fix=f"delete it, and --resume retrains that {what}") from None
+
+
+def reopen_run(run_dir: Path) -> bool:
+    """Ready one run folder of such a stage, inside its claimed folder: True when it resumes from its
+    checkpoint; a run killed before its first checkpoint starts afresh (its folder is removed)."""
+    for where in (run_dir, run_dir / "ckpt"):  # what a killed run left half-written
+        remove_stale_temps(where)
+    resume = (run_dir / "ckpt" / "latest").is_file()
+    if run_dir.exists() and not resume:  # stopped before its first checkpoint: nothing to keep
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return resume

@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -57,11 +56,11 @@ from scratchlm.config import Config, ModelConfig, get_preset
 from scratchlm.data.loader import TokenShards
 from scratchlm.errors import UserError
 from scratchlm.infer.engine import Engine
-from scratchlm.io import remove_stale_temps, write_json, write_text
+from scratchlm.io import write_json, write_text
 from scratchlm.model import build_model, padded_vocab
 from scratchlm.model.llama import ffn_hidden
 from scratchlm.model.moe import expert_hidden
-from scratchlm.rundir import claim_run_dir
+from scratchlm.rundir import check_plan, claim_outputs, claim_run_dir, read_result, reopen_run
 from scratchlm.train.device import pick_device
 from scratchlm.train.pretrain import prepare_run_data, pretrain
 
@@ -330,27 +329,11 @@ def measure_inference(run_dir: Path, s: ArchSettings, prompt: list[int]) -> dict
     return out
 
 
-def read_result(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / RESULT
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):  # written atomically: only an edit by hand can break it
-        raise UserError(f"{path}: not a run's result (unreadable JSON)",
-                        fix="delete it, and --resume retrains that run") from None
-
-
 def run_variant(v: Variant, s: ArchSettings, run_dir: Path, data_dir: Path, tokenizer_vocab: int,
                 prompt: list[int]) -> dict[str, Any]:
     """Train one run (resuming its checkpoint if it has one), measure it, record its result atomically.
     The run's own output goes to RUN/train.log."""
-    for where in (run_dir, run_dir / "ckpt"):  # what a killed run left half-written
-        remove_stale_temps(where)
-    resume = (run_dir / "ckpt" / "latest").is_file()
-    if run_dir.exists() and not resume:  # stopped before its first checkpoint: nothing to keep
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = reopen_run(run_dir)
     cfg = run_config(v, s, run_dir, tokenizer_vocab)
     with open(run_dir / "train.log", "a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
         pretrain(cfg, data_dir, resume=resume, progress=False, build=seeded_build(v.init_seed))
@@ -501,40 +484,6 @@ def plot(records: list[dict[str, Any]], png: Path) -> None:
 
 # -- the verb ------------------------------------------------------------------------------------------
 
-def _claim_outputs(out: Path, resume: bool, overwrite: bool) -> None:
-    found = [name for name in ARTEFACTS if (out / name).exists()]
-    if not found or resume:
-        return
-    if not overwrite:
-        raise UserError(f"{out}: already holds an architecture comparison ({', '.join(found)})",
-                        fix="pass --resume to finish it (finished runs are kept), --overwrite to replace it, "
-                            "or choose another --out")
-    for name in found:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-def _check_plan(out: Path, s: ArchSettings) -> None:
-    """A resumed comparison keeps its recipe: a run trained with another would not compare."""
-    path = out / "plan.json"
-    if not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))["settings"]
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path}: not an architecture comparison's plan",
-                        fix="pass --overwrite to start afresh") from None
-    new = json.loads(json.dumps(asdict(s)))
-    changed = [k for k in new if k not in ("archs", "seeds", "device", "threads") and old.get(k) != new[k]]
-    if changed:
-        k = changed[0]
-        raise UserError(f"{path}: the comparison was made with {k}={old.get(k)}, this call asks {k}={new[k]}",
-                        fix="resume with the same settings (--quick too), or pass --overwrite to start afresh")
-
-
 def _check_record(v: Variant, rec: dict[str, Any], run_dir: Path) -> None:
     for key, want in (("arch", v.arch), ("ffn_hidden", v.ffn_hidden), ("expert_hidden", v.expert_hidden),
                       ("init_seed", v.init_seed), ("params", asdict(v.params))):
@@ -556,8 +505,11 @@ def run_arch(out: str | Path, s: ArchSettings, *, resume: bool = False, overwrit
     variants = plan(s, s.vocab_size)  # a size that cannot be matched is refused before any data
     out = Path(out)
     with claim_run_dir(out, resume=True):  # the folder's lock; what is kept or replaced is decided by ARTEFACTS
-        _claim_outputs(out, resume, overwrite)
-        _check_plan(out, s)
+        claim_outputs(out, ARTEFACTS, resume=resume, overwrite=overwrite, holds="an architecture comparison",
+                      kept="finished runs are kept")
+        # a resumed comparison keeps its recipe: a run trained with another would not compare
+        check_plan(out / "plan.json", s, ignore=("archs", "seeds", "device", "threads"), made="the comparison",
+                   not_plan="an architecture comparison's plan", afresh="pass --overwrite to start afresh")
         write_json(out / "plan.json", {"settings": asdict(s)})
         data_dir = prepare_run_data(run_config(variants[0], s, out, s.vocab_size), out, None, progress, resume=resume)
         shards = TokenShards(data_dir)
@@ -570,7 +522,7 @@ def run_arch(out: str | Path, s: ArchSettings, *, resume: bool = False, overwrit
         records = []
         for v in variants:
             run_dir = out / "runs" / v.name
-            rec = read_result(run_dir)
+            rec = read_result(run_dir / RESULT, "run")
             if rec is None:
                 rec = run_variant(v, s, run_dir, data_dir, vocab, prompt)
                 status = "resumed" if rec["resumed"] else "trained"

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,8 +42,9 @@ from torch import nn
 
 from scratchlm.config import Config, get_preset, switch_arch
 from scratchlm.errors import UserError
-from scratchlm.io import remove_stale_temps, write_json
+from scratchlm.io import write_json
 from scratchlm.model import build_model, padded_vocab
+from scratchlm.rundir import reopen_run
 from scratchlm.scaling.fit import FLOPS_PER_PARAM_TOKEN
 from scratchlm.train.device import pick_device
 from scratchlm.train.pretrain import pretrain
@@ -208,18 +208,6 @@ def point_config(p: Point, s: GridSettings, run_dir: Path) -> Config:
     return cfg
 
 
-def read_result(run_dir: Path) -> dict[str, Any] | None:
-    """A finished point's record, or None when it has not finished."""
-    path = run_dir / RESULT
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):  # written atomically: only an edit by hand can break it
-        raise UserError(f"{path}: not a point's result (unreadable JSON)",
-                        fix="delete it, and --resume retrains that point") from None
-
-
 def final_validation(run_dir: Path, steps: int) -> tuple[float, float]:
     """(loss, bits per byte) of the validation logged at the last step: a run resumed from its final
     checkpoint (killed after saving it, before its result was written) does not evaluate again."""
@@ -235,12 +223,7 @@ def run_point(p: Point, s: GridSettings, run_dir: Path, data_dir: Path, train_to
 
     The run's own output (its header, the final validation line) goes to `RUN/train.log`, so the
     grid prints one line per point."""
-    for where in (run_dir, run_dir / "ckpt"):  # what a killed run left half-written
-        remove_stale_temps(where)
-    resume = (run_dir / "ckpt" / "latest").is_file()
-    if run_dir.exists() and not resume:  # stopped before its first checkpoint: nothing to keep
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = reopen_run(run_dir)
     cfg = point_config(p, s, run_dir)
     start = time.perf_counter()
     with open(run_dir / "train.log", "a", encoding="utf-8") as log, contextlib.redirect_stdout(log):

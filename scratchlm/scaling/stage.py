@@ -26,9 +26,7 @@ why], "fits": {"non-embedding" | "total": {"optima": [...], "skipped": [...], "n
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,17 +36,17 @@ from tqdm import tqdm
 from scratchlm.data.loader import TokenShards
 from scratchlm.errors import UserError
 from scratchlm.io import write_json, write_text
-from scratchlm.rundir import claim_run_dir
+from scratchlm.rundir import check_plan, claim_outputs, claim_run_dir, read_result
 from scratchlm.scaling.fit import PowerLaw, ScalingFit, Spread, fit_scaling
 from scratchlm.scaling.grid import (
     MIN_STEPS,
+    RESULT,
     GridSettings,
     Point,
     base_config,
     budget_name,
     check_grid,
     plan,
-    read_result,
     run_point,
 )
 from scratchlm.scaling.plot import plot_scaling
@@ -66,39 +64,6 @@ def si(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.3g}{unit}"
     return f"{x:.3g}"
-
-
-def _claim_outputs(out: Path, resume: bool, overwrite: bool) -> None:
-    found = [name for name in ARTEFACTS if (out / name).exists()]
-    if not found or resume:
-        return
-    if not overwrite:
-        raise UserError(f"{out}: already holds a scaling grid ({', '.join(found)})",
-                        fix="pass --resume to finish it (finished points are kept), --overwrite to replace it, "
-                            "or choose another --out")
-    for name in found:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-def _check_plan(out: Path, s: GridSettings) -> None:
-    """A resumed grid keeps its shared settings: a point trained with others would not compare."""
-    path = out / "plan.json"
-    if not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))["settings"]
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path}: not a scaling plan", fix="pass --overwrite to start the grid afresh") from None
-    new = asdict(s)
-    changed = [k for k in new if k not in ("device", "threads", "max_epochs") and old.get(k) != new[k]]
-    if changed:
-        k = changed[0]
-        raise UserError(f"{path}: the grid was made with {k}={old.get(k)}, this call asks {k}={new[k]}",
-                        fix="resume with the same settings (--quick too), or pass --overwrite to start afresh")
 
 
 def _check_record(p: Point, rec: dict[str, Any], run_dir: Path) -> None:
@@ -208,8 +173,11 @@ def run_scaling(out: str | Path, budgets: list[float], widths: list[int], s: Gri
     out = Path(out)
     # the folder's lock; what is kept or replaced is decided here, by ARTEFACTS
     with claim_run_dir(out, resume=True):
-        _claim_outputs(out, resume, overwrite)
-        _check_plan(out, s)
+        claim_outputs(out, ARTEFACTS, resume=resume, overwrite=overwrite, holds="a scaling grid",
+                      kept="finished points are kept")
+        # a resumed grid keeps its shared settings: a point trained with others would not compare
+        check_plan(out / "plan.json", s, ignore=("device", "threads", "max_epochs"), made="the grid",
+                   not_plan="a scaling plan", afresh="pass --overwrite to start the grid afresh")
         write_json(out / "plan.json", {"settings": asdict(s), "budgets": sorted(budgets), "widths": sorted(widths)})
         data_dir = prepare_run_data(base_config(s), out, None, progress, resume=resume)
         shards = TokenShards(data_dir)
@@ -227,7 +195,7 @@ def run_scaling(out: str | Path, budgets: list[float], widths: list[int], s: Gri
         try:
             for p in points:
                 run_dir = out / "points" / p.name
-                rec = read_result(run_dir)
+                rec = read_result(run_dir / RESULT, "point")
                 if rec is None:
                     rec = run_point(p, s, run_dir, data_dir, train_tokens)
                     status = "resumed" if rec["resumed"] else "trained"
