@@ -13,18 +13,15 @@ matplotlib's object API (no pyplot state), the PNG written atomically, as `viz a
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 
 from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.errors import UserError
-from scratchlm.infer.text import encode_prompt
-from scratchlm.io import atomic_open
 from scratchlm.model.base import LanguageModel
 from scratchlm.model.diff_attn import DiffTransformer
-from scratchlm.viz.attention import MAX_LABELLED, token_labels
+from scratchlm.viz.attention import prompt_ids, record_forward, save_png, shown_layers, tick_tokens, token_labels
 
 
 @torch.inference_mode()
@@ -34,21 +31,9 @@ def differential_maps(model: LanguageModel, ids: list[int]) -> list[tuple[torch.
     if not isinstance(model, DiffTransformer):
         raise UserError(f"a {model.config.arch} model has no differential attention to draw",
                         fix="pass an arch=diff checkpoint (or draw plain attention with `scratchlm viz attention`)")
-    if not ids:
-        raise ValueError("need at least one token")
-    ids = ids[-model.config.block_size:]
-    attns = [layer.attention for layer in model.layers]
-    was_training = model.training
-    model.eval()
-    try:
-        for a in attns:
-            a.record = True
-        model(torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device))
-        return [(a.weights[0, 0].float().cpu(), a.weights[0, 1].float().cpu(), float(a.lam())) for a in attns]
-    finally:
-        for a in attns:
-            a.record, a.weights = False, None
-        model.train(was_training)
+    return record_forward(model, [layer.attention for layer in model.layers], ids,
+                          lambda a: (a.weights[0, 0].float().cpu(), a.weights[0, 1].float().cpu(), float(a.lam())),
+                          ("weights",))
 
 
 def draw(maps: list[tuple[torch.Tensor, torch.Tensor, float]], labels: list[str], layers: list[int], pair: int,
@@ -72,23 +57,14 @@ def draw(maps: list[tuple[torch.Tensor, torch.Tensor, float]], labels: list[str]
             image = ax.imshow(w.numpy(), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
             probs, shown = (image, shown) if c < 2 else (probs, image)
             ax.set_title(f"layer {layer} pair {pair}\n{title}", fontsize=8)
-            if T <= MAX_LABELLED:
-                size = 7 if T <= 20 else 5
-                ax.set_xticks(range(T), labels, rotation=90, fontsize=size)
-                ax.set_yticks(range(T), labels, fontsize=size)
-            else:
-                ax.set_xticks([])
-                ax.set_yticks([])
+            tick_tokens(ax, labels)
             if c == 0:
                 ax.set_ylabel("query", fontsize=7)
             if r == len(layers) - 1:
                 ax.set_xlabel("key (attended to)", fontsize=7)
     fig.colorbar(probs, ax=axes[:, :2], shrink=0.8, label="attention weight")
     fig.colorbar(shown, ax=axes[:, 2], shrink=0.8, label="differential weight")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "Glyph ... missing from font": drawn as a box instead
-        with atomic_open(out, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
+    save_png(fig, out)
 
 
 def draw_differential(ckpt: str | Path, prompt: str, out: str | Path, layer: int = -1, pair: int = 0,
@@ -100,14 +76,10 @@ def draw_differential(ckpt: str | Path, prompt: str, out: str | Path, layer: int
         raise UserError(f"{ckpt}: a {cfg.model.arch} model has no differential attention to draw",
                         fix="pass an arch=diff checkpoint (or draw plain attention with `scratchlm viz attention`)")
     n_layer, n_pair = cfg.model.n_layer, cfg.model.n_head // 2
-    if layer != -1 and not 0 <= layer < n_layer:
-        raise UserError(f"--layer {layer} is out of range", fix=f"use 0..{n_layer - 1}, or -1 for every layer")
+    layers = shown_layers(layer, n_layer)
     if not 0 <= pair < n_pair:
         raise UserError(f"--pair {pair} is out of range", fix=f"use 0..{n_pair - 1} (n_head / 2 pairs)")
-    ids = encode_prompt(tok, prompt)
-    n_prompt = len(ids)
-    ids = ids[-cfg.model.block_size:]
+    ids, n_prompt = prompt_ids(tok, prompt, cfg.model.block_size)
     maps = differential_maps(model, ids)
-    layers = list(range(n_layer)) if layer == -1 else [layer]
     draw([maps[i] for i in layers], token_labels(tok, ids), layers, pair, out)
     return n_prompt, len(ids)

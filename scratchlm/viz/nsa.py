@@ -16,7 +16,6 @@ other pictures.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +23,9 @@ import torch
 
 from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.errors import UserError
-from scratchlm.infer.text import encode_prompt
-from scratchlm.io import atomic_open
 from scratchlm.model.base import LanguageModel
 from scratchlm.model.nsa import NSATransformer
-from scratchlm.viz.attention import MAX_LABELLED, token_labels
+from scratchlm.viz.attention import prompt_ids, record_forward, save_png, shown_layers, tick_tokens, token_labels
 
 NOT_CHOSEN, CHOSEN, FORCED = 1, 2, 3  # grid cell states; 0 = a future key
 
@@ -51,21 +48,9 @@ def nsa_choices(model: LanguageModel, ids: list[int]) -> list[LayerChoices]:
     if not isinstance(model, NSATransformer):
         raise UserError(f"a {model.config.arch} model has no sparse attention to draw",
                         fix="pass an arch=nsa checkpoint (or draw plain attention with `scratchlm viz attention`)")
-    if not ids:
-        raise ValueError("need at least one token")
-    ids = ids[-model.config.block_size:]
-    attns = [layer.attention for layer in model.layers]
-    was_training = model.training
-    model.eval()
-    try:
-        for a in attns:
-            a.record = True
-        model(torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device))
-        return [LayerChoices(a.selected[0].cpu(), a.gates[0].float().cpu(), a.sel_block, a.window) for a in attns]
-    finally:
-        for a in attns:
-            a.record, a.selected, a.gates = False, None, None
-        model.train(was_training)
+    return record_forward(model, [layer.attention for layer in model.layers], ids,
+                          lambda a: LayerChoices(a.selected[0].cpu(), a.gates[0].float().cpu(), a.sel_block, a.window),
+                          ("selected", "gates"))
 
 
 def choice_grid(choices: LayerChoices, group: int) -> torch.Tensor:
@@ -105,10 +90,7 @@ def draw(layers: list[tuple[int, LayerChoices]], labels: list[str], head: int, h
                      f"{ch.sel_block}, window {ch.window}", fontsize=8)
         ax.set_xlim(-0.5, T - 0.5)
         ax.set_ylim(T - 0.5, -0.5)
-        if T <= MAX_LABELLED:
-            size = 7 if T <= 20 else 5
-            ax.set_xticks(range(T), labels, rotation=90, fontsize=size)
-            ax.set_yticks(range(T), labels, fontsize=size)
+        tick_tokens(ax, labels, blank=False)  # the grid's positions stay readable
         ax.set_xlabel("key", fontsize=7)
         if c == 0:
             ax.set_ylabel("query", fontsize=7)
@@ -129,10 +111,7 @@ def draw(layers: list[tuple[int, LayerChoices]], labels: list[str], head: int, h
                         Patch(color="#e3e3e3", label="not selected"),
                         Patch(facecolor="none", edgecolor="#d62728", label="sliding window")],
                loc="outside lower center", ncols=4, fontsize=7)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "Glyph ... missing from font": drawn as a box instead
-        with atomic_open(out, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
+    save_png(fig, out)
 
 
 def draw_nsa(ckpt: str | Path, prompt: str, out: str | Path, layer: int = -1, head: int = 0) -> tuple[int, int]:
@@ -143,15 +122,11 @@ def draw_nsa(ckpt: str | Path, prompt: str, out: str | Path, layer: int = -1, he
         raise UserError(f"{ckpt}: a {cfg.model.arch} model has no sparse attention to draw",
                         fix="pass an arch=nsa checkpoint (or draw plain attention with `scratchlm viz attention`)")
     n_layer, n_head = cfg.model.n_layer, cfg.model.n_head
-    if layer != -1 and not 0 <= layer < n_layer:
-        raise UserError(f"--layer {layer} is out of range", fix=f"use 0..{n_layer - 1}, or -1 for every layer")
+    shown = shown_layers(layer, n_layer)
     if not 0 <= head < n_head:
         raise UserError(f"--head {head} is out of range", fix=f"use 0..{n_head - 1} (model.n_head query heads)")
-    ids = encode_prompt(tok, prompt)
-    n_prompt = len(ids)
-    ids = ids[-cfg.model.block_size:]
+    ids, n_prompt = prompt_ids(tok, prompt, cfg.model.block_size)
     choices = nsa_choices(model, ids)
-    shown = range(n_layer) if layer == -1 else [layer]
     draw([(i, choices[i]) for i in shown], token_labels(tok, ids), head,
          n_head // (cfg.model.n_kv_head or n_head), out)
     return n_prompt, len(ids)
