@@ -189,6 +189,14 @@ def prepare_blocks(model: nn.Module, t: TrainConfig) -> None:
                 block._scratchlm_compiled = True
 
 
+def may_skip_parameters(model: nn.Module) -> bool:
+    """Whether a step may leave some parameters without a gradient, which DDP must be told
+    (`find_unused_parameters`). Only an arch=mla model's MTP modules (`model.mtp`, mtp_depth > 0) can:
+    they get none when mtp_loss_weight is 0 or a batch is packed (a doc_mask). A mixture of experts'
+    fused expert weights get a gradient every step, whatever the routing."""
+    return bool(getattr(model, "mtp", None))
+
+
 def parallelize(model: nn.Module, t: TrainConfig, here: Place, device: torch.device) -> Parallel:
     """Apply activation checkpointing, compile and data parallelism to a built model (see the module
     docstring for the order). The model is changed in place; DDP also wraps it."""
@@ -201,10 +209,8 @@ def parallelize(model: nn.Module, t: TrainConfig, here: Place, device: torch.dev
         fully_shard(model, mesh=mesh)
         return Parallel(model, model, kind, here)
     if kind == "ddp":
-        # a mixture of experts may route no token to an expert in a micro-batch: that expert has no gradient
-        unused = any("expert" in name for name, _ in model.named_parameters())
         module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                         find_unused_parameters=unused)
+                                         find_unused_parameters=may_skip_parameters(model))
         return Parallel(model, module, kind, here)
     return Parallel(model, model, kind, here)
 

@@ -17,13 +17,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from scratchlm.cli import main
 from scratchlm.config import TrainConfig
 from scratchlm.errors import UserError
-from scratchlm.train.distributed import Place, parallel_kind
+from scratchlm.train.distributed import Place, may_skip_parameters, parallel_kind
 from scratchlm.train.loop import _accum_per_rank
+from tests.helpers import tiny_model
 
 STEPS = 20
 RUN = ["--quiet", "--preset", "tiny", "--tokenizer.vocab_size=300", "--model.n_layer=2", "--model.n_head=2",
@@ -135,6 +137,27 @@ def test_parallel_settings_are_checked(capsys):
     with pytest.raises(UserError, match=r"train.grad_accum=3 .* not divisible by the 2 processes"):
         _accum_per_rank(t, Place(0, 2), "ddp")
     assert _accum_per_rank(TrainConfig(grad_accum=4), Place(1, 2), "fsdp") == 2
+
+
+MOE = dict(n_experts=4, n_active_experts=2, expert_hidden=16)
+MLA = dict(MOE, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+
+
+def _no_grad(model) -> set[str]:
+    model.train()
+    idx = torch.randint(0, 64, (2, 8))
+    model(idx, idx)[1].backward()
+    return {name for name, p in model.named_parameters() if p.grad is None}
+
+
+def test_ddp_looks_for_unused_parameters_only_where_mtp_modules_can_be_skipped():
+    """DDP's find_unused_parameters: fused experts always get a gradient; MTP modules may not."""
+    moe = tiny_model(arch="moe", **MOE)
+    assert not may_skip_parameters(moe) and not _no_grad(moe)
+    assert not may_skip_parameters(tiny_model(arch="mla", **MLA))
+    mtp = tiny_model(arch="mla", mtp_depth=1, mtp_loss_weight=0.0, **MLA)
+    assert may_skip_parameters(mtp)
+    assert _no_grad(mtp) and all(name.startswith("mtp.") for name in _no_grad(mtp))
 
 
 def test_sft_over_two_processes_is_one_process_with_accumulation(baseline):
