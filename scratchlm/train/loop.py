@@ -74,6 +74,7 @@ from scratchlm.train.memory import (
     fit_micro_batch,
     is_oom,
     memory_budget,
+    one_sequence_too_big,
     read_peak,
     rechunk,
     reset_peak,
@@ -350,19 +351,30 @@ def _auto_micro_batch(model: nn.Module, t: TrainConfig, rows: int, loader: Any, 
     loader.load_state_dict(position)
 
     def trial(m: int) -> int:
+        """The peak of m rows' forward and backward, the largest over the ranks. Every rank reaches
+        the all_max: one that runs out of memory offers +inf, and then every rank raises out of memory."""
         cpu_rng = torch.random.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         x, y, *doc = (torch.cat([part] * -(-m // part.size(0)))[:m] for part in sample)
         reset_peak(device)
-        with amp:
-            _, loss = model(x, y, doc_mask=DocumentMask(doc[0]) if doc else None)
-        (loss + model.aux_loss()).backward()
-        peak = read_peak(device)
-        model.zero_grad(set_to_none=True)
-        torch.random.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng, device)
-        return int(all_max(peak))
+        try:
+            with amp:
+                _, loss = model(x, y, doc_mask=DocumentMask(doc[0]) if doc else None)
+            (loss + model.aux_loss()).backward()
+            peak = float(read_peak(device))
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            peak = math.inf
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.random.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, device)
+        peak = all_max(peak)
+        if math.isinf(peak):
+            raise torch.OutOfMemoryError(f"train.micro_batch=auto: {m} rows ran out of memory (on some rank)")
+        return int(peak)
 
     m, why = fit_micro_batch(trial, rows, budget, extra=moments)
     return m, budget, why
@@ -371,9 +383,7 @@ def _auto_micro_batch(model: nn.Module, t: TrainConfig, rows: int, loader: Any, 
 def _halve(micro_rows: int, rows: int, step: int, what: str, bar: tqdm) -> int:
     smaller = smaller_micro_batch(micro_rows, rows)
     if smaller is None:
-        raise UserError(f"step {step + 1}: one sequence per micro-batch {what}",
-                        fix="lower --model.block_size, use --train.activation_checkpointing=1, or raise "
-                            "--train.memory_budget_gb")
+        raise one_sequence_too_big(f"step {step + 1}: one sequence per micro-batch {what}")
     bar.write(f"step {step + 1}: a micro-batch of {micro_rows} rows {what}; going on with {smaller}")
     return smaller
 

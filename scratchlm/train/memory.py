@@ -43,6 +43,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
+from scratchlm.errors import UserError
+
 # a pick is tried against this much of the budget (the line through two small sizes is an estimate)
 SAFETY = 0.9
 
@@ -148,26 +150,43 @@ def smaller_micro_batch(m: int, rows: int) -> int | None:
     return below[-1] if below else None
 
 
+def one_sequence_too_big(what: str) -> UserError:
+    """The error when even one sequence per micro-batch does not fit (`what`: where and how)."""
+    return UserError(what, fix="lower --model.block_size, use --train.activation_checkpointing=1, or raise "
+                               "--train.memory_budget_gb")
+
+
+def _peak_or_none(trial: Callable[[int], int], m: int) -> int | None:
+    """trial(m), or None where it runs out of memory."""
+    try:
+        return trial(m)
+    except RuntimeError as e:
+        if not is_oom(e):
+            raise
+        return None
+
+
 def fit_micro_batch(trial: Callable[[int], int], rows: int, budget: int, extra: int = 0) -> tuple[int, str]:
     """(micro-batch, why): the largest divisor m of `rows` whose `trial(m)` (a forward and backward
     of m rows; returns its peak bytes, or raises out of memory) stays within `budget` once `extra`
-    bytes (the optimizer's moments, not yet allocated) are added."""
+    bytes (the optimizer's moments, not yet allocated) are added. Under torchrun every rank must
+    see the same peaks and the same out-of-memory errors (the loop's trial agrees them by all_max)."""
     sizes = divisors(rows)
     if len(sizes) == 1:
         return 1, "auto: 1 row per step"
-    p1, p2 = trial(sizes[0]), trial(sizes[1])
-    per_row = max(0.0, (p2 - p1) / (sizes[1] - sizes[0]))
+    p1 = _peak_or_none(trial, sizes[0])
+    if p1 is None:
+        raise one_sequence_too_big("train.micro_batch=auto: one sequence per micro-batch ran out of memory")
+    p2 = _peak_or_none(trial, sizes[1])
+    per_row = 0.0 if p2 is None else max(0.0, (p2 - p1) / (sizes[1] - sizes[0]))
     base = p1 - sizes[0] * per_row + extra
     fits = [d for d in sizes if base + d * per_row <= SAFETY * budget] or [sizes[0]]
-    i = sizes.index(fits[-1])
+    i = 0 if p2 is None else sizes.index(fits[-1])
     while True:
         m = sizes[i]
-        try:
-            peak = trial(m) + extra
-        except RuntimeError as e:
-            if not is_oom(e) or i == 0:
-                raise
-            peak = None
+        peak = p1 if i == 0 else _peak_or_none(trial, m)  # one row was measured (and fit) above
+        if peak is not None:
+            peak += extra
         if peak is not None and (peak <= budget or i == 0):
             gib = 2**30
             return m, (f"auto: {m} rows of {rows} per micro-batch, peak {peak / gib:.2f} of a "

@@ -8,7 +8,9 @@ trial; a run that runs out of memory mid-way halves its micro-batch and trains t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from torch.utils.checkpoint import set_checkpoint_early_stop
 from torch.utils.flop_counter import FlopCounterMode
 
 import scratchlm.train.loop as loop_mod
-from scratchlm.config import GPTConfig, LlamaConfig
+from scratchlm.config import GPTConfig, LlamaConfig, TrainConfig
 from scratchlm.errors import UserError
 from scratchlm.model import build_model
 from scratchlm.train.memory import checkpoint_blocks, fit_micro_batch, rechunk, smaller_micro_batch, step_costs
@@ -186,3 +188,66 @@ def test_a_checkpointed_run_trains_the_same_steps(tmp_path, data_dir, capsys):
     assert "activation checkpointing every 1 block(s)" in capsys.readouterr().out
     assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)
     assert ckpt.val_loss == pytest.approx(plain.val_loss, abs=1e-6)
+
+
+class _OneBatch:
+    """A loader of one batch (what `_auto_micro_batch` samples)."""
+
+    def __init__(self, rows: int = 2) -> None:
+        g = torch.Generator().manual_seed(2)
+        self.batch = (torch.randint(64, (rows, 16), generator=g), torch.randint(64, (rows, 16), generator=g))
+
+    def next_batch(self):
+        return self.batch
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _auto(model, rows: int = 8) -> int:
+    t = TrainConfig(batch_size=2, micro_batch="auto", memory_budget_gb=64)
+    return loop_mod._auto_micro_batch(model, t, rows, _OneBatch(), torch.device("cpu"), contextlib.nullcontext())[0]
+
+
+def _oom_above(model, rows: int):
+    """The model's forward runs out of memory on more than `rows` rows, as a GPU would."""
+    forward = model.forward
+
+    def limited(x, *args, **kwargs):
+        if x.size(0) > rows:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(x, *args, **kwargs)
+
+    model.forward = limited
+    return model
+
+
+def test_auto_micro_batch_ranks_agree_when_one_runs_out_of_memory(monkeypatch):
+    """Under torchrun every rank reaches the all_max of each trial: here rank A runs out of memory
+    above 2 rows and offers +inf, rank B fits but hears +inf; both pick 2 after the same collectives."""
+    calls = {"A": [], "B": []}
+
+    def all_max_of(rank: str, other):
+        def all_max(value: float) -> float:
+            calls[rank].append(value)
+            return max(value, other(value))
+        return all_max
+
+    monkeypatch.setattr(loop_mod, "all_max", all_max_of("A", lambda v: 0.0))
+    a = _auto(_oom_above(model_of("llama"), 2))
+    monkeypatch.setattr(loop_mod, "all_max", all_max_of("B", lambda v: calls["A"][len(calls["B"]) - 1]))  # hears A
+    b = _auto(model_of("llama"))
+    assert a == b == 2
+    assert len(calls["A"]) == len(calls["B"]) == 5  # 1, 2, then 8 and 4 out of memory, 2 again
+    assert [math.isinf(v) for v in calls["A"]] == [False, False, True, True, False]
+
+
+def test_auto_micro_batch_out_of_memory_at_one_row_names_the_settings():
+    with pytest.raises(UserError, match="one sequence per micro-batch ran out of memory.*activation_checkpointing"):
+        _auto(_oom_above(model_of("llama"), 0))
+    with pytest.raises(UserError, match="one sequence per micro-batch ran out of memory"):
+        fit_micro_batch(lambda m: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")), 16, 200)
+
