@@ -47,6 +47,7 @@ from scratchlm.data.loader import BatchLoader
 from scratchlm.errors import Interrupted, UserError
 from scratchlm.model.base import LanguageModel
 from scratchlm.model.layers import DocumentMask
+from scratchlm.model.moe import MoELayer
 from scratchlm.rundir import trim_metrics
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.device import (
@@ -376,8 +377,24 @@ def _auto_micro_batch(model: nn.Module, t: TrainConfig, rows: int, loader: Any, 
             raise torch.OutOfMemoryError(f"train.micro_batch=auto: {m} rows ran out of memory (on some rank)")
         return int(peak)
 
-    m, why = fit_micro_batch(trial, rows, budget, extra=moments)
+    loads = _routing_loads(model)
+    try:
+        m, why = fit_micro_batch(trial, rows, budget, extra=moments)
+    finally:
+        _put_back(loads)  # the trials' routing counts toward no bias update
     return m, budget, why
+
+
+def _routing_loads(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each MoE layer's `step_load` (its router's assignments since the last balancing-bias update)
+    with a copy, for `_put_back`: micro-batch trials and a step's attempt that ran out of memory must
+    not count toward the update."""
+    return [(layer.step_load, layer.step_load.clone()) for layer in model.modules() if isinstance(layer, MoELayer)]
+
+
+def _put_back(loads: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for buffer, saved in loads:
+        buffer.copy_(saved)
 
 
 def _halve(micro_rows: int, rows: int, step: int, what: str, bar: tqdm) -> int:
@@ -488,8 +505,10 @@ def train_model(
                 lr = lr_at(step, t)
                 _set_lr(optimizer, lr)
                 loaded = [train_loader.next_batch() for _ in range(accum)]
+                loads = []
                 if budget:
                     reset_peak(device)
+                    loads = _routing_loads(model)
                 while True:
                     micro = rechunk(loaded, micro_rows) if budget else loaded
                     counts = [count_examples(model, mb[1]) for mb in micro]
@@ -499,6 +518,7 @@ def train_model(
                         break
                     except _OutOfMemory:  # redo this step's rows in smaller micro-batches
                         optimizer.zero_grad(set_to_none=True)
+                        _put_back(loads)
                         micro_rows = _halve(micro_rows, rows, step, "ran out of memory", bar)
                 if budget and device.type == "cpu" and par.any(read_peak(device) > budget):
                     # the kernel would kill the run rather than raise: the next steps run smaller

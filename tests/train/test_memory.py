@@ -18,9 +18,10 @@ from torch.utils.checkpoint import set_checkpoint_early_stop
 from torch.utils.flop_counter import FlopCounterMode
 
 import scratchlm.train.loop as loop_mod
-from scratchlm.config import GPTConfig, LlamaConfig, TrainConfig
+from scratchlm.config import GPTConfig, LlamaConfig, MoEConfig, TrainConfig
 from scratchlm.errors import UserError
 from scratchlm.model import build_model
+from scratchlm.model.moe import MoELayer
 from scratchlm.train.memory import checkpoint_blocks, fit_micro_batch, rechunk, smaller_micro_batch, step_costs
 from scratchlm.train.pretrain import pretrain
 from tests.helpers import tiny_run_cfg
@@ -251,3 +252,37 @@ def test_auto_micro_batch_out_of_memory_at_one_row_names_the_settings():
     with pytest.raises(UserError, match="one sequence per micro-batch ran out of memory"):
         fit_micro_batch(lambda m: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")), 16, 200)
 
+
+def test_auto_micro_batch_trials_leave_the_routers_loads():
+    torch.manual_seed(0)
+    moe = build_model(MoEConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, n_experts=4,
+                                n_active_experts=2, expert_hidden=16)).train()
+    loads = [m.step_load for m in moe.modules() if isinstance(m, MoELayer)]
+    for load in loads:
+        load.fill_(3.0)
+    _auto(moe)
+    assert loads and all(torch.equal(load, torch.full_like(load, 3.0)) for load in loads)
+
+
+def test_a_step_redone_after_running_out_of_memory_counts_its_routing_once(tmp_path, data_dir, monkeypatch):
+    """The balancing-bias update sees each step's rows once: not the trials', not a failed attempt's."""
+    real, update, seen = loop_mod.forward_backward, MoELayer.update_bias, []
+
+    def oom_after_one_micro_batch(model, micro, amp, scaler, counts, **kwargs):
+        if micro[0][0].size(0) > 2:  # runs one micro-batch (its routing counts), then out of memory
+            real(model, micro[:1], amp, scaler, counts[:1], **kwargs)
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(model, micro, amp, scaler, counts, **kwargs)
+
+    def recorded(layer):
+        seen.append(layer.step_load.sum().item())
+        update(layer)
+
+    monkeypatch.setattr(loop_mod, "forward_backward", oom_after_one_micro_batch)
+    monkeypatch.setattr(MoELayer, "update_bias", recorded)
+    cfg = tiny_run_cfg(tmp_path / "moe", batch_size=2, grad_accum=4, micro_batch="auto", memory_budget_gb=64,
+                       max_steps=2, eval_interval=2)
+    cfg.model = MoEConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, n_experts=4, n_active_experts=2,
+                          expert_hidden=16)
+    pretrain(cfg, data_dir, progress=False)
+    assert seen == [2 * 4 * 16 * 2] * 4  # 2 steps x 2 MoE layers: 8 rows of 16 tokens, 2 experts each
