@@ -180,6 +180,9 @@ class Jamba(LanguageModel):
     routing_metrics = MoE.routing_metrics
 
     def num_params(self, non_embedding: bool = True) -> int:
+        """As Llama's and the MoE's: parameters, tied ones once; the token table stays in (no position
+        table to leave out). `active_params`, `flops_per_token` and experiments/arch.py's `param_counts`
+        (which takes the tables off itself) rely on that."""
         return sum(p.numel() for p in self.parameters())
 
     def active_params(self) -> int:
