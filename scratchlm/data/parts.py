@@ -157,6 +157,31 @@ class Part:
         return f"{self.dir} (part {k}/{n})"
 
 
+# part.json's keys that loading and merging read: dicts with the keys they must hold, or the value's type
+_MANIFEST_KEYS: dict[str, tuple[str, ...] | type] = {
+    "part": list, "inputs": list, "dtype": str, "tokens": int, "data": (),
+    "documents": ("read", "passed", "inputs"), "tokenizer": ("fingerprint",),
+}
+
+
+def _bad_manifest_key(manifest: dict) -> str | None:
+    """The first key of a part manifest that is missing or of the wrong kind, as "key" or "key.inner"."""
+    for key, want in _MANIFEST_KEYS.items():
+        value = manifest.get(key)
+        if isinstance(want, type):
+            if not isinstance(value, want) or isinstance(value, bool):
+                return key
+            continue
+        if not isinstance(value, dict):
+            return key
+        for inner in want:
+            if inner not in value:
+                return f"{key}.{inner}"
+    if len(manifest["part"]) != 2:
+        return "part"
+    return None
+
+
 def load_part(path: Path) -> Part:
     make = f"make it with `scratchlm data prepare INPUTS --part K/N --out {path}`"
     if not path.is_dir():
@@ -171,6 +196,10 @@ def load_part(path: Path) -> Part:
         raise UserError(f"{path}/part.json: not a scratchlm part manifest", fix=make)
     if manifest.get("version") != PART_VERSION:
         raise UserError(f"{path}: part format version {manifest.get('version')}, this scratchlm reads {PART_VERSION}",
+                        fix=f"re-run that part ({make})")
+    bad = _bad_manifest_key(manifest)
+    if bad:
+        raise UserError(f"{path}/part.json: corrupt (key {bad!r} missing or malformed)",
                         fix=f"re-run that part ({make})")
     try:
         with np.load(path / "docs.npz") as z:

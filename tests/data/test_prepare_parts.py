@@ -143,6 +143,16 @@ def test_cli_parts_merge_and_every_bad_input(tmp_path, capsys):
     assert run(capsys, *inputs, "--tokenizer", str(tok), "--out", p1, "--part", "1/2")[0] == 2
     assert run(capsys, *inputs, "--tokenizer", str(tok), "--out", p1, "--part", "1/2", "--overwrite")[0] == 0
     assert run(capsys, "--merge", p0, p1, *out)[0] == 0 and files(tmp_path / "m2") == files(tmp_path / "single")
+    # a hand-edited part.json without a key the merge reads is named, not a KeyError
+    manifest_file = tmp_path / "p1" / "part.json"
+    manifest = json.loads(manifest_file.read_text())
+    for key, edit in (("documents.read", lambda m: m["documents"].pop("read")), ("data", lambda m: m.pop("data"))):
+        edited = json.loads(json.dumps(manifest))
+        edit(edited)
+        manifest_file.write_text(json.dumps(edited))
+        rc, err = run(capsys, "--merge", p0, p1, "--out", str(tmp_path / "m3"))
+        assert rc == 2 and err.count("\n") == 1, err
+        assert f"p1/part.json: corrupt (key '{key}' missing or malformed)" in err, err
 
 
 def test_a_part_parses_only_its_own_documents(tmp_path):
