@@ -154,11 +154,6 @@ class Mamba(nn.Module):
         self.b_layernorm = RMSNorm(d_state, norm_eps)
         self.c_layernorm = RMSNorm(d_state, norm_eps)
 
-    @property
-    def state_width(self) -> int:
-        """Columns of the packed state: d_conv - 1 conv inputs, then N scan state."""
-        return self.d_conv - 1 + self.d_state
-
     @torch.no_grad()
     def init_ssm(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
         """Mamba's initialisation of the SSM parameters (the linears are the model's to initialise):
