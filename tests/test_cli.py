@@ -90,7 +90,8 @@ def test_compare_prints_every_kind(capsys, tmp_path, corpus):
 
 
 @pytest.mark.slow
-def test_demo_quick(capsys, tmp_path):
+def test_demo_quick(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as a user runs it: not from the repository (stage 14's torchrun must find the module)
     code, out, _ = run(capsys, "demo", "--quick", "--out", str(tmp_path / "demo"))
     assert code == 0, out
     report = (tmp_path / "demo" / "report.md").read_text()
