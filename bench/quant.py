@@ -6,7 +6,9 @@ Quality (needs a trained checkpoint and its prepared data, e.g. a `scratchlm dem
 `data/`): every `scratchlm quantize` method (int8, fp8, int4, nf4 round-to-nearest; gptq and awq int4
 fitted on the training split; bf16) through the verb's own function; bytes on disk of the weights file and held-out
 bits per byte, with the change against fp32, and for int4 methods the share of the int4-RTN gap to fp32
-each one closes.
+each one closes. Bits per byte are scored on the first --val-bytes of the validation split (whole
+documents; the same ones for every method) by each saved checkpoint loaded back as `sample` and `eval`
+load it.
 
 Speed (random weights, which decode at the same speed as trained ones): the `llama-30m` and `llama-125m`
 presets (8,192 and 32,768 vocabularies) in fp32, bf16 (every weight in bf16, as `scratchlm quantize --method
@@ -21,6 +23,7 @@ only.
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import tempfile
 import time
@@ -28,12 +31,14 @@ from pathlib import Path
 
 import torch
 
+from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.config import SampleConfig, get_preset
+from scratchlm.eval.suite import heldout_texts
 from scratchlm.infer.engine import Engine
 from scratchlm.model import build_model
 from scratchlm.model.qkernels import use_fastest_kernels
 from scratchlm.model.quant import quantize_model
-from scratchlm.quantize.stage import METHODS, quantize_checkpoint
+from scratchlm.quantize.stage import METHODS, heldout_bpb, quantize_checkpoint
 
 SIZES = {"30m": "llama-30m", "125m": "llama-125m"}
 
@@ -42,20 +47,31 @@ def weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
 
 
-def quality(ckpt: str, data: str, quiet: bool) -> None:
-    print(f"\n## Quality: {ckpt}, held-out split of {data}\n")
+def quality(ckpt: str, data: str, val_bytes: int, quiet: bool) -> None:
+    val = heldout_texts(data)[0]
+    before = [0, *itertools.accumulate(len(t.encode()) for t in val)]  # bytes ahead of each document
+    texts = [t for t, b in zip(val, before) if b < val_bytes]
+    n_bytes = sum(len(t.encode()) for t in texts)
+    model, tok, _ = load_model_for_inference(ckpt)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"\n## Quality: {ckpt} ({n_params / 1e6:.1f}M parameters), the first {len(texts)} held-out documents "
+          f"({n_bytes:,} bytes) of {data}\n")
+    fp32_bpb = heldout_bpb(model, tok, texts)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in METHODS:
-            res = quantize_checkpoint(ckpt, Path(tmp) / method, method, calib=data, data=data,
+            out = Path(tmp) / method
+            res = quantize_checkpoint(ckpt, out, method, calib=data, measure=False,
                                       log=(lambda s: None) if quiet else print)
-            rows.append((method, weights_bytes(Path(tmp) / method), res.bytes_before, res.bpb_before, res.bpb_after))
-    fp32_bpb, fp32_bytes = rows[0][3], rows[0][2]
-    rtn_gap = next(r[4] for r in rows if r[0] == "int4") - fp32_bpb
+            qmodel, qtok, _ = load_model_for_inference(out)  # the saved checkpoint, as sample/eval load it
+            rows.append((method, weights_bytes(out), res.bytes_before, heldout_bpb(qmodel, qtok, texts)))
+            print(f"  {method}: {rows[-1][3]:.4f} bits/byte", flush=True)
+    fp32_bytes = rows[0][2]
+    rtn_gap = next(r[3] for r in rows if r[0] == "int4") - fp32_bpb
     print("| method | weights on disk | vs fp32 | bits/byte | change vs fp32 | int4-RTN gap closed |")
     print("|---|---|---|---|---|---|")
     print(f"| fp32 | {fp32_bytes / 1e6:.2f} MB | 1.00 | {fp32_bpb:.4f} | | |")
-    for method, nbytes, _, _, bpb in rows:
+    for method, nbytes, _, bpb in rows:
         closed = f"{1 - (bpb - fp32_bpb) / rtn_gap:.0%}" if method in ("gptq", "awq") and rtn_gap > 0 else ""
         print(f"| {method} | {nbytes / 1e6:.2f} MB | {nbytes / fp32_bytes:.2f} | {bpb:.4f} | "
               f"{(bpb - fp32_bpb) / fp32_bpb:+.2%} | {closed} |")
@@ -113,7 +129,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", help="a trained checkpoint for the quality table")
     p.add_argument("--data", help="its prepared data folder (calibration: training split; held-out: validation)")
-    p.add_argument("--sizes", default="30m,125m")
+    p.add_argument("--val-bytes", type=int, default=40_000,
+                   help="held-out bytes scored per method (whole documents from the start of the split; 0 = all)")
+    p.add_argument("--sizes", default="30m,125m", help="speed-table presets; '' = none")
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
@@ -124,10 +142,10 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     if args.ckpt and args.data:
-        quality(args.ckpt, args.data, quiet=True)
+        quality(args.ckpt, args.data, args.val_bytes or 1 << 62, quiet=True)
     else:
         print("quality: skipped (pass --ckpt RUN and --data DIR, e.g. a demo run's pretrain/ and data/)")
-    sizes = ["30m"] if args.quick else args.sizes.split(",")
+    sizes = ["30m"] if args.quick else [s for s in args.sizes.split(",") if s]
     for size in sizes:
         speed(size, 8 if args.quick else args.new, 1 if args.quick else args.rounds)
 

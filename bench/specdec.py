@@ -1,9 +1,11 @@
 """Speculative decoding against plain decoding of the same target, batch 1, greedy.
 
-    python bench/specdec.py [--root runs/specdec] [--steps 300] [--threads 1] [--new 64] [--prompts 6]
+    python bench/specdec.py [--size 9m|30m|100m] [--root runs/specdec-SIZE] [--threads 1] [--new 64] [--prompts 6]
 
-Trains (once; reused from --root afterwards) a byte-level Llama target on the embedded corpus, a
-smaller Llama draft the same way, and an EAGLE head on the target (`train_draft`); then, on held-out
+Trains (once; reused from --root afterwards) a byte-level Llama target of --size on the embedded corpus
+(9m: 6x384, 300 steps of 16x256 tokens; 30m: the llama-30m shape, 8x512, 1,000 steps of 8x128; 100m:
+14x768, 700 steps of 4x128; all in fp32, about 3, 26 and 35 minutes on a 2-core CPU), a smaller Llama
+draft the same way, and an EAGLE head on the target (`train_draft`); then, on held-out
 prompts (the corpus's validation split), times `Engine.generate` against `SpeculativeDecoder` with
 each draft kind and k, checks that the greedy tokens are identical, and prints tokens/s, the speed
 ratio and the mean accepted length (tokens per target forward). Best of --rounds rounds, so drifts in
@@ -29,8 +31,21 @@ from scratchlm.infer.speculative import ModelDraft, SpeculativeDecoder
 from scratchlm.tokenizer import ByteTokenizer
 from scratchlm.train.pretrain import pretrain
 
+# target (layers, heads, kv heads, width), block size, steps, batch, lr; the draft model is 1x128 (9m) or 2x256
+SIZES = {
+    "9m": ((6, 6, 2, 384), 256, 300, 16, 3e-3, (1, 2, 1, 128)),
+    "30m": ((8, 8, 4, 512), 128, 1000, 8, 1.5e-3, (2, 4, 2, 256)),
+    "100m": ((14, 12, 4, 768), 128, 700, 4, 1e-3, (2, 4, 2, 256)),
+}
 
-def train_lm(root: Path, name: str, model: LlamaConfig, steps: int) -> Path:
+
+def llama(shape: tuple[int, int, int, int], block: int) -> LlamaConfig:
+    n_layer, n_head, n_kv_head, n_embd = shape
+    return LlamaConfig(block_size=block, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
+                       bias=False)
+
+
+def train_lm(root: Path, name: str, model: LlamaConfig, steps: int, batch: int, lr: float) -> Path:
     out = root / name
     if (out / "ckpt").exists():
         return out
@@ -38,9 +53,11 @@ def train_lm(root: Path, name: str, model: LlamaConfig, steps: int) -> Path:
     cfg.data.workers = 1
     cfg.model = model
     t = cfg.train
-    t.max_steps, t.batch_size, t.lr, t.warmup_steps = steps, 16, 3e-3, 20
-    t.eval_interval, t.eval_iters, t.tensorboard, t.log_interval, t.precision = steps, 4, False, 50, "fp32"
-    pretrain(cfg, root / "data", progress=False)
+    t.max_steps, t.batch_size, t.lr, t.min_lr, t.warmup_steps = steps, batch, lr, lr / 10, min(50, steps // 10)
+    t.eval_interval, t.eval_iters, t.tensorboard, t.log_interval, t.precision = steps, 8, False, 50, "fp32"
+    t.ckpt_interval = 200
+    res = pretrain(cfg, root / "data", progress=True)
+    print(f"{name}: {steps} steps in {res.seconds / 60:.1f} min, held-out {res.val_bpb:.3f} bits/byte", flush=True)
     return out
 
 
@@ -61,8 +78,10 @@ def timed(fn, rounds: int) -> tuple[float, object]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", default="runs/specdec")
-    ap.add_argument("--steps", type=int, default=300, help="pretraining steps of the target and the draft")
+    ap.add_argument("--size", choices=sorted(SIZES), default="9m", help="the target's size")
+    ap.add_argument("--root", default="", help="default runs/specdec-SIZE")
+    ap.add_argument("--steps", type=int, default=0, help="pretraining steps of the target and the draft model "
+                                                            "(0 = the size's own)")
     ap.add_argument("--head-steps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--new", type=int, default=64, help="new tokens per prompt")
@@ -71,15 +90,15 @@ def main() -> None:
     ap.add_argument("--ks", default="2,4")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    root = Path(args.root)
+    root = Path(args.root or f"runs/specdec-{args.size}")
+    shape, block, steps, batch, lr, draft_shape = SIZES[args.size]
+    steps = args.steps or steps
     if not (root / "data").exists():
         cfg = Config()
         cfg.data.workers = 1
         prepare(None, ByteTokenizer({"<|endoftext|>": 256}), cfg, root / "data", progress=False)
-    target_dir = train_lm(root, "target", LlamaConfig(block_size=256, n_layer=6, n_head=6, n_kv_head=2, n_embd=384,
-                                                      bias=False), args.steps)
-    draft_dir = train_lm(root, "draft", LlamaConfig(block_size=256, n_layer=1, n_head=2, n_kv_head=1, n_embd=128,
-                                                    bias=False), args.steps)
+    target_dir = train_lm(root, "target", llama(shape, block), steps, batch, lr)
+    draft_dir = train_lm(root, "draft", llama(draft_shape, block), max(steps, 600), 16, 3e-3)
     head_dir = root / "head"
     if not (head_dir / "draft.json").exists():
         train_draft(target_dir, None, head_dir, DraftTrainSettings(steps=args.head_steps, batch_size=8, seq_len=128,

@@ -85,10 +85,10 @@ def check_quantizable(ckpt: Path) -> None:
 def quantize_checkpoint(src: str | Path, out: str | Path, method: str, *, group_size: int = 64,
                         calib: str | Path | None = None, data: str | Path | None = None, calib_blocks: int = 32,
                         calib_len: int | None = None, act_order: bool = False, percdamp: float = 0.01,
-                        log: Callable[[str], None] = print) -> QuantizeResult:
+                        measure: bool = True, log: Callable[[str], None] = print) -> QuantizeResult:
     """Quantize the checkpoint at `src` with `method` and write the result to `out` (see the module
     docstring). `data`: a prepared data folder whose validation split measures bits per byte before
-    and after (default: `calib` when it is one)."""
+    and after (default: `calib` when it is one); `measure=False` skips that measurement."""
     t0 = time.perf_counter()
     if method not in METHODS:
         raise UserError(f"--method {method} is unknown", fix=f"use one of {', '.join(METHODS)}")
@@ -112,7 +112,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, method: str, *, group_
         blocks = calibration_blocks(tok, calibration_texts(calib), block_len, calib_blocks, source=f"--calib {calib}")
     if data is None and calib is not None and (Path(calib) / "manifest.json").is_file():
         data = calib
-    val = heldout_texts(data)[0] if data is not None else None
+    val = heldout_texts(data)[0] if data is not None and measure else None
     bpb_before = heldout_bpb(model, tok, val) if val else None
     if bpb_before is not None:
         log(f"held-out bits per byte before: {bpb_before:.4f} ({len(val)} documents of {data})")

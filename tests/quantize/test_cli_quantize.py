@@ -76,6 +76,15 @@ def test_calibrated_checkpoint_scores_what_the_stage_measured(trained, tmp_path,
     assert res.bpb_after < res.bpb_before * 1.05  # int4 on a tiny model: within a few percent
 
 
+def test_measure_false_skips_bits_per_byte_and_writes_the_same_weights(trained, tmp_path):
+    _, base, data = trained
+    kw = dict(group_size=32, calib=data, calib_blocks=8, log=lambda s: None)
+    measured = quantize_checkpoint(base, tmp_path / "a", "gptq", **kw)
+    skipped = quantize_checkpoint(base, tmp_path / "b", "gptq", measure=False, **kw)
+    assert measured.bpb_before is not None and skipped.bpb_before is None and skipped.bpb_after is None
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
 def test_bad_input_is_one_line(trained, tmp_path, capsys):
     _, base, data = trained
     q = tmp_path / "q"
