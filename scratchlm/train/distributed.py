@@ -197,11 +197,10 @@ def may_skip_parameters(model: nn.Module) -> bool:
     return bool(getattr(model, "mtp", None))
 
 
-def parallelize(model: nn.Module, t: TrainConfig, here: Place, device: torch.device) -> Parallel:
-    """Apply activation checkpointing, compile and data parallelism to a built model (see the module
-    docstring for the order). The model is changed in place; DDP also wraps it."""
+def parallelize(model: nn.Module, t: TrainConfig, here: Place, device: torch.device, kind: str) -> Parallel:
+    """Apply activation checkpointing, compile and data parallelism (`kind`, from `parallel_kind`) to a
+    built model (see the module docstring for the order). The model is changed in place; DDP also wraps it."""
     prepare_blocks(model, t)  # done once: a second call finds the blocks already prepared
-    kind = parallel_kind(t.parallel, here)
     if kind == "fsdp":
         mesh = dist.device_mesh.init_device_mesh(device.type, (here.world_size,))
         for block in model.blocks:

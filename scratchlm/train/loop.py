@@ -448,7 +448,8 @@ def train_model(
     t, run_dir = cfg.train, Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     here, device = join(t.device)
-    accum = _accum_per_rank(t, here, parallel_kind(t.parallel, here))
+    kind = parallel_kind(t.parallel, here)  # once: its note, when it has one, prints once
+    accum = _accum_per_rank(t, here, kind)
     threads_before = torch.get_num_threads()
     threads, threads_why = pick_threads(t.threads)
     torch.set_num_threads(threads)  # before any timing below; restored when the run ends
@@ -465,7 +466,7 @@ def train_model(
     micro_rows, budget, micro_why = t.batch_size, 0, ""
     if t.micro_batch == "auto":
         micro_rows, budget, micro_why = _auto_micro_batch(model, t, rows, batches.train, device, amp)
-    par = parallelize(model, t, here, device)
+    par = parallelize(model, t, here, device, kind)
     optimizer = make_optimizer(model, t)
     train_loader = batches.train
 

@@ -169,3 +169,10 @@ def test_sft_over_two_processes_is_one_process_with_accumulation(baseline):
     torchrun("sft", "--base", str(baseline), "--out", str(two), *sft, "--train.parallel=ddp")
     assert len(losses(one)) == 4
     assert_same_curve(two, one)
+
+
+def test_a_one_process_run_set_to_ddp_trains_alone_and_says_so_once(tmp_path, capsys):
+    run = [a for a in RUN if a != "--quiet" and not a.startswith("--train.max_steps")]
+    assert main(["pretrain", "--out", str(tmp_path / "run"), *run, "--train.max_steps=2",
+                 "--train.parallel=ddp"]) == 0
+    assert capsys.readouterr().out.count("torchrun did not start this process") == 1
