@@ -2,10 +2,10 @@
 
     python bench/specdec.py [--size 9m|30m|100m] [--root runs/specdec-SIZE] [--threads 1] [--new 64] [--prompts 6]
 
-Trains (once; reused from --root afterwards) a byte-level Llama target of --size on the embedded corpus
-(9m: 6x384, 300 steps of 16x256 tokens; 30m: the llama-30m shape, 8x512, 1,000 steps of 8x128; 100m:
-14x768, 700 steps of 4x128; all in fp32, about 3, 26 and 35 minutes on a 2-core CPU), a smaller Llama
-draft the same way, and an EAGLE head on the target (`train_draft`); then, on held-out
+Trains (once; reused from --root afterwards) a Llama target of --size on the embedded corpus (9m:
+bytes, 6x384, 300 steps of 16x256 tokens; 30m: an 8,192 BPE, the llama-30m shape 8x512, 800 steps of
+8x128; 100m: the same BPE, 14x768, 700 steps of 4x128; all in fp32, about 3, 20 and 35 minutes on a
+2-core CPU), a smaller Llama draft the same way, and an EAGLE head on the target (`train_draft`); then, on held-out
 prompts (the corpus's validation split), times `Engine.generate` against `SpeculativeDecoder` with
 each draft kind and k, checks that the greedy tokens are identical, and prints tokens/s, the speed
 ratio and the mean accepted length (tokens per target forward). Best of --rounds rounds, so drifts in
@@ -29,13 +29,13 @@ from scratchlm.infer.eagle import load_draft
 from scratchlm.infer.engine import Engine
 from scratchlm.infer.speculative import ModelDraft, SpeculativeDecoder
 from scratchlm.tokenizer import ByteTokenizer
-from scratchlm.train.pretrain import pretrain
+from scratchlm.train.pretrain import prepare_run_data, pretrain
 
-# target (layers, heads, kv heads, width), block size, steps, batch, lr; the draft model is 1x128 (9m) or 2x256
+# BPE vocabulary (0 = bytes), target (layers, heads, kv heads, width), block size, steps, batch, lr, draft model
 SIZES = {
-    "9m": ((6, 6, 2, 384), 256, 300, 16, 3e-3, (1, 2, 1, 128)),
-    "30m": ((8, 8, 4, 512), 128, 1000, 8, 1.5e-3, (2, 4, 2, 256)),
-    "100m": ((14, 12, 4, 768), 128, 700, 4, 1e-3, (2, 4, 2, 256)),
+    "9m": (0, (6, 6, 2, 384), 256, 300, 16, 3e-3, (1, 2, 1, 128)),
+    "30m": (8192, (8, 8, 4, 512), 128, 800, 8, 1.5e-3, (2, 4, 2, 256)),
+    "100m": (8192, (14, 12, 4, 768), 128, 700, 4, 1e-3, (2, 4, 2, 256)),
 }
 
 
@@ -91,14 +91,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.root or f"runs/specdec-{args.size}")
-    shape, block, steps, batch, lr, draft_shape = SIZES[args.size]
+    vocab, shape, block, steps, batch, lr, draft_shape = SIZES[args.size]
     steps = args.steps or steps
     if not (root / "data").exists():
         cfg = Config()
         cfg.data.workers = 1
-        prepare(None, ByteTokenizer({"<|endoftext|>": 256}), cfg, root / "data", progress=False)
+        if vocab:  # the tokenizer trained on the corpus, as `scratchlm pretrain` does
+            cfg.tokenizer.vocab_size = vocab
+            prepare_run_data(cfg, root, None, progress=False)
+        else:
+            prepare(None, ByteTokenizer({"<|endoftext|>": 256}), cfg, root / "data", progress=False)
     target_dir = train_lm(root, "target", llama(shape, block), steps, batch, lr)
-    draft_dir = train_lm(root, "draft", llama(draft_shape, block), max(steps, 600), 16, 3e-3)
+    draft_dir = train_lm(root, "draft", llama(draft_shape, block), 600, 16, 3e-3)
     head_dir = root / "head"
     if not (head_dir / "draft.json").exists():
         train_draft(target_dir, None, head_dir, DraftTrainSettings(steps=args.head_steps, batch_size=8, seq_len=128,
