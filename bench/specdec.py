@@ -4,7 +4,7 @@
 
 Trains (once; reused from --root afterwards) a Llama target of --size on the embedded corpus (9m:
 bytes, 6x384, 300 steps of 16x256 tokens; 30m: an 8,192 BPE, the llama-30m shape 8x512, 800 steps of
-8x128; 100m: the same BPE, 14x768, 700 steps of 4x128; all in fp32, about 3, 20 and 35 minutes on a
+8x128; 100m: the same BPE, 14x768, 500 steps of 4x128; all in fp32, about 3, 24 and 30 minutes on a
 2-core CPU), a smaller Llama draft the same way, and an EAGLE head on the target (`train_draft`); then, on held-out
 prompts (the corpus's validation split), times `Engine.generate` against `SpeculativeDecoder` with
 each draft kind and k, checks that the greedy tokens are identical, and prints tokens/s, the speed
@@ -35,7 +35,7 @@ from scratchlm.train.pretrain import prepare_run_data, pretrain
 SIZES = {
     "9m": (0, (6, 6, 2, 384), 256, 300, 16, 3e-3, (1, 2, 1, 128)),
     "30m": (8192, (8, 8, 4, 512), 128, 800, 8, 1.5e-3, (2, 4, 2, 256)),
-    "100m": (8192, (14, 12, 4, 768), 128, 700, 4, 1e-3, (2, 4, 2, 256)),
+    "100m": (8192, (14, 12, 4, 768), 128, 500, 4, 1.5e-3, (2, 4, 2, 256)),
 }
 
 
