@@ -15,6 +15,7 @@ machine load hit both alike; absolute numbers are for this machine only.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -59,6 +60,12 @@ def train_lm(root: Path, name: str, model: LlamaConfig, steps: int, batch: int, 
     res = pretrain(cfg, root / "data", progress=True)
     print(f"{name}: {steps} steps in {res.seconds / 60:.1f} min, held-out {res.val_bpb:.3f} bits/byte", flush=True)
     return out
+
+
+def val_bpb(run: Path) -> float:
+    """The run's last held-out bits per byte (its metrics.jsonl)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_bpb"] for r in records if "val_bpb" in r][-1]
 
 
 def held_out_prompts(root: Path, n: int, length: int) -> list[list[int]]:
@@ -114,7 +121,8 @@ def main() -> None:
     engine = Engine(target, tok)
     n_target = sum(p.numel() for p in target.parameters())
     n_draft = sum(p.numel() for p in draft_model.parameters())
-    print(f"target {n_target / 1e6:.1f}M params, draft model {n_draft / 1e6:.2f}M, "
+    print(f"target {n_target / 1e6:.1f}M params ({val_bpb(target_dir):.3f} held-out bits/byte), draft model "
+          f"{n_draft / 1e6:.2f}M ({val_bpb(draft_dir):.3f}), "
           f"{len(prompts)} held-out prompts x {args.new} new tokens, batch 1, greedy, {args.threads} thread(s)")
 
     def plain():
