@@ -1,14 +1,17 @@
 """The `serve` verb: an OpenAI-compatible server (and chat page) over a checkpoint.
 
     scratchlm serve --ckpt RUN [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch 16] [--max-queue 64]
+                    [--draft DRAFT [--draft-k 4]]
 
-Glue only: the options, then the stage's `build_app` and `serve`.
+Glue only: the options, then the stage's `build_app` and `serve`. With --draft the model is loaded as
+`sample` and `chat` load it (`commands._generator`), and requests are served one at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from scratchlm.errors import UserError
 
@@ -16,6 +19,7 @@ KEY_VAR = "SCRATCHLM_API_KEY"
 
 
 def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
+    from scratchlm.cli.commands import _check_draft_k, _generator
     from scratchlm.serve.api import Settings
     from scratchlm.serve.stage import build_app, serve
     from scratchlm.train.device import pick_device
@@ -27,13 +31,17 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be > 0")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise UserError(f"--max-tokens {args.max_tokens} must be >= 1")
+    _check_draft_k(args)
     key = args.api_key or os.environ.get(KEY_VAR) or None
     settings = Settings(model_name=args.name or os.path.basename(os.path.normpath(args.ckpt)), api_key=key,
                         max_body=args.max_body, max_tokens=args.max_tokens, timeout=args.timeout,
                         max_n=args.max_batch)
     app = build_app(args.ckpt, settings, device=str(pick_device(args.device, flag="--device")),
                     adapters=args.adapters, max_batch=args.max_batch, max_queue=args.max_queue,
-                    prefill_tokens=args.prefill_tokens)
+                    prefill_tokens=args.prefill_tokens, generator=lambda model, tok: _generator(args, model, tok))
+    if args.draft is not None:
+        print(f"scratchlm: speculative decoding with --draft {args.draft}, k={args.draft_k}: requests are served "
+              "one at a time (no log-probabilities)", file=sys.stderr)
     serve(app, args.host, args.port, log_level="warning" if args.quiet else "info")
 
 
@@ -55,5 +63,10 @@ def add_parsers(verbs: argparse._SubParsersAction, with_common, writes) -> None:
                     help="prompt tokens admitted per step (more newcomers wait a step, so streams keep flowing)")
     sp.add_argument("--max-tokens", type=int, help="the largest max_tokens a request may ask (default: the context)")
     sp.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes (then 413)")
+    sp.add_argument("--draft", help="speculative decoding, as in sample and chat: a draft head folder (scratchlm "
+                                    "train-draft), a smaller checkpoint with the same tokenizer, or mtp; requests "
+                                    "are then served one at a time, first come first served, and "
+                                    "log-probabilities are refused")
+    sp.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per target forward")
     sp.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queueing included")
     sp.set_defaults(fn=cmd_serve)

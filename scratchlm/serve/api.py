@@ -19,6 +19,8 @@ Choices:
   bodies over max_body bytes get 413 (read in pieces, so a huge body is never held); prompt length and
   max_tokens are bounded by the context; a full queue is a 429; each request has a time limit (504).
 - A client that disconnects cancels its requests: the scheduler frees their rows at its next step.
+- With a draft (`scratchlm serve --draft`) requests run one at a time through speculative decoding,
+  which gives no log-probabilities: a request for them (logprobs, echo + logprobs) is a 400 saying so.
 
 Left out: tools / function calling, JSON mode, best_of > n, presence and frequency penalties, logit bias,
 embeddings, and more than one model per server.
@@ -298,6 +300,12 @@ def create_app(scheduler: Scheduler, tok: Tokenizer, settings: Settings | None =
             raise APIError(400, f"the prompt is {len(ids)} tokens; this model's context is {context} tokens",
                            field, code="context_length_exceeded")
 
+    def refuse_with_draft(field: str) -> None:
+        if scheduler.speculative is not None:
+            raise APIError(400, f"{field} is not available from this server: it decodes speculatively (started "
+                                f"with --draft), which gives no log-probabilities; restart the server without "
+                                f"--draft to get them", field, code="unsupported_field")
+
     def submit(jobs: list[Job]) -> None:
         try:
             scheduler.submit(jobs)
@@ -403,6 +411,8 @@ def create_app(scheduler: Scheduler, tok: Tokenizer, settings: Settings | None =
         echo, stream = _flag(body, "echo"), _flag(body, "stream")
         usage_chunk = stream_options(body, stream)
         k = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+        if k is not None:
+            refuse_with_draft("logprobs")
         params = []
         for p in prompts:
             ps = sampling(body, context - len(p), 16, settings)
@@ -479,6 +489,8 @@ def create_app(scheduler: Scheduler, tok: Tokenizer, settings: Settings | None =
         top = _integer(body, "top_logprobs", 0, 0, MAX_LOGPROBS)
         if top and not want_lps:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        if want_lps:
+            refuse_with_draft("logprobs")
         params = sampling(body, context - len(prompt), context, settings)
         sp = tok.special_tokens
         params.stop_ids = tuple(t for t in (sp["<|end|>"], tok.eot_id) if t is not None)

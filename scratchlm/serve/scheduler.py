@@ -24,13 +24,24 @@ Choices:
   could grow into a stop string), so nothing shown is ever taken back.
 - Echoed prompt log-probabilities (the completions API's `echo` + `logprobs`) come from one plain
   forward over the prompt, run in this loop like a prefill.
+- With a draft (`scratchlm serve --draft`), the scheduler is given a `SpeculativeDecoder` in place of
+  the Engine and serves one request at a time, first come first served: speculative decoding runs one
+  row at a time (see infer/speculative.py), and pays at batch 1. Each `step` then runs one request to
+  its end through `SpeculativeDecoder.generate`, whose `on_token` feeds the same `_advance` (stop
+  tokens, stop strings, max_tokens, the TextStream hold-back) and checks cancellation and the time
+  limit between tokens. Greedy output is the same as without a draft (float64: tested); a seeded
+  sampled request draws from the same distribution, but not the same tokens. Log-probabilities are
+  not available (the API refuses them with a 400).
 
 Left out: chunked prefill of one long prompt across steps (a prompt is prefilled whole, in one step),
-paged KV memory, prefix sharing, preemption, the sink cache, and models without a KV cache.
+paged KV memory, prefix sharing, preemption, the sink cache, models without a KV cache, and batching
+with a draft.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import threading
 import time
@@ -46,6 +57,7 @@ from scratchlm.errors import UserError
 from scratchlm.infer.engine import Engine, first_stop
 from scratchlm.infer.kv_cache import KVCache
 from scratchlm.infer.sample import mask_padding, sample_next
+from scratchlm.infer.speculative import SpeculativeDecoder
 from scratchlm.infer.text import TextStream
 from scratchlm.tokenizer import Tokenizer
 
@@ -55,6 +67,10 @@ RATE_WINDOW = 10.0  # seconds of steps the tokens/s gauge averages over
 
 class QueueFull(Exception):
     """The waiting queue holds max_queue requests already."""
+
+
+class _Leave(Exception):
+    """Raised from the speculative decoder's on_token to end its request between two tokens."""
 
 
 @dataclass
@@ -185,11 +201,15 @@ def compact(cache: KVCache) -> None:
 
 
 class Scheduler:
-    """The serving loop around one `Engine` (see the module docstring). `start` runs it in a background
-    thread; tests may call `step` themselves instead."""
+    """The serving loop around one `Engine`, or a `SpeculativeDecoder` in its place (then one request at
+    a time; see the module docstring). `start` runs it in a background thread; tests may call `step`
+    themselves instead."""
 
-    def __init__(self, engine: Engine, tok: Tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 prefill_requests: int = 4, prefill_tokens: int = 2048) -> None:
+    def __init__(self, engine: Engine | SpeculativeDecoder, tok: Tokenizer, *, max_batch: int = 16,
+                 max_queue: int = 64, prefill_requests: int = 4, prefill_tokens: int = 2048) -> None:
+        self.speculative = engine if isinstance(engine, SpeculativeDecoder) else None
+        if self.speculative is not None:
+            engine = self.speculative.target
         if not engine.cacheable:
             raise UserError(f"model.arch={engine.model.config.arch} has no KV cache",
                             fix="serve a GPT, Llama or MoE checkpoint")
@@ -212,6 +232,8 @@ class Scheduler:
 
     def submit(self, requests: list[Request]) -> None:
         """Queue requests (all or none); QueueFull when the queue cannot take them all."""
+        if self.speculative is not None and any(r.params.logprobs is not None for r in requests):
+            raise ValueError("log-probabilities are not available with a draft")
         with self.wake:
             if len(self.waiting) + len(requests) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue holds {self.max_queue})")
@@ -251,9 +273,17 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One round: drop cancelled and late rows, admit newcomers, sample, retire, decode."""
+        """One round: drop cancelled and late rows, admit newcomers, sample, retire, decode (with a draft:
+        run the oldest waiting request to its end)."""
         now = time.monotonic()
         self._drop_waiting(now)
+        if self.speculative is not None:
+            with self.wake:
+                oldest = self.waiting.popleft() if self.waiting else None
+                self.metrics.queue_depth = len(self.waiting)
+            if oldest is not None:
+                self._run_alone(oldest)
+            return
         gone = [i for i, r in enumerate(self.rows) if r.cancelled or now > r.deadline]
         for i in gone:
             self._end(self.rows[i], "cancelled" if self.rows[i].cancelled else "timeout")
@@ -301,13 +331,7 @@ class Scheduler:
             if r.params.max_tokens == 0:
                 self._end(r, "length")
                 continue
-            device = self.engine.device
-            r.generator = torch.Generator(device=device)
-            if r.params.seed is None:
-                r.generator.seed()
-            else:
-                r.generator.manual_seed(r.params.seed)
-            r.stream = TextStream(self.tok.decode, lambda s: None, r.params.stop)
+            self._prepare(r)
             gen.append(r)
         if not gen:
             return
@@ -322,6 +346,46 @@ class Scheduler:
             self.logits = logits
         self.rows += gen
         self.metrics.peak_batch = max(self.metrics.peak_batch, len(self.rows))
+
+    def _prepare(self, r: Request) -> None:
+        """r's own generator (seeded when asked) and text stream."""
+        r.generator = torch.Generator(device=self.engine.device)
+        if r.params.seed is None:
+            r.generator.seed()
+        else:
+            r.generator.manual_seed(r.params.seed)
+        r.stream = TextStream(self.tok.decode, lambda s: None, r.params.stop)
+
+    def _run_alone(self, r: Request) -> None:
+        """With a draft: generate r's reply alone through the speculative decoder. Every token goes
+        through `_advance`, which ends r (the decoder's eos_id=-1 and cfg.stop=[] leave stop tokens and
+        stop strings to it); on_token raises _Leave to stop the decoder once r has ended, or before a
+        token when r was cancelled or ran out of time (or the loop is stopping)."""
+        self.metrics.prompt_tokens += len(r.prompt)
+        if r.params.max_tokens == 0:
+            self._end(r, "length")
+            return
+        self._prepare(r)
+        self.rows = [r]  # for _fail_all, should the decoder raise
+        self.metrics.batch_size = 1
+        self.metrics.peak_batch = max(self.metrics.peak_batch, 1)
+
+        def on_token(row: int, t: int) -> None:
+            now = time.monotonic()
+            if r.cancelled or now > r.deadline or self.stopping:
+                raise _Leave
+            self._drawn(r, now)
+            self._count(now, 1)
+            if self._advance(r, t):
+                raise _Leave
+
+        with contextlib.suppress(_Leave):
+            self.speculative.generate([r.prompt], dataclasses.replace(r.cfg, stop=[]), eos_id=-1,
+                                      valid_vocab=self.valid_vocab, on_token=on_token, generator=r.generator)
+        if r.finish_reason is None and not self.stopping:  # left before a token: gone or late
+            self._end(r, "cancelled" if r.cancelled else "timeout")
+        self.rows = []
+        self.metrics.batch_size = 0
 
     def _score(self, prompt: list[int], k: int) -> list[TokenLogprob | None]:
         """Each prompt token's log-probability given the tokens before it (None for the first), with the
@@ -354,20 +418,28 @@ class Scheduler:
         now = time.monotonic()
         finished = []
         for i, (r, t) in enumerate(zip(self.rows, next_ids)):
-            if r.first_token_at is None:
-                r.first_token_at = now
-                self.metrics.observe_ttft(now - r.submitted)
-            r.sampled += 1
+            self._drawn(r, now)
             if r.params.logprobs is not None:  # a stop token's too: the text ends, the scores do not
                 lp = F.log_softmax(mask_padding(logits[i : i + 1], self.valid_vocab)[0], dim=-1)
                 r.pending_logprobs.append(self._logprob(lp, t, r.params.logprobs))
             if self._advance(r, t):
                 finished.append(i)
-        self.metrics.generated_tokens += len(next_ids)
-        self.metrics.steps.append((now, len(next_ids)))
+        self._count(now, len(next_ids))
+        return finished
+
+    def _drawn(self, r: Request, now: float) -> None:
+        """A token was drawn for r (a stop token included): its time to first token, its count."""
+        if r.first_token_at is None:
+            r.first_token_at = now
+            self.metrics.observe_ttft(now - r.submitted)
+        r.sampled += 1
+
+    def _count(self, now: float, n: int) -> None:
+        """n tokens generated now, for the totals and the tokens/s window."""
+        self.metrics.generated_tokens += n
+        self.metrics.steps.append((now, n))
         while self.metrics.steps and now - self.metrics.steps[0][0] > RATE_WINDOW:
             self.metrics.steps.popleft()
-        return finished
 
     def _advance(self, r: Request, t: int) -> bool:
         """Add token t to r's reply and stream what may be shown; True when r has finished."""

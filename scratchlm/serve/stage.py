@@ -10,7 +10,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from scratchlm.checkpoint import load_model_for_inference
 from scratchlm.errors import UserError
 from scratchlm.infer.engine import Engine
+from scratchlm.infer.speculative import SpeculativeDecoder
 from scratchlm.serve.api import Settings, create_app
 from scratchlm.serve.scheduler import Scheduler
 
@@ -27,13 +28,16 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def build_app(ckpt: str | Path, settings: Settings, *, device: str = "cpu", adapters: str | None = None,
-              max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 2048) -> FastAPI:
-    """The app over a checkpoint; its scheduler starts with the app (uvicorn's lifespan)."""
+              max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 2048,
+              generator: Callable[..., Engine | SpeculativeDecoder] = Engine) -> FastAPI:
+    """The app over a checkpoint; its scheduler starts with the app (uvicorn's lifespan). `generator(model,
+    tok)` makes what the scheduler generates with: the Engine, or a SpeculativeDecoder (`serve --draft`:
+    then one request at a time)."""
     for name, v in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--prefill-tokens", prefill_tokens)):
         if v < 1:
             raise UserError(f"{name}={v} must be >= 1")
     model, tok, _ = load_model_for_inference(ckpt, device, adapters=adapters)
-    scheduler = Scheduler(Engine(model, tok), tok, max_batch=max_batch, max_queue=max_queue,
+    scheduler = Scheduler(generator(model, tok), tok, max_batch=max_batch, max_queue=max_queue,
                           prefill_tokens=prefill_tokens)
     app = create_app(scheduler, tok, settings)
     app.state.scheduler = scheduler
