@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -48,16 +49,17 @@ def llama(shape: tuple[int, int, int, int], block: int) -> LlamaConfig:
 
 def train_lm(root: Path, name: str, model: LlamaConfig, steps: int, batch: int, lr: float) -> Path:
     out = root / name
-    if (out / "ckpt").exists():
-        return out
+    if (out / "metrics.jsonl").exists() and any(f'"step": {steps}, "val_loss"' in line for line in
+                                                 (out / "metrics.jsonl").read_text().splitlines()):
+        return out  # trained to the end; a run stopped part-way resumes from its last checkpoint below
     cfg = Config(name=name, out_dir=str(out))
     cfg.data.workers = 1
     cfg.model = model
     t = cfg.train
     t.max_steps, t.batch_size, t.lr, t.min_lr, t.warmup_steps = steps, batch, lr, lr / 10, min(50, steps // 10)
     t.eval_interval, t.eval_iters, t.tensorboard, t.log_interval, t.precision = steps, 8, False, 50, "fp32"
-    t.ckpt_interval = 200
-    res = pretrain(cfg, root / "data", progress=True)
+    t.ckpt_interval, t.threads = 100, os.cpu_count() or 1  # all cores: auto would count a concurrent job's
+    res = pretrain(cfg, root / "data", progress=True, resume=(out / "ckpt").exists())
     print(f"{name}: {steps} steps in {res.seconds / 60:.1f} min, held-out {res.val_bpb:.3f} bits/byte", flush=True)
     return out
 
