@@ -5,7 +5,8 @@
 Trains (once; reused from --root afterwards) a Llama target of --size on the embedded corpus (9m:
 bytes, 6x384, 300 steps of 16x256 tokens; 30m: an 8,192 BPE, the llama-30m shape 8x512, 800 steps of
 8x128; 100m: the same BPE, 14x768, 500 steps of 4x128; all in fp32, about 3, 24 and 30 minutes on a
-2-core CPU), a smaller Llama draft the same way, and an EAGLE head on the target (`train_draft`); then, on held-out
+2-core CPU), a smaller Llama draft the same way, and an EAGLE head on the target (`train_draft`, on the
+target's training split only, drafting from the --draft-vocab most frequent ids); then, on held-out
 prompts (the corpus's validation split), times `Engine.generate` against `SpeculativeDecoder` with
 each draft kind and k, checks that the greedy tokens are identical, and prints tokens/s, the speed
 ratio and the mean accepted length (tokens per target forward). Best of --rounds rounds, so drifts in
@@ -76,6 +77,25 @@ def held_out_prompts(root: Path, n: int, length: int) -> list[list[int]]:
     return [shards.read("val", i * step, length).tolist() for i in range(n)]
 
 
+def train_split_text(root: Path, tok) -> Path:
+    """The target's training split as JSONL, one document per line: the head trains on what the target
+    trained on, never on the held-out documents the prompts come from."""
+    out = root / "train-split.jsonl"
+    if not out.exists():
+        shards = TokenShards(root / "data")
+        ids = shards.read("train", 0, shards.tokens("train")).tolist()
+        docs, start = [], 0
+        for i, t in enumerate(ids + [tok.eot_id]):
+            if t == tok.eot_id:
+                if i > start:
+                    docs.append(tok.decode(ids[start:i]))
+                start = i + 1
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+        tmp.replace(out)
+    return out
+
+
 def timed(fn, rounds: int) -> tuple[float, object]:
     best, out = float("inf"), None
     for _ in range(rounds):
@@ -91,7 +111,8 @@ def main() -> None:
     ap.add_argument("--root", default="", help="default runs/specdec-SIZE")
     ap.add_argument("--steps", type=int, default=0, help="pretraining steps of the target and the draft model "
                                                             "(0 = the size's own)")
-    ap.add_argument("--head-steps", type=int, default=300)
+    ap.add_argument("--head-steps", type=int, default=800, help="the EAGLE head's training steps (8 x 128 tokens)")
+    ap.add_argument("--draft-vocab", type=int, default=1024, help="the ids the head drafts from (0 = all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--new", type=int, default=64, help="new tokens per prompt")
     ap.add_argument("--prompts", type=int, default=6)
@@ -112,11 +133,13 @@ def main() -> None:
             prepare(None, ByteTokenizer({"<|endoftext|>": 256}), cfg, root / "data", progress=False)
     target_dir = train_lm(root, "target", llama(shape, block), steps, batch, lr)
     draft_dir = train_lm(root, "draft", llama(draft_shape, block), 600, 16, 3e-3)
-    head_dir = root / "head"
-    if not (head_dir / "draft.json").exists():
-        train_draft(target_dir, None, head_dir, DraftTrainSettings(steps=args.head_steps, batch_size=8, seq_len=128,
-                                                                   max_chars=1_000_000))
     target, tok, _ = load_model_for_inference(target_dir)
+    head_dir = root / f"head-{args.head_steps}-v{args.draft_vocab}"
+    if not (head_dir / "draft.json").exists():
+        train_draft(target_dir, [str(train_split_text(root, tok))], head_dir,
+                    DraftTrainSettings(steps=args.head_steps, batch_size=8, seq_len=128, max_chars=0,
+                                       draft_vocab=args.draft_vocab))
+    head = json.loads((head_dir / "draft.json").read_text())
     draft_model, _, _ = load_model_for_inference(draft_dir)
     prompts = held_out_prompts(root, args.prompts, 32)
     cfg = SampleConfig(temperature=0.0, max_new_tokens=args.new)
@@ -126,6 +149,9 @@ def main() -> None:
     print(f"target {n_target / 1e6:.1f}M params ({val_bpb(target_dir):.3f} held-out bits/byte), draft model "
           f"{n_draft / 1e6:.2f}M ({val_bpb(draft_dir):.3f}), "
           f"{len(prompts)} held-out prompts x {args.new} new tokens, batch 1, greedy, {args.threads} thread(s)")
+    print(f"EAGLE head: {args.head_steps} steps on the target's training split, held-out top-1 agreement "
+          f"{head['val_top1_agreement']:.3f}, drafting from {head['head']['draft_vocab'] or 'all'} ids "
+          f"({head.get('draft_vocab_coverage', 1.0):.1%} of the training tokens)")
 
     def plain():
         return [engine.generate([p], cfg)[0] for p in prompts]

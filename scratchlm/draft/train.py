@@ -53,6 +53,7 @@ class DraftTrainSettings:
     val_fraction: float = 0.05
     val_batches: int = 4
     seed: int = 0
+    draft_vocab: int = 1024  # draft from the most frequent ids of the training text only (0 = all: `eagle.py`)
 
 
 def token_stream(tok: Tokenizer, inputs: list[str] | None, max_chars: int) -> torch.Tensor:
@@ -81,7 +82,9 @@ def eagle_loss(head: EagleHead, target: LanguageModel, hidden: LastHidden, x: to
     draft_logits = target.unembedding(pred).float()  # (B, T-1, V)
     p = F.softmax(logits[:, 1:].float(), dim=-1)
     ce = -(p * F.log_softmax(draft_logits, dim=-1)).sum(-1).mean()
-    agree = (draft_logits.argmax(-1) == logits[:, 1:].argmax(-1)).float().mean()
+    vocab = head.vocab
+    drafted = draft_logits.argmax(-1) if vocab is None else vocab[draft_logits[..., vocab].argmax(-1)]
+    agree = (drafted == logits[:, 1:].argmax(-1)).float().mean()
     return reg + token_weight * ce, agree
 
 
@@ -101,7 +104,13 @@ def train_draft(target_path: str | Path, inputs: list[str] | None, out: str | Pa
                         f"and the held-out part", fix="pass more text with --data, or a smaller --seq-len")
     g = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed)
+    if s.draft_vocab < 0:
+        raise UserError(f"--draft-vocab {s.draft_vocab} must be >= 0", fix="e.g. 1024, or 0 for the whole vocabulary")
     head = EagleHead(head_config(target)).to(device)
+    coverage = head.set_vocab(torch.bincount(train, minlength=target.config.vocab_size), s.draft_vocab)
+    if head.vocab is not None:
+        log(f"drafting from the {head.vocab.numel()} most frequent of {target.config.vocab_size} token ids "
+            f"({coverage:.1%} of the training tokens)")
     head.train()
     opt = torch.optim.AdamW(head.parameters(), lr=s.lr, weight_decay=0.0)
     hidden = LastHidden(target)
@@ -134,7 +143,7 @@ def train_draft(target_path: str | Path, inputs: list[str] | None, out: str | Pa
         hidden.hook.remove()
     record = {"target": str(target_path), "target_fingerprint": base_fingerprint(target),
               "tokenizer_fingerprint": tok.fingerprint(), "settings": asdict(s), "train_tokens": len(train),
-              "final_loss": loss.item(), "val_top1_agreement": val_agree / len(val_batches),
+              "final_loss": loss.item(), "draft_vocab_coverage": round(coverage, 4), "val_top1_agreement": val_agree / len(val_batches),
               "seconds": round(time.time() - t0, 1)}
     save_head(Path(out), head, record)
     log(f"held-out top-1 agreement with the target {record['val_top1_agreement']:.3f}; wrote {out}")

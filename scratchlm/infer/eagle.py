@@ -16,6 +16,15 @@ the same hook the RL value head reads), so the LM head applies to a prediction d
 Llama block (RoPE, so its positions need no table) whatever the target's family. Training is the
 `draft` stage (scratchlm/draft/).
 
+A head may draft from a subset of the vocabulary: the `draft_vocab` tokens most frequent in its
+training text (FR-Spec: Zhao et al. 2025, "Accelerating Large-Vocabulary Language Models via
+Frequency-Ranked Speculative Sampling"). The LM head is the costliest part of a draft step at
+small widths (8,192 x 512 weights against the block's 12 x 512^2), and the tokens a draft gets
+accepted are nearly always frequent ones: on the 30M bench the 1,024 most frequent of 8,192 BPE
+tokens cover 88% of the text and the mean accepted length did not change. The target still
+verifies over its whole vocabulary, so greedy output stays identical and sampled output keeps the
+target's distribution (rejection sampling is exact for any draft distribution q).
+
 Left out: EAGLE-2's dynamic draft trees, and the noise EAGLE adds to training features.
 """
 
@@ -26,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 from torch import nn
@@ -57,13 +67,27 @@ def head_config(target: LanguageModel) -> LlamaConfig:
 class EagleHead(nn.Module):
     """(target features f_t (B, T, C), embeddings of x_{t+1} (B, T, C)) -> predicted f_{t+1} (B, T, C)."""
 
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: LlamaConfig, draft_vocab: int = 0) -> None:
+        """draft_vocab: the number of token ids the head drafts from (0 = the whole vocabulary); their ids
+        are the buffer `vocab`, set by training (`set_vocab`)."""
         super().__init__()
         self.config = cfg
         C = cfg.n_embd
         self.fc = nn.Linear(2 * C, C, bias=True)
         self.layer = TransformerBlock(cfg)
         self.rope = RoPE(C // cfg.n_head, cfg.rope.theta)
+        self.vocab: torch.Tensor | None
+        self.register_buffer("vocab", torch.arange(draft_vocab) if draft_vocab else None)
+
+    def set_vocab(self, counts: torch.Tensor, n: int) -> float:
+        """Draft from the n ids with the highest counts (V,) (ties to the lower id; n = 0 or >= V: all);
+        returns the fraction of the counted tokens they cover."""
+        if not 0 < n < counts.numel():
+            self.vocab = None
+            return 1.0
+        order = torch.sort(-counts.double(), stable=True).indices[:n]
+        self.vocab = torch.sort(order).values.to(self.fc.weight.device)
+        return float(counts[order].sum() / counts.sum().clamp(min=1))
 
     def attention_shape(self) -> AttentionShape:
         c = self.config
@@ -86,9 +110,28 @@ class EagleDraft:
     needs_features = True
 
     def __init__(self, head: EagleHead, target: LanguageModel) -> None:
+        """The head may run in another dtype than the target (`load_draft` makes it bfloat16): features
+        and embeddings are cast on the way in, predicted features back to the target's on the way out."""
         self.head, self.module, self.target = head, head, target
         self.context = head.config.block_size
+        self.vocab_size = target.config.vocab_size
+        self.dtype = head.fc.weight.dtype
+        lm_head = target.unembedding
+        self.sub: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the LM head's rows of the head's vocab
+        if head.vocab is not None and type(lm_head) is nn.Linear:
+            bias = lm_head.bias[head.vocab].detach() if lm_head.bias is not None else None
+            self.sub = lm_head.weight[head.vocab].detach(), bias
         self.reset()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(1, C) predicted features -> (1, V) logits in the target's dtype: its LM head, or that head's
+        rows of the head's vocabulary with -inf elsewhere (ids outside it are never drafted)."""
+        h = h.to(self.target.unembedding.weight.dtype)
+        vocab = self.head.vocab
+        if vocab is None:
+            return self.target.unembedding(h)
+        z = F.linear(h, *self.sub) if self.sub is not None else self.target.unembedding(h)[..., vocab]
+        return z.new_full((z.size(0), self.vocab_size), float("-inf")).index_copy_(1, vocab, z)
 
     def reset(self) -> None:
         self.cache: KVCache | None = None
@@ -107,18 +150,19 @@ class EagleDraft:
         else:
             self.cache.truncate([self.true])  # drop the items made of the head's own features
         start = self.base + self.true
-        embed, lm_head = self.target.embedding, self.target.unembedding
+        embed = self.target.embedding
         toks = torch.tensor([view[start + 1 : n]], device=features.device)  # (1, new)
-        h = self.head(features[None, start : n - 1], embed(toks), self.cache)[:, -1:]  # (1, 1, C): f_{n-1}
+        f = features[None, start : n - 1].to(self.dtype)
+        h = self.head(f, embed(toks).to(self.dtype), self.cache)[:, -1:]  # (1, 1, C): f_{n-1}
         self.true += new
         tokens, dists, context = [], [], list(view)
         for j in range(k):
-            t, q = pick(lm_head(h)[:, -1], context)
+            t, q = pick(self.logits(h[:, -1]), context)
             tokens.append(t)
             dists.append(q)
             context.append(t)
             if j < k - 1:
-                h = self.head(h, embed(torch.tensor([[t]], device=h.device)), self.cache)
+                h = self.head(h, embed(torch.tensor([[t]], device=h.device)).to(self.dtype), self.cache)
         return tokens, dists
 
 
@@ -131,7 +175,8 @@ def save_head(out: Path, head: EagleHead, record: dict[str, Any]) -> None:
     c = head.config
     write_json(out / RECORD, {"format": FORMAT, "version": VERSION, "kind": "eagle",
                               "head": {"n_embd": c.n_embd, "n_head": c.n_head, "n_kv_head": c.n_kv_head,
-                                       "block_size": c.block_size, "vocab_size": c.vocab_size},
+                                       "block_size": c.block_size, "vocab_size": c.vocab_size,
+                                       "draft_vocab": 0 if head.vocab is None else head.vocab.numel()},
                               **record})
 
 
@@ -139,8 +184,9 @@ def is_eagle(path: str | Path) -> bool:
     return (Path(path) / RECORD).is_file()
 
 
-def load_head(path: str | Path, target: LanguageModel, tok: Tokenizer) -> EagleHead:
-    """The head saved at path, checked against the target it will draft for."""
+def load_head(path: str | Path, target: LanguageModel, tok: Tokenizer, dtype: torch.dtype | None = None,
+              ) -> EagleHead:
+    """The head saved at path, checked against the target it will draft for, in dtype (None: the target's)."""
     path = Path(path)
     rec = json.loads((path / RECORD).read_text(encoding="utf-8"))
     if rec.get("format") != FORMAT:
@@ -156,26 +202,32 @@ def load_head(path: str | Path, target: LanguageModel, tok: Tokenizer) -> EagleH
     h = rec["head"]
     cfg = LlamaConfig(vocab_size=h["vocab_size"], block_size=h["block_size"], n_layer=1, n_head=h["n_head"],
                       n_kv_head=h["n_kv_head"], n_embd=h["n_embd"], bias=False)
-    head = EagleHead(cfg)
+    head = EagleHead(cfg, h.get("draft_vocab", 0))
     head.load_state_dict(load_file(str(path / WEIGHTS)))
     p = next(target.parameters())
-    return head.to(device=p.device, dtype=p.dtype).eval()
+    return head.to(device=p.device, dtype=dtype or p.dtype).eval()
 
 
-def load_draft(path: str | Path, target: LanguageModel, tok: Tokenizer, device: str = "cpu") -> Draft:
+def load_draft(path: str | Path, target: LanguageModel, tok: Tokenizer, device: str = "cpu",
+               dtype: torch.dtype | None = torch.bfloat16) -> Draft:
     """--draft PATH: an EAGLE head folder (from `scratchlm train-draft`) or any scratchlm checkpoint
     whose tokenizer is the target's (refused by fingerprint otherwise); `mtp`: the target's own
-    multi-token prediction modules (an arch=mla model with model.mtp_depth >= 1)."""
+    multi-token prediction modules (an arch=mla model with model.mtp_depth >= 1).
+
+    A head or draft model runs in `dtype` (None: the target's). Its precision decides only which tokens
+    are proposed, never what is output (the target verifies in its own), and a batch-1 draft step
+    reads its weights once: bfloat16 halves the bytes. On a 2-core AVX2 CPU (no bf16 instructions) it
+    raised the 30M bench's speed-up with the EAGLE head from 1.19x to 1.37x (k=4) at the same accepted
+    length, and with the draft model from 0.96x to 1.06x."""
     if str(path) == "mtp":
         return MTPDraft(target)
     if not Path(path).exists():
         raise UserError(f"--draft {path}: no such file or directory", fix="pass a run or checkpoint folder")
     if is_eagle(path):
-        return EagleDraft(load_head(path, target, tok), target)
+        return EagleDraft(load_head(path, target, tok, dtype), target)
     model, draft_tok, _ = load_model_for_inference(path, device)
     if draft_tok.fingerprint() != tok.fingerprint():
         raise UserError(f"--draft {path}: its tokenizer (fingerprint {draft_tok.fingerprint()}) differs from the "
                         f"target's ({tok.fingerprint()})",
                         fix="a draft model must be trained with the target's tokenizer")
-    p = next(target.parameters())
-    return ModelDraft(model.to(dtype=p.dtype), vocab_size=target.config.vocab_size)
+    return ModelDraft(model.to(dtype=dtype or next(target.parameters()).dtype), vocab_size=target.config.vocab_size)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 import torch
 
 from scratchlm.cli import main
@@ -41,6 +42,22 @@ def test_training_lowers_the_loss_and_records_the_target(tmp_path):
     assert (tmp_path / "head" / "draft.safetensors").exists()
 
 
+def test_a_head_drafts_from_the_most_frequent_ids_of_its_training_text(tmp_path):
+    from scratchlm.checkpoint import load_model_for_inference
+    from scratchlm.infer.eagle import load_draft
+
+    target_dir = make_checkpoint(tmp_path / "target", block_size=32)
+    text = tmp_path / "skewed.txt"
+    text.write_text("aaaa bbb cc d efgh " * 150)
+    s = DraftTrainSettings(steps=2, batch_size=2, warmup=1, draft_vocab=3)
+    record = train_draft(target_dir, [str(text)], tmp_path / "head", s, log=lambda line: None)
+    assert json.loads((tmp_path / "head" / "draft.json").read_text())["head"]["draft_vocab"] == 3
+    assert record["draft_vocab_coverage"] == pytest.approx(12 / 19, abs=0.01)  # space (5), a (4), b (3) of 19 characters
+    target, tok, _ = load_model_for_inference(target_dir)
+    head = load_draft(tmp_path / "head", target, tok).head
+    assert head.vocab.tolist() == sorted(set(tok.encode_ordinary("a b")))
+
+
 def test_sample_with_a_draft_prints_the_same_greedy_text(capsys, tmp_path):
     target = make_checkpoint(tmp_path / "target", block_size=32)
     draft_model = make_checkpoint(tmp_path / "small", block_size=32, n_layer=1)
@@ -66,6 +83,9 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path):
     code, _, err = run(capsys, "train-draft", "--target", str(target), "--out", str(tmp_path / "h"),
                        "--data", str(tmp_path / "nope.txt"))
     assert code == 2 and "nope.txt" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "train-draft", "--target", str(target), "--out", str(tmp_path / "h"),
+                       "--draft-vocab", "-1")
+    assert code == 2 and "--draft-vocab -1" in err and len(err.strip().splitlines()) == 1
 
 
 def test_chat_with_a_draft_gives_the_same_greedy_replies(capsys, tmp_path, monkeypatch):
@@ -74,10 +94,13 @@ def test_chat_with_a_draft_gives_the_same_greedy_replies(capsys, tmp_path, monke
     target = chat_checkpoint(tmp_path / "chat")
     settings = ["--sample.temperature=0", "--sample.max_new_tokens=20"]
     replies = []
-    for extra in ([], ["--draft", str(target), "--draft-k", "3"]):  # the target as its own draft: all accepted
+    # the target as its own draft, run in bfloat16: nearly every drafted token accepted (all but near-ties)
+    for extra in ([], ["--draft", str(target), "--draft-k", "3"]):
         monkeypatch.setattr("sys.stdin", io.StringIO("hello\nhi. ok\n"))
         code, out, err = run(capsys, "chat", "--ckpt", str(target), *settings, *extra)
         assert code == 0, err
         replies.append(out)
-        assert ("mean accepted length 4.00" in err) == bool(extra), err
+        assert ("mean accepted length" in err) == bool(extra), err
+        if extra:
+            assert float(err.split("mean accepted length ")[1].split()[0]) >= 3.0, err
     assert replies[0] == replies[1] and len(replies[0]) > 20
