@@ -143,7 +143,8 @@ def train_draft(target_path: str | Path, inputs: list[str] | None, out: str | Pa
         hidden.hook.remove()
     record = {"target": str(target_path), "target_fingerprint": base_fingerprint(target),
               "tokenizer_fingerprint": tok.fingerprint(), "settings": asdict(s), "train_tokens": len(train),
-              "final_loss": loss.item(), "draft_vocab_coverage": round(coverage, 4), "val_top1_agreement": val_agree / len(val_batches),
+              "final_loss": loss.item(), "draft_vocab_coverage": round(coverage, 4),
+              "val_top1_agreement": val_agree / len(val_batches),
               "seconds": round(time.time() - t0, 1)}
     save_head(Path(out), head, record)
     log(f"held-out top-1 agreement with the target {record['val_top1_agreement']:.3f}; wrote {out}")

@@ -52,7 +52,7 @@ def test_a_head_drafts_from_the_most_frequent_ids_of_its_training_text(tmp_path)
     s = DraftTrainSettings(steps=2, batch_size=2, warmup=1, draft_vocab=3)
     record = train_draft(target_dir, [str(text)], tmp_path / "head", s, log=lambda line: None)
     assert json.loads((tmp_path / "head" / "draft.json").read_text())["head"]["draft_vocab"] == 3
-    assert record["draft_vocab_coverage"] == pytest.approx(12 / 19, abs=0.01)  # space (5), a (4), b (3) of 19 characters
+    assert record["draft_vocab_coverage"] == pytest.approx(12 / 19, abs=0.01)  # space 5, a 4, b 3 of 19
     target, tok, _ = load_model_for_inference(target_dir)
     head = load_draft(tmp_path / "head", target, tok).head
     assert head.vocab.tolist() == sorted(set(tok.encode_ordinary("a b")))
