@@ -9,8 +9,9 @@ bytes, 6x384, 300 steps of 16x256 tokens; 30m: an 8,192 BPE, the llama-30m shape
 target's training split only, drafting from the --draft-vocab most frequent ids); then, on held-out
 prompts (the corpus's validation split), times `Engine.generate` against `SpeculativeDecoder` with
 each draft kind and k, checks that the greedy tokens are identical, and prints tokens/s, the speed
-ratio and the mean accepted length (tokens per target forward). Best of --rounds rounds, so drifts in
-machine load hit both alike; absolute numbers are for this machine only.
+ratio and the mean accepted length (tokens per target forward). Drafts run in bfloat16 (`load_draft`).
+Best of --rounds interleaved rounds, so drifts in machine load hit every row alike; absolute numbers
+are for this machine only.
 """
 
 from __future__ import annotations
@@ -96,15 +97,6 @@ def train_split_text(root: Path, tok) -> Path:
     return out
 
 
-def timed(fn, rounds: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="9m", help="the target's size")
@@ -116,8 +108,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--new", type=int, default=64, help="new tokens per prompt")
     ap.add_argument("--prompts", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--ks", default="2,4")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ks", default="4,6,8")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.root or f"runs/specdec-{args.size}")
@@ -153,21 +145,29 @@ def main() -> None:
           f"{head['val_top1_agreement']:.3f}, drafting from {head['head']['draft_vocab'] or 'all'} ids "
           f"({head.get('draft_vocab_coverage', 1.0):.1%} of the training tokens)")
 
-    def plain():
-        return [engine.generate([p], cfg)[0] for p in prompts]
-
-    t_plain, ref = timed(plain, args.rounds)
-    n_tok = sum(map(len, ref))
-    print(f"{'draft':<12}{'k':>3}{'tok/s':>9}{'x plain':>9}{'accepted/fwd':>14}{'acceptance':>12}{'identical':>11}")
-    print(f"{'(none)':<12}{'':>3}{n_tok / t_plain:>9.1f}{1.0:>9.2f}{1.0:>14.2f}{'':>12}{'':>11}")
+    runs = {("(none)", 0): lambda: [engine.generate([p], cfg)[0] for p in prompts]}
+    specs = {}
     for kind in ("model", "eagle"):
         for k in (int(x) for x in args.ks.split(",")):
-            draft = ModelDraft(draft_model) if kind == "model" else load_draft(head_dir, target, tok)
-            spec = SpeculativeDecoder(engine, draft, k)
-            t, outs = timed(lambda spec=spec: [spec.generate([p], cfg)[0] for p in prompts], args.rounds)
-            s = spec.stats
-            print(f"{kind:<12}{k:>3}{n_tok / t:>9.1f}{t_plain / t:>9.2f}{s.mean_accepted:>14.2f}"
-                  f"{s.acceptance:>12.2f}{str(outs == ref):>11}")
+            draft = ModelDraft(draft_model.to(torch.bfloat16)) if kind == "model" else load_draft(head_dir, target, tok)
+            specs[kind, k] = spec = SpeculativeDecoder(engine, draft, k)
+            runs[kind, k] = lambda spec=spec: [spec.generate([p], cfg)[0] for p in prompts]
+    best, same = dict.fromkeys(runs, float("inf")), dict.fromkeys(runs, True)
+    for _ in range(args.rounds):  # interleaved, so a drift in machine load hits every row alike
+        for key, run in runs.items():
+            t0 = time.perf_counter()
+            out = run()
+            best[key] = min(best[key], time.perf_counter() - t0)
+            if key == ("(none)", 0):
+                ref = out
+            same[key] &= out == ref
+    n_tok = sum(map(len, ref))
+    print(f"{'draft':<12}{'k':>3}{'tok/s':>9}{'x plain':>9}{'accepted/fwd':>14}{'acceptance':>12}{'identical':>11}")
+    for (kind, k), t in best.items():
+        s = specs[kind, k].stats if k else None
+        print(f"{kind:<12}{k or '':>3}{n_tok / t:>9.1f}{best['(none)', 0] / t:>9.2f}"
+              f"{s.mean_accepted if s else 1.0:>14.2f}{f'{s.acceptance:.2f}' if s else '':>12}"
+              f"{str(same[kind, k]) if s else '':>11}")
 
 
 if __name__ == "__main__":
