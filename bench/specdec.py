@@ -168,6 +168,34 @@ def main() -> None:
         print(f"{kind:<12}{k or '':>3}{n_tok / t:>9.1f}{best['(none)', 0] / t:>9.2f}"
               f"{s.mean_accepted if s else 1.0:>14.2f}{f'{s.acceptance:.2f}' if s else '':>12}"
               f"{str(same[kind, k]) if s else '':>11}")
+    plot(root / "specdec.png", best, specs, args.size)
+    print(f"wrote {root / 'specdec.png'}")
+
+
+def plot(png: Path, best: dict, specs: dict, size: str) -> None:
+    """Speed-up over plain decoding and tokens per target forward, against k, one line per draft kind."""
+    from matplotlib.figure import Figure
+
+    from scratchlm.viz.attention import save_png
+
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    ax, bx = fig.subplots(1, 2)
+    for kind, colour in (("model", "tab:blue"), ("eagle", "tab:orange")):
+        ks = sorted(k for (name, k) in specs if name == kind)
+        label = "draft model" if kind == "model" else "EAGLE head"
+        ax.plot(ks, [best["(none)", 0] / best[kind, k] for k in ks], "o-", color=colour, label=label)
+        bx.plot(ks, [specs[kind, k].stats.mean_accepted for k in ks], "o-", color=colour, label=label)
+    ks = sorted({k for (_, k) in specs})
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
+    bx.plot(ks, [k + 1 for k in ks], ":", color="grey", label="k + 1 (every draft accepted)")
+    ax.set(xlabel="k (tokens drafted per target forward)", ylabel="tokens/s over plain decoding",
+           title=f"speculative decoding, {size} target, batch 1, greedy")
+    bx.set(xlabel="k", ylabel="tokens per target forward", title="mean accepted length")
+    for a in (ax, bx):
+        a.set_xticks(ks)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    save_png(fig, png)
 
 
 if __name__ == "__main__":
