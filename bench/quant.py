@@ -57,6 +57,7 @@ def quality(ckpt: str, data: str, val_bytes: int, quiet: bool) -> None:
     print(f"\n## Quality: {ckpt} ({n_params / 1e6:.1f}M parameters), the first {len(texts)} held-out documents "
           f"({n_bytes:,} bytes) of {data}\n")
     fp32_bpb = heldout_bpb(model, tok, texts)
+    print(f"  fp32: {fp32_bpb:.4f} bits/byte", flush=True)  # each row as it comes: a 100M model takes a while
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in METHODS:
