@@ -1,6 +1,6 @@
 """Speculative decoding against plain decoding of the same target, batch 1, greedy.
 
-    python bench/specdec.py [--size 9m|30m|100m] [--root runs/specdec-SIZE] [--threads 1] [--new 64] [--prompts 6]
+    python bench/specdec.py [--size 9m|30m|100m] [--root runs/specdec-SIZE] [--threads 1] [--new 64] [--prompts 8]
 
 Trains (once; reused from --root afterwards) a Llama target of --size on the embedded corpus (9m:
 bytes, 6x384, 300 steps of 16x256 tokens; 30m: an 8,192 BPE, the llama-30m shape 8x512, 800 steps of
@@ -10,8 +10,9 @@ target's training split only, drafting from the --draft-vocab most frequent ids)
 prompts (the corpus's validation split), times `Engine.generate` against `SpeculativeDecoder` with
 each draft kind and k, checks that the greedy tokens are identical, and prints tokens/s, the speed
 ratio and the mean accepted length (tokens per target forward). Drafts run in bfloat16 (`load_draft`).
-Best of --rounds interleaved rounds, so drifts in machine load hit every row alike; absolute numbers
-are for this machine only.
+The rows are timed in --rounds interleaved rounds; the speed-up is the median over rounds of plain /
+speculative time within a round (paired, so a drift in machine load cancels), with its range; tokens/s
+is the best round. Absolute numbers are for this machine only.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -107,8 +109,11 @@ def main() -> None:
     ap.add_argument("--draft-vocab", type=int, default=1024, help="the ids the head drafts from (0 = all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--new", type=int, default=64, help="new tokens per prompt")
-    ap.add_argument("--prompts", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repetition-penalty", type=float, default=1.3,
+                    help="applied by plain and speculative decoding alike (1 = none): a small target's plain greedy "
+                         "text loops, and a loop is easy to draft, which would inflate the accepted length")
     ap.add_argument("--ks", default="4,6,8")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -134,13 +139,14 @@ def main() -> None:
     head = json.loads((head_dir / "draft.json").read_text())
     draft_model, _, _ = load_model_for_inference(draft_dir)
     prompts = held_out_prompts(root, args.prompts, 32)
-    cfg = SampleConfig(temperature=0.0, max_new_tokens=args.new)
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=args.new, repetition_penalty=args.repetition_penalty)
     engine = Engine(target, tok)
     n_target = sum(p.numel() for p in target.parameters())
     n_draft = sum(p.numel() for p in draft_model.parameters())
     print(f"target {n_target / 1e6:.1f}M params ({val_bpb(target_dir):.3f} held-out bits/byte), draft model "
           f"{n_draft / 1e6:.2f}M ({val_bpb(draft_dir):.3f}), "
-          f"{len(prompts)} held-out prompts x {args.new} new tokens, batch 1, greedy, {args.threads} thread(s)")
+          f"{len(prompts)} held-out prompts x {args.new} new tokens, batch 1, greedy (repetition penalty "
+          f"{args.repetition_penalty:g}), {args.threads} thread(s)")
     print(f"EAGLE head: {args.head_steps} steps on the target's training split, held-out top-1 agreement "
           f"{head['val_top1_agreement']:.3f}, drafting from {head['head']['draft_vocab'] or 'all'} ids "
           f"({head.get('draft_vocab_coverage', 1.0):.1%} of the training tokens)")
@@ -152,27 +158,33 @@ def main() -> None:
             draft = ModelDraft(draft_model.to(torch.bfloat16)) if kind == "model" else load_draft(head_dir, target, tok)
             specs[kind, k] = spec = SpeculativeDecoder(engine, draft, k)
             runs[kind, k] = lambda spec=spec: [spec.generate([p], cfg)[0] for p in prompts]
-    best, same = dict.fromkeys(runs, float("inf")), dict.fromkeys(runs, True)
-    for _ in range(args.rounds):  # interleaved, so a drift in machine load hits every row alike
+    times, same = {key: [] for key in runs}, dict.fromkeys(runs, True)
+    for _ in range(args.rounds):  # interleaved, so a drift in machine load hits every row of a round alike
         for key, run in runs.items():
             t0 = time.perf_counter()
             out = run()
-            best[key] = min(best[key], time.perf_counter() - t0)
+            times[key].append(time.perf_counter() - t0)
             if key == ("(none)", 0):
                 ref = out
             same[key] &= out == ref
     n_tok = sum(map(len, ref))
-    print(f"{'draft':<12}{'k':>3}{'tok/s':>9}{'x plain':>9}{'accepted/fwd':>14}{'acceptance':>12}{'identical':>11}")
-    for (kind, k), t in best.items():
+    plain = times["(none)", 0]
+    # the speed-up: the median over rounds of plain / speculative within the round (paired, so drift cancels)
+    ratio = {key: statistics.median(p / t for p, t in zip(plain, ts)) for key, ts in times.items()}
+    print(f"{'draft':<12}{'k':>3}{'tok/s':>9}{'x plain':>9}{'(min-max)':>12}{'accepted/fwd':>14}{'acceptance':>12}"
+          f"{'identical':>11}")
+    for (kind, k), ts in times.items():
         s = specs[kind, k].stats if k else None
-        print(f"{kind:<12}{k or '':>3}{n_tok / t:>9.1f}{best['(none)', 0] / t:>9.2f}"
+        rs = [p / t for p, t in zip(plain, ts)]
+        spread = f"{min(rs):.2f}-{max(rs):.2f}" if s else ""
+        print(f"{kind:<12}{k or '':>3}{n_tok / min(ts):>9.1f}{ratio[kind, k]:>9.2f}{spread:>12}"
               f"{s.mean_accepted if s else 1.0:>14.2f}{f'{s.acceptance:.2f}' if s else '':>12}"
               f"{str(same[kind, k]) if s else '':>11}")
-    plot(root / "specdec.png", best, specs, args.size)
+    plot(root / "specdec.png", ratio, specs, args.size)
     print(f"wrote {root / 'specdec.png'}")
 
 
-def plot(png: Path, best: dict, specs: dict, size: str) -> None:
+def plot(png: Path, ratio: dict, specs: dict, size: str) -> None:
     """Speed-up over plain decoding and tokens per target forward, against k, one line per draft kind."""
     from matplotlib.figure import Figure
 
@@ -183,7 +195,7 @@ def plot(png: Path, best: dict, specs: dict, size: str) -> None:
     for kind, colour in (("model", "tab:blue"), ("eagle", "tab:orange")):
         ks = sorted(k for (name, k) in specs if name == kind)
         label = "draft model" if kind == "model" else "EAGLE head"
-        ax.plot(ks, [best["(none)", 0] / best[kind, k] for k in ks], "o-", color=colour, label=label)
+        ax.plot(ks, [ratio[kind, k] for k in ks], "o-", color=colour, label=label)
         bx.plot(ks, [specs[kind, k].stats.mean_accepted for k in ks], "o-", color=colour, label=label)
     ks = sorted({k for (_, k) in specs})
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
