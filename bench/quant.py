@@ -47,7 +47,7 @@ def weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
 
 
-def quality(ckpt: str, data: str, val_bytes: int, quiet: bool) -> None:
+def quality(ckpt: str, data: str, val_bytes: int, quiet: bool, methods: list[str]) -> None:
     val = heldout_texts(data)[0]
     before = [0, *itertools.accumulate(len(t.encode()) for t in val)]  # bytes ahead of each document
     texts = [t for t, b in zip(val, before) if b < val_bytes]
@@ -60,7 +60,7 @@ def quality(ckpt: str, data: str, val_bytes: int, quiet: bool) -> None:
     print(f"  fp32: {fp32_bpb:.4f} bits/byte", flush=True)  # each row as it comes: a 100M model takes a while
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for method in METHODS:
+        for method in methods:
             out = Path(tmp) / method
             res = quantize_checkpoint(ckpt, out, method, calib=data, measure=False,
                                       log=(lambda s: None) if quiet else print)
@@ -68,7 +68,7 @@ def quality(ckpt: str, data: str, val_bytes: int, quiet: bool) -> None:
             rows.append((method, weights_bytes(out), res.bytes_before, heldout_bpb(qmodel, qtok, texts)))
             print(f"  {method}: {rows[-1][3]:.4f} bits/byte", flush=True)
     fp32_bytes = rows[0][2]
-    rtn_gap = next(r[3] for r in rows if r[0] == "int4") - fp32_bpb
+    rtn_gap = next((r[3] for r in rows if r[0] == "int4"), fp32_bpb) - fp32_bpb
     print("| method | weights on disk | vs fp32 | bits/byte | change vs fp32 | int4-RTN gap closed |")
     print("|---|---|---|---|---|---|")
     print(f"| fp32 | {fp32_bytes / 1e6:.2f} MB | 1.00 | {fp32_bpb:.4f} | | |")
@@ -137,13 +137,17 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="30m only, 8 new tokens, 1 round")
+    p.add_argument("--methods", default=",".join(METHODS), help="the quality table's methods (default: all)")
     args = p.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    if bad := sorted(set(methods) - set(METHODS)):
+        p.error(f"--methods: {', '.join(bad)} unknown; choose from {', '.join(METHODS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     if args.ckpt and args.data:
-        quality(args.ckpt, args.data, args.val_bytes or 1 << 62, quiet=True)
+        quality(args.ckpt, args.data, args.val_bytes or 1 << 62, quiet=True, methods=methods)
     else:
         print("quality: skipped (pass --ckpt RUN and --data DIR, e.g. a demo run's pretrain/ and data/)")
     sizes = ["30m"] if args.quick else [s for s in args.sizes.split(",") if s]
