@@ -31,9 +31,11 @@ from scratchlm.config import Config, LlamaConfig, SampleConfig
 from scratchlm.data.loader import TokenShards
 from scratchlm.data.prepare import prepare
 from scratchlm.draft.train import DraftTrainSettings, train_draft
+from scratchlm.eval.suite import heldout_texts
 from scratchlm.infer.eagle import load_draft
 from scratchlm.infer.engine import Engine
 from scratchlm.infer.speculative import ModelDraft, SpeculativeDecoder
+from scratchlm.io import atomic_open
 from scratchlm.tokenizer import ByteTokenizer
 from scratchlm.train.pretrain import prepare_run_data, pretrain
 
@@ -80,22 +82,14 @@ def held_out_prompts(root: Path, n: int, length: int) -> list[list[int]]:
     return [shards.read("val", i * step, length).tolist() for i in range(n)]
 
 
-def train_split_text(root: Path, tok) -> Path:
+def train_split_text(root: Path) -> Path:
     """The target's training split as JSONL, one document per line: the head trains on what the target
-    trained on, never on the held-out documents the prompts come from."""
+    trained on, never on the held-out documents the prompts come from (`heldout_texts` asserts the two
+    splits share no document)."""
     out = root / "train-split.jsonl"
     if not out.exists():
-        shards = TokenShards(root / "data")
-        ids = shards.read("train", 0, shards.tokens("train")).tolist()
-        docs, start = [], 0
-        for i, t in enumerate(ids + [tok.eot_id]):
-            if t == tok.eot_id:
-                if i > start:
-                    docs.append(tok.decode(ids[start:i]))
-                start = i + 1
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-        tmp.replace(out)
+        with atomic_open(out, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": d}) + "\n" for d in heldout_texts(root / "data")[1])
     return out
 
 
@@ -133,7 +127,7 @@ def main() -> None:
     target, tok, _ = load_model_for_inference(target_dir)
     head_dir = root / f"head-{args.head_steps}-v{args.draft_vocab}"
     if not (head_dir / "draft.json").exists():
-        train_draft(target_dir, [str(train_split_text(root, tok))], head_dir,
+        train_draft(target_dir, [str(train_split_text(root))], head_dir,
                     DraftTrainSettings(steps=args.head_steps, batch_size=8, seq_len=128, max_chars=0,
                                        draft_vocab=args.draft_vocab))
     head = json.loads((head_dir / "draft.json").read_text())
@@ -168,15 +162,14 @@ def main() -> None:
                 ref = out
             same[key] &= out == ref
     n_tok = sum(map(len, ref))
-    plain = times["(none)", 0]
-    # the speed-up: the median over rounds of plain / speculative within the round (paired, so drift cancels)
-    ratio = {key: statistics.median(p / t for p, t in zip(plain, ts)) for key, ts in times.items()}
+    # the speed-up: plain / speculative time within each round (paired, so drift cancels), its median over rounds
+    per_round = {key: [p / t for p, t in zip(times["(none)", 0], ts)] for key, ts in times.items()}
+    ratio = {key: statistics.median(rs) for key, rs in per_round.items()}
     print(f"{'draft':<12}{'k':>3}{'tok/s':>9}{'x plain':>9}{'(min-max)':>12}{'accepted/fwd':>14}{'acceptance':>12}"
           f"{'identical':>11}")
     for (kind, k), ts in times.items():
         s = specs[kind, k].stats if k else None
-        rs = [p / t for p, t in zip(plain, ts)]
-        spread = f"{min(rs):.2f}-{max(rs):.2f}" if s else ""
+        spread = f"{min(per_round[kind, k]):.2f}-{max(per_round[kind, k]):.2f}" if s else ""
         print(f"{kind:<12}{k or '':>3}{n_tok / min(ts):>9.1f}{ratio[kind, k]:>9.2f}{spread:>12}"
               f"{s.mean_accepted if s else 1.0:>14.2f}{f'{s.acceptance:.2f}' if s else '':>12}"
               f"{str(same[kind, k]) if s else '':>11}")

@@ -115,7 +115,7 @@ class EagleDraft:
         self.head, self.module, self.target = head, head, target
         self.context = head.config.block_size
         self.vocab_size = target.config.vocab_size
-        self.dtype = head.fc.weight.dtype
+        self.dtype, self.target_dtype = head.fc.weight.dtype, next(target.parameters()).dtype
         lm_head = target.unembedding
         self.sub: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the LM head's rows of the head's vocab
         if head.vocab is not None and type(lm_head) is nn.Linear:
@@ -126,7 +126,7 @@ class EagleDraft:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(1, C) predicted features -> (1, V) logits in the target's dtype: its LM head, or that head's
         rows of the head's vocabulary with -inf elsewhere (ids outside it are never drafted)."""
-        h = h.to(self.target.unembedding.weight.dtype)
+        h = h.to(self.target_dtype)
         vocab = self.head.vocab
         if vocab is None:
             return self.target.unembedding(h)
