@@ -42,6 +42,22 @@ def sft_policy(out: Path = DEFAULT, quick: bool = False) -> Path:
     return policy
 
 
+def plateau_policy(out: Path = DEFAULT) -> Path:
+    """The same base fine-tuned to its plateau: 2,000 SFT steps on 20,000 tasks (98% held-out exact
+    match: add 93%, the other families >= 99.5%; about 7 minutes on 2 cores), built once under `out`.
+    A reward model can only judge what its trunk knows: on `add` the 36% policy gets 0% right."""
+    from scratchlm.sft.train import sft
+
+    base, policy = sft_policy(out).parent / "pretrain", out / "sft-plateau"
+    if not (policy / "ckpt" / "latest").exists():
+        cfg = get_preset("sft-tiny")
+        cfg.out_dir, cfg.sft.base, cfg.train.tensorboard = str(policy), str(base), False
+        cfg.train.max_steps, cfg.train.eval_interval, cfg.train.batch_size = 2000, 2000, 8
+        cfg.sft.n_tasks = 20000
+        sft(cfg, progress=False)
+    return policy
+
+
 def sft_config(policy: Path) -> Config:
     from scratchlm.checkpoint import find_checkpoint
 

@@ -161,13 +161,14 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
     _stage("6. reward model")
     rcfg = get_preset("rm-tiny")
     rcfg.seed, rcfg.out_dir, rcfg.pref.base = cfg.seed, str(out / "rm"), str(out / "sft")
-    rcfg.train.max_steps, rcfg.train.eval_interval = 600, 200  # (see stage 5)
     if quick:
         rcfg.train.max_steps, rcfg.train.eval_interval = 20, 10
         rcfg.pref.n_prompts, rcfg.pref.samples = 60, 4
     rm_result = train_reward_model(rcfg, progress=progress)
     report.append(
-        "## Reward model\n\nThe SFT model's trunk with a one-number head, trained with the Bradley-Terry loss on "
+        "## Reward model\n\nThe SFT model's trunk with a one-number head on the last token, plus the response's mean "
+        "token log-probability under the SFT model's own LM head (kept and trained with it), trained with the "
+        "Bradley-Terry loss on "
         f"pairs made from {rcfg.pref.n_prompts} task prompts it never saw in SFT ({rcfg.pref.kind}: the right answer "
         "against a corrupted one, and a right against a wrong sample of the SFT model itself, judged by each "
         f"family's checker), {rm_result.run.steps} steps. Held-out checks (picture: `rm/rm_checks.png`):\n\n"

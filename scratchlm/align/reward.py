@@ -280,7 +280,7 @@ def train_reward_model(cfg: Config, *, progress: bool = True, resume: bool = Fal
               f"the left, {dropped} pairs dropped (a response too long; --pref.overlong)")
     print(f"{len(train_tp)} training pairs, {len(held_tp)} held out")
 
-    rm = RewardModel(policy)
+    rm = RewardModel(policy, tok.special_tokens["<|assistant|>"] if cfg.rm.likelihood else None)
     wrapped = adapt_model(rm.body, cfg, tok)
     if wrapped:
         print(f"LoRA r={cfg.sft.lora_r} on {len(wrapped)} layers (+ the reward head)")

@@ -310,7 +310,13 @@ def load_reward_model(path: str | Path, device: str = "cpu") -> tuple[RewardMode
     ckpt = find_checkpoint(path)
     require_head(ckpt, "reward")
     cfg, tok = load_config_and_tokenizer(ckpt)
-    model = RewardModel(build_model(cfg.model))
+    try:  # the tensors say which terms it was trained with (an unreadable file: load_weights says so)
+        with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+            names = f.keys()
+        likelihood = "likelihood_scale" in names
+    except (SafetensorError, OSError):
+        likelihood = False
+    model = RewardModel(build_model(cfg.model), tok.special_tokens.get("<|assistant|>") if likelihood else None)
     if cfg.sft.lora_r > 0:
         adapt_model(model.body, cfg)
     load_weights(model, ckpt)

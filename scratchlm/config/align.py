@@ -38,6 +38,9 @@ class RMConfig:
     # weight of mean((r_chosen + r_rejected)^2), which keeps rewards near 0 (Eisenstein et al. 2023); 0 = off
     center_coef: Annotated[float, Range(">= 0", "0 = off")] = 0.01
     use_margin: bool = True  # subtract a pair's own "margin" field (files that carry one) inside the sigmoid
+    # add the response's mean token log-probability under the policy's own LM head (kept, trained with the
+    # scalar head; SimPO's implicit reward) to the last-token score: scratchlm/model/reward.py says why
+    likelihood: bool = True
 
     def validate(self) -> None:
         check_fields(self, "rm.")

@@ -52,16 +52,22 @@ class PooledLM(LanguageModel):
 
     def pooled(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, C): the final hidden state at each row's last real token; idx (B, T) right-padded with PAD."""
-        B, T = idx.shape
+        return self.last(self.hidden(idx), idx)
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T, C): the body's final (normed) hidden states of idx (B, T) right-padded with PAD."""
         real = idx != PAD  # (B, T)
         if bool((real[:, 1:] & ~real[:, :-1]).any()):
             raise ValueError("ids must be right-padded: a real token follows padding")
-        lengths = real.sum(1)  # (B,)
-        if bool((lengths == 0).any()):
+        if bool((~real[:, 0]).any()):
             raise ValueError("a row is all padding")
-        h, _ = self.body(idx.masked_fill(~real, 0))  # (B, T, C); pads read id 0, seen by no real token
-        return self.drop(h[torch.arange(B, device=idx.device), lengths - 1])  # (B, C): the last real position
+        h, _ = self.body(idx.masked_fill(~real, 0))  # pads read id 0, seen by no real token
+        return h
 
+    def last(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(B, C): h (B, T, C) at each row's last real token of idx (B, T) right-padded with PAD."""
+        lengths = (idx != PAD).sum(1)  # (B,)
+        return self.drop(h[torch.arange(len(h), device=idx.device), lengths - 1])
 
     def aux_loss(self) -> torch.Tensor | float:
         """An MoE body's load-balancing and z losses, as its own forward adds them to the LM loss

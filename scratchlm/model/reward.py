@@ -11,6 +11,16 @@ policy means the RM already "reads" the task the way the policy writes it.
   any other, never mistaken for padding.
 - output: forward returns the rewards (B,) in fp32 and no loss; the pairwise loss (Bradley-Terry) is
   the RM objective's (`scratchlm/align/reward.py`), in `scratchlm.losses`.
+- likelihood term (optional, `response_start` = the id of <|assistant|>): the reward adds
+  s * mean_t log p(y_t | prompt, y_<t), the mean log-probability of the response's tokens (those
+  after the row's last <|assistant|>, its closing <|end|> included) under the policy's own LM head,
+  kept beside the scalar head and trained with it; s is one learned scale (starts at 1). This is
+  SimPO's length-normalised implicit reward (Meng et al. 2024) added to InstructGPT's head. Why: a
+  scalar read at the last token must learn anew to compare the answer with the prompt position by
+  position (is this the prompt's words reversed?), which the policy already does while predicting
+  each next token. On the 1M demo policy the head alone stays at 68-75% on corrupted pairs after
+  thousands of steps, while the untrained policy's mean log-probability already ranks 88% of them
+  right (bench/rm.py). The mean, not the sum, so the term does not favour short answers.
 """
 
 from __future__ import annotations
@@ -42,13 +52,45 @@ def pad_rows(rows: list[list[int]], side: str = "right") -> torch.Tensor:
 
 
 class RewardModel(PooledLM):
-    """forward(idx (B, T) padded with -1 on either side) -> (rewards (B,) fp32, None)."""
+    """forward(idx (B, T) padded with -1 on either side) -> (rewards (B,) fp32, None).
 
-    def __init__(self, body: nn.Module) -> None:
+    `response_start` (the id of <|assistant|>, or None): add the likelihood term (module docstring);
+    the policy's LM head is then kept as `lm_head` (tied to the token table where the body ties them)."""
+
+    def __init__(self, body: nn.Module, response_start: int | None = None) -> None:
+        lm_head = body.unembedding
         super().__init__(body, 1)
+        self.response_start = response_start
+        if response_start is not None:
+            if not 0 <= response_start < body.config.vocab_size:
+                raise ValueError(f"response_start={response_start} is not a token id "
+                                 f"of a {body.config.vocab_size}-id vocabulary")
+            self.lm_head = lm_head
+            self.likelihood_scale = nn.Parameter(torch.ones(()))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None,
                 doc_mask: DocumentMask | None = None) -> tuple[torch.Tensor, None]:
         if cache is not None or doc_mask is not None or targets is not None:
             raise ValueError("a reward model scores whole texts: no targets, KV cache or document mask")
-        return self.head(self.pooled(right_aligned(idx)))[:, 0].float(), None
+        idx = right_aligned(idx)
+        if self.response_start is None:
+            return self.head(self.pooled(idx))[:, 0].float(), None
+        h = self.hidden(idx)  # (B, T, C)
+        reward = self.head(self.last(h, idx))[:, 0].float()
+        return reward + self.likelihood_scale.float() * self.mean_logprob(h, idx), None
+
+    def mean_logprob(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(B,) fp32: each row's mean log-probability of its response tokens (after its last
+        <|assistant|>) under `lm_head`, from the final hidden states h (B, T, C) of right-padded idx."""
+        B, T = idx.shape
+        pos = torch.arange(T, device=idx.device).expand(B, T)
+        starts = torch.where(idx == self.response_start, pos, -1).amax(1)  # (B,) the last <|assistant|>
+        if bool((starts < 0).any()):
+            raise ValueError("a row without <|assistant|>: a reward model with the likelihood term scores "
+                             "chat-rendered prompt + response rows")
+        logits = self.lm_head(h[:, :-1])  # (B, T-1, V): position t predicts t+1; bf16 -> fp32, fp64 kept
+        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        nxt = idx[:, 1:]  # (B, T-1)
+        scored = (pos[:, 1:] > starts[:, None]) & (nxt != PAD)  # response tokens, not padding
+        token_lp = logp.gather(-1, nxt.clamp_min(0)[..., None])[..., 0] * scored  # (B, T-1)
+        return token_lp.sum(1) / scored.sum(1).clamp_min(1)

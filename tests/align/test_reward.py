@@ -38,12 +38,12 @@ def chat_tok():
     return ensure_chat_specials(ByteTokenizer({"<|endoftext|>": 256}))[0]
 
 
-def tiny_rm(seed: int = 0, block: int = 128) -> RewardModel:
+def tiny_rm(seed: int = 0, block: int = 128, likelihood: bool = False) -> RewardModel:
     tok = chat_tok()
     torch.manual_seed(seed)
     body = build_model(LlamaConfig(vocab_size=tok.vocab_size, block_size=block, n_layer=2, n_head=2, n_kv_head=1,
                                    n_embd=32, bias=False, pad_vocab_to=1))
-    rm = RewardModel(body)
+    rm = RewardModel(body, tok.special_tokens["<|assistant|>"] if likelihood else None)
     with torch.no_grad():
         rm.head.weight.normal_(0.0, 0.5)  # rewards spread out, so pairs differ
     return rm
@@ -126,14 +126,16 @@ def test_pair_loader_resumes_and_validation_reads_each_pair_once():
     assert x[1, : len(pairs[0].rejected_ids)].tolist() == pairs[0].rejected_ids
 
 
-def test_grad_accumulation_1x8_equals_8x1():
+@pytest.mark.parametrize("likelihood", [False, True])
+def test_grad_accumulation_1x8_equals_8x1(likelihood):
     """One micro-batch of 8 pairs and 8 of 1 pair give the same gradient: the objective's loss is a
-    mean over pairs and the loop weighs each micro-batch by its pairs (float64 trunk)."""
+    mean over pairs and the loop weighs each micro-batch by its pairs (float64 trunk), with the
+    likelihood term too (its per-row mean must not depend on the batch's padding)."""
     pairs = encoded_pairs(8)
     margins = torch.linspace(-1, 1, 8, dtype=torch.float64)
     grads = []
     for split in (8, 1):
-        rm = tiny_rm(seed=1).double()
+        rm = tiny_rm(seed=1, likelihood=likelihood).double()
         obj = RewardObjective(rm, center_coef=0.05).train()
         micro = []
         for i in range(0, 8, split):
@@ -143,6 +145,7 @@ def test_grad_accumulation_1x8_equals_8x1():
         forward_backward(obj, micro, contextlib.nullcontext(), None, counts)
         grads.append({n: p.grad.clone() for n, p in obj.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    assert ("network.likelihood_scale" in grads[0]) == likelihood
     for name in grads[0]:  # the rewards leave the RM in fp32: agreement to fp32 rounding
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-8, rtol=1e-5, msg=name)
 
@@ -197,6 +200,7 @@ def test_train_reward_model_end_to_end(tmp_path):
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("accuracy" in m for m in metrics) and any("val_accuracy" in m for m in metrics)
     rm, tok, _ = load_reward_model(out)
+    assert rm.response_start == tok.special_tokens["<|assistant|>"]  # the preset's likelihood term, reloaded
     s = result.scored[0]
     assert score(rm, tok, s.prompt, s.chosen) == pytest.approx(s.r_chosen, abs=1e-5)
     with pytest.raises(UserError, match="nothing to score"):

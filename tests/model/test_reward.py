@@ -49,3 +49,58 @@ def test_reward_model_drops_the_lm_head_and_has_one_output():
     assert not any(isinstance(m, torch.nn.Linear) and m.out_features == 64 for m in rm.body.modules())
     with pytest.raises(ValueError, match="no targets"):
         rm(torch.tensor([[1, 2]]), torch.tensor([0]))
+
+
+# -- the likelihood term: the response's mean token log-probability under the policy's own LM head --
+
+ASSISTANT = 62  # stands for <|assistant|> in these rows
+
+
+def chat_rows() -> list[list[int]]:
+    """prompt, ASSISTANT, response (its last token stands for <|end|>), of several lengths; the second
+    row has an ASSISTANT inside its prompt too (only the last one starts the response)."""
+    prompts, responses = prompts_of([4, 7, 2], vocab=60, seed=5), prompts_of([3, 1, 6], vocab=60, seed=6)
+    prompts[1][2] = ASSISTANT
+    return [p + [ASSISTANT] + r for p, r in zip(prompts, responses)]
+
+
+def hand_mean_logprob(policy, row: list[int]) -> float:
+    """The policy's own forward on the row alone: mean over the tokens after the last ASSISTANT of
+    log softmax(logits at the position before)[token]."""
+    with torch.no_grad():
+        logits, _ = policy(torch.tensor([row]))
+    logp = torch.log_softmax(logits[0].double(), -1)
+    start = max(i for i, t in enumerate(row) if t == ASSISTANT)
+    return sum(float(logp[t - 1, row[t]]) for t in range(start + 1, len(row))) / (len(row) - start - 1)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_likelihood_term_is_the_policys_mean_response_logprob_whatever_the_padding(arch):
+    extra = dict(bias=False, n_kv_head=1) if arch == "llama" else {}
+    policy = tiny_model(arch=arch, **extra).double()
+    rm = RewardModel(tiny_model(arch=arch, **extra), response_start=ASSISTANT).double().eval()
+    with torch.no_grad():
+        rm.head.weight.zero_()
+        rm.head.bias.fill_(0.25)
+        rm.likelihood_scale.fill_(2.0)
+    rows = chat_rows()
+    with torch.no_grad():
+        right, _ = rm(pad_rows(rows, "right"))
+        left, _ = rm(pad_rows(rows, "left"))
+    expected = torch.tensor([0.25 + 2.0 * hand_mean_logprob(policy, r) for r in rows], dtype=torch.float64)
+    assert torch.equal(left, right)
+    torch.testing.assert_close(right.double(), expected, atol=1e-6, rtol=2.4e-7)  # fp32 output (2 ulp) of fp64
+    # the term counts: the same model without it scores 0.25 everywhere
+    assert (right - 0.25).abs().min() > 0.1
+
+
+def test_likelihood_term_keeps_the_lm_head_tied_and_trains_it():
+    rm = RewardModel(tiny_model(), response_start=ASSISTANT)
+    assert rm.lm_head.weight is rm.body.embedding.weight  # tied as in the policy: one tensor, saved once
+    rewards, _ = rm(pad_rows(chat_rows()))
+    rewards.sum().backward()
+    assert rm.likelihood_scale.grad is not None and rm.body.embedding.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="without <|assistant|>"):
+        rm(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="not a token id"):
+        RewardModel(tiny_model(), response_start=64)
