@@ -4,9 +4,11 @@ pairs with the Bradley-Terry loss, then checked on held-out pairs.
 Flow (`train_reward_model`): load the SFT policy (`pref.base`; a LoRA fine-tune arrives merged, a
 reward model or classifier is refused); build the pairs (`build_pairs`: files, or pairs made from the
 embedded tasks on prompts the policy never trained on) and hold out `pref.val_fraction` of the
-prompts; tokenize them with the chat template (prompts cut from the left, responses whole); swap the
-LM head for one score (`RewardModel`, InstructGPT's recipe), with LoRA on the trunk when
-`sft.lora_r > 0` (the head always trains); train `RewardObjective` with the shared loop (checkpoints
+prompts; tokenize them with the chat template (prompts cut from the left, responses whole); put one
+score head on the last token (`RewardModel`, InstructGPT's recipe), plus the response's mean token
+log-probability under the policy's own LM head when `rm.likelihood` (scratchlm/model/reward.py says
+why), with LoRA on the trunk when `sft.lora_r > 0` (the head and the term's scale always train; an
+untied LM head stays frozen like the body); train `RewardObjective` with the shared loop (checkpoints
 hold the RewardModel: `load_reward_model` reads them); then score every held-out pair and report
 accuracy per kind and family beside two surface-cue baselines, the rewards, their correlation with
 length and a few examples (`rm_checks.py`: RUN/rm_checks.png, RUN/eval/rm_summary.json and .md).
@@ -282,6 +284,8 @@ def train_reward_model(cfg: Config, *, progress: bool = True, resume: bool = Fal
 
     rm = RewardModel(policy, tok.special_tokens["<|assistant|>"] if cfg.rm.likelihood else None)
     wrapped = adapt_model(rm.body, cfg, tok)
+    if wrapped and rm.response_start is not None and rm.lm_head.weight is not rm.body.embedding.weight:
+        rm.lm_head.requires_grad_(False)  # outside the body, so adapt_model left it trainable
     if wrapped:
         print(f"LoRA r={cfg.sft.lora_r} on {len(wrapped)} layers (+ the reward head)")
     t = cfg.train

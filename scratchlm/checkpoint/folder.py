@@ -286,7 +286,8 @@ HEADS = {"lm": "a language model (a policy: sample, chat, sft, dpo)", "reward": 
 
 def checkpoint_head(ckpt: Path) -> str:
     """What the weights end in, read from the tensor names and the head's shape without loading them:
-    lm (a vocabulary head), reward (`RewardModel`: one score) or classifier (K class logits)."""
+    lm (a vocabulary head), reward (`RewardModel`: one score, with or without its likelihood term) or
+    classifier (K class logits)."""
     file = ckpt / "model.safetensors"
     try:
         with safe_open(str(file), framework="pt") as f:
@@ -310,13 +311,13 @@ def load_reward_model(path: str | Path, device: str = "cpu") -> tuple[RewardMode
     ckpt = find_checkpoint(path)
     require_head(ckpt, "reward")
     cfg, tok = load_config_and_tokenizer(ckpt)
-    try:  # the tensors say which terms it was trained with (an unreadable file: load_weights says so)
-        with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
-            names = f.keys()
-        likelihood = "likelihood_scale" in names
-    except (SafetensorError, OSError):
-        likelihood = False
-    model = RewardModel(build_model(cfg.model), tok.special_tokens.get("<|assistant|>") if likelihood else None)
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:  # readable: require_head opened it
+        likelihood = "likelihood_scale" in f.keys()  # noqa: SIM118 - the tensors say whether it has the term
+    start = tok.special_tokens.get("<|assistant|>")
+    if likelihood and start is None:
+        raise UserError(f"{ckpt}: a reward model with the likelihood term, but its tokenizer has no <|assistant|>",
+                        fix="use a reward model trained by `scratchlm rm train` with its own tokenizer.json")
+    model = RewardModel(build_model(cfg.model), start if likelihood else None)
     if cfg.sft.lora_r > 0:
         adapt_model(model.body, cfg)
     load_weights(model, ckpt)

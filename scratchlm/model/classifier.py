@@ -1,6 +1,7 @@
 """A head on a pretrained transformer: the GPT / Llama / MoE body with its LM head dropped and a linear
 head on the last real token (`PooledLM`): K class logits for the classifier (`scratchlm classify`, the
-stage in scratchlm/sft/classify.py), one score for the reward model (`reward.py`).
+stage in scratchlm/sft/classify.py), one score for the reward model (`reward.py`, which may keep the
+dropped LM head beside for its likelihood term).
 
 - pooling = the last real token (GPT-1/2-style classifiers, HF's *ForSequenceClassification on
   decoders): with causal attention position t only sees tokens <= t, so the last position is the
@@ -90,8 +91,8 @@ class PooledLM(LanguageModel):
     def routing_metrics(self) -> dict[str, float]:
         return self.body.routing_metrics()
 
-    # The token table and blocks are the body's; the vocabulary head is dropped (`unembedding` stays None),
-    # so no token rows of an output head exist to grow or train.
+    # The token table and blocks are the body's; the vocabulary head is dropped from the body
+    # (`unembedding` stays None; a RewardModel with the likelihood term keeps it beside, as `lm_head`).
     @property
     def embedding(self) -> nn.Embedding:
         return self.body.embedding

@@ -1,4 +1,5 @@
-"""The reward model: the SFT policy's own trunk with one scalar head on the last real token.
+"""The reward model: the SFT policy's own trunk with one scalar head on the last real token, and
+optionally the response's likelihood under the policy's own LM head (the likelihood term, below).
 
 InstructGPT (Ouyang et al. 2022) grows the reward model from the supervised policy: same network,
 the vocabulary head swapped for a linear layer that outputs one number, read at the last token of
@@ -12,9 +13,13 @@ policy means the RM already "reads" the task the way the policy writes it.
 - output: forward returns the rewards (B,) in fp32 and no loss; the pairwise loss (Bradley-Terry) is
   the RM objective's (`scratchlm/align/reward.py`), in `scratchlm.losses`.
 - likelihood term (optional, `response_start` = the id of <|assistant|>): the reward adds
-  s * mean_t log p(y_t | prompt, y_<t), the mean log-probability of the response's tokens (those
-  after the row's last <|assistant|>, its closing <|end|> included) under the policy's own LM head,
-  kept beside the scalar head and trained with it; s is one learned scale (starts at 1). This is
+  s * mean_t log p(y_t | prompt, y_<t), the mean log-probability of the response's tokens under the
+  policy's own LM head. The response starts where the caller says (`starts`: RL passes each row's
+  prompt length, so an answer that writes <|assistant|> itself cannot move it), or else after the
+  row's last <|assistant|> (chat-rendered pairs, where typed specials are text); its closing <|end|>
+  is scored. A row with no response token is refused: its mean would be 0, the best possible. The
+  LM head is kept beside the scalar head and trained with it (with LoRA an untied one stays frozen,
+  like the body); s is one learned scale (starts at 1). This is
   SimPO's length-normalised implicit reward (Meng et al. 2024) added to InstructGPT's head. Why: a
   scalar read at the last token must learn anew to compare the answer with the prompt position by
   position (is this the prompt's words reversed?), which the policy already does while predicting
@@ -52,7 +57,8 @@ def pad_rows(rows: list[list[int]], side: str = "right") -> torch.Tensor:
 
 
 class RewardModel(PooledLM):
-    """forward(idx (B, T) padded with -1 on either side) -> (rewards (B,) fp32, None).
+    """forward(idx (B, T) padded with -1 on either side, starts=None) -> (rewards (B,), None); the
+    rewards are fp32, or fp64 for a float64 model.
 
     `response_start` (the id of <|assistant|>, or None): add the likelihood term (module docstring);
     the policy's LM head is then kept as `lm_head` (tied to the token table where the body ties them)."""
@@ -69,28 +75,56 @@ class RewardModel(PooledLM):
             self.likelihood_scale = nn.Parameter(torch.ones(()))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None,
-                doc_mask: DocumentMask | None = None) -> tuple[torch.Tensor, None]:
+                doc_mask: DocumentMask | None = None, starts: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, None]:
+        """starts (B,), optional: each row's first response token, counted from its first real token."""
         if cache is not None or doc_mask is not None or targets is not None:
             raise ValueError("a reward model scores whole texts: no targets, KV cache or document mask")
         idx = right_aligned(idx)
         if self.response_start is None:
             return self.head(self.pooled(idx))[:, 0].float(), None
         h = self.hidden(idx)  # (B, T, C)
-        reward = self.head(self.last(h, idx))[:, 0].float()
-        return reward + self.likelihood_scale.float() * self.mean_logprob(h, idx), None
+        reward = self.head(self.last(h, idx))[:, 0]
+        out = reward + self.likelihood_scale * self.mean_logprob(h, idx, starts)
+        return out.to(torch.promote_types(out.dtype, torch.float32)), None
 
-    def mean_logprob(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """(B,) fp32: each row's mean log-probability of its response tokens (after its last
-        <|assistant|>) under `lm_head`, from the final hidden states h (B, T, C) of right-padded idx."""
+    def mean_logprob(self, h: torch.Tensor, idx: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,): each row's mean log-probability of its response tokens (from `starts`, or after its last
+        <|assistant|>) under `lm_head`, from the final hidden states h (B, T, C) of right-padded idx.
+        The LM head runs on the scored positions only (a real vocabulary times every position is large)."""
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device).expand(B, T)
-        starts = torch.where(idx == self.response_start, pos, -1).amax(1)  # (B,) the last <|assistant|>
-        if bool((starts < 0).any()):
-            raise ValueError("a row without <|assistant|>: a reward model with the likelihood term scores "
-                             "chat-rendered prompt + response rows")
-        logits = self.lm_head(h[:, :-1])  # (B, T-1, V): position t predicts t+1; bf16 -> fp32, fp64 kept
+        if starts is None:
+            starts = torch.where(idx == self.response_start, pos, -1).amax(1) + 1  # (B,) after the last <|assistant|>
+            if bool((starts == 0).any()):
+                raise ValueError("a row without <|assistant|>: a reward model with the likelihood term scores "
+                                 "chat-rendered prompt + response rows (or pass starts)")
+        nxt = idx[:, 1:]  # (B, T-1): position t predicts token t+1
+        scored = (pos[:, 1:] >= starts.to(idx.device)[:, None]) & (nxt != PAD)  # response tokens, not padding
+        n = scored.sum(1)
+        if bool((n == 0).any()):
+            raise ValueError("a row with no response token: the likelihood term has nothing to score")
+        logits = self.lm_head(h[:, :-1][scored])  # (N, V), N = the scored positions of all rows
         logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        nxt = idx[:, 1:]  # (B, T-1)
-        scored = (pos[:, 1:] > starts[:, None]) & (nxt != PAD)  # response tokens, not padding
-        token_lp = logp.gather(-1, nxt.clamp_min(0)[..., None])[..., 0] * scored  # (B, T-1)
-        return token_lp.sum(1) / scored.sum(1).clamp_min(1)
+        token_lp = logp.gather(-1, nxt[scored][:, None])[:, 0]  # (N,)
+        per_row = torch.zeros(scored.shape, dtype=token_lp.dtype, device=idx.device).masked_scatter(scored, token_lp)
+        return per_row.sum(1) / n
+
+    def drop_likelihood(self) -> RewardModel:
+        """The scalar head alone (a PPO critic reads values from the trunk and head at every position,
+        and its saved tensors must not hold the LM head twice beside a tied token table)."""
+        if self.response_start is not None:
+            del self.lm_head, self.likelihood_scale
+            self.response_start = None
+        return self
+
+    # -- what the shared loop reads: the term's LM head is a real matmul at every position ---------------
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = super().num_params(non_embedding)
+        if self.response_start is not None:
+            n += 1 + (0 if self.lm_head.weight is self.body.embedding.weight else self.lm_head.weight.numel())
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        extra = 6 * self.lm_head.weight.numel() if self.response_start is not None else 0
+        return super().flops_per_token(seq_len) + extra

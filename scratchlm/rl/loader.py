@@ -130,7 +130,7 @@ class RolloutLoader:
             answers, ended = sample_answers(policy, self.tok, rows, r.max_new_tokens, self.generator)
             tasks = [self.tasks[i] for i in idx for _ in range(r.group)]
             full = [p + a + ([end] if e else []) for p, a, e in zip(rows, answers, ended)]
-            scored = self.rewards.score(tasks, full, [self.tok.decode(a) for a in answers], ended)
+            scored = self.rewards.score(tasks, full, [self.tok.decode(a) for a in answers], ended, list(map(len, rows)))
             for g, i in enumerate(idx):
                 s = slice(g * r.group, (g + 1) * r.group)
                 group = (i, answers[s], ended[s], scored.total[s], scored.checker[s],

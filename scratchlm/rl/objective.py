@@ -14,7 +14,8 @@ the policy (and with PPO its value head) and returns the loss of `scratchlm.rl.l
 - PPO: clipped surrogate on GAE advantages (the KL penalty is in the rewards) + value_coef x the
   clipped value loss. The value head reads the policy's own final hidden states (`shared`: one
   linear layer, captured from the forward that gives the logits) or is a separate critic grown
-  from the reward model (`separate`: its trunk and head applied at every position).
+  from the reward model (`separate`: its trunk and head applied at every position; the reward
+  model's likelihood term is dropped from it).
 
 `count(y)` is what the aggregation averages over (answer tokens, or answers), so the loop's
 weighting of micro-batches gives the mean over the whole minibatch. The reference model is a frozen

@@ -42,15 +42,18 @@ class RewardSource:
 
     @torch.no_grad()
     def score(self, tasks: list[Task], rows: list[list[int]], answers: list[str], ended: list[bool],
-              batch: int = 64) -> Scored:
-        """tasks[i] was answered with answers[i] (text); rows[i] = its prompt + answer ids (+ <|end|>)."""
+              prompt_lengths: list[int], batch: int = 64) -> Scored:
+        """tasks[i] was answered with answers[i] (text); rows[i] = its prompt (prompt_lengths[i] ids) +
+        answer ids (+ <|end|>). The reward model's likelihood term reads the answer from the prompt's
+        length on, so an answer that writes <|assistant|> itself cannot move where it starts."""
         c = self.cfg
         checker = torch.tensor([float(check(t.family, t, a)) for t, a in zip(tasks, answers)])
         rm = None
         if self.rm is not None:
             device = next(self.rm.parameters()).device
-            rm = torch.cat([self.rm(pad_rows(rows[i : i + batch]).to(device))[0].float().cpu()
-                            for i in range(0, len(rows), batch)])
+            starts = torch.tensor(prompt_lengths, device=device)
+            rm = torch.cat([self.rm(pad_rows(rows[i : i + batch]).to(device), starts=starts[i : i + batch])[0]
+                            for i in range(0, len(rows), batch)]).float().cpu()
         total = {"checker": checker, "rm": rm, "both": checker + c.rm_weight * rm if rm is not None else None}[c.reward]
         total = total + c.format_reward * torch.tensor(ended, dtype=torch.float32)
         if c.reward_clip > 0:

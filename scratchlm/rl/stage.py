@@ -227,7 +227,8 @@ def rl(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_step
     rewards = RewardSource(r, tok, device)
     critic = None
     if r.algo == "ppo" and r.value_head == "separate":
-        critic = load_reward_model_for(r.reward_model, tok, device)[0].requires_grad_(True).train()
+        # the critic's values are its trunk and head at every position: the likelihood term is no part of them
+        critic = load_reward_model_for(r.reward_model, tok, device)[0].drop_likelihood().requires_grad_(True).train()
     print(f"{len(train_tasks)} training prompts, {len(held_tasks)} held out (none seen by the SFT run); "
           f"reward: {r.reward}" + (f" ({r.reward_model})" if r.reward != "checker" else ""))
 

@@ -104,3 +104,28 @@ def test_likelihood_term_keeps_the_lm_head_tied_and_trains_it():
         rm(torch.tensor([[1, 2, 3]]))
     with pytest.raises(ValueError, match="not a token id"):
         RewardModel(tiny_model(), response_start=64)
+
+
+def test_starts_fix_the_response_whatever_specials_it_writes_and_an_empty_one_is_refused():
+    """RL passes each row's prompt length: an answer that writes ASSISTANT itself (the policy samples
+    specials too) then cannot move where its scored tokens begin, which would let it pick which of
+    its own tokens count. Without starts, the last ASSISTANT is where the response begins."""
+    policy = tiny_model().double()
+    rm = RewardModel(tiny_model(), response_start=ASSISTANT).double().eval()
+    with torch.no_grad():
+        rm.head.weight.zero_()
+        rm.head.bias.zero_()
+    prompt, answer = [5, 9, 11, ASSISTANT], [7, ASSISTANT, 3, 4]
+    row = prompt + answer
+    with torch.no_grad():
+        logp = torch.log_softmax(policy(torch.tensor([row]))[0][0].double(), -1)
+        fixed, _ = rm(pad_rows([row, row], "left"), starts=torch.tensor([4, 4]))
+        moved, _ = rm(torch.tensor([row]))
+    from_prompt = sum(float(logp[t - 1, row[t]]) for t in range(4, 8)) / 4
+    from_last = sum(float(logp[t - 1, row[t]]) for t in range(6, 8)) / 2
+    torch.testing.assert_close(fixed, torch.tensor([from_prompt] * 2, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(moved, torch.tensor([from_last], dtype=torch.float64), atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="no response token"):
+        rm(torch.tensor([prompt]))  # the prompt alone: its mean would be 0, the best possible score
+    with pytest.raises(ValueError, match="no response token"):
+        rm(torch.tensor([row]), starts=torch.tensor([8]))

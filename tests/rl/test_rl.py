@@ -30,13 +30,14 @@ def sft_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def random_rm(sft_run, tmp_path_factory):
-    """A reward model with the policy's tokenizer and a random head: rewards that differ between the
-    tiny policy's answers (the checker scores them all 0, which teaches nothing)."""
+    """A reward model with the policy's tokenizer, a random head and the likelihood term (as `rm train`
+    makes them): rewards that differ between the tiny policy's answers (the checker scores them all 0,
+    which teaches nothing)."""
     ckpt = ckpt_io.find_checkpoint(sft_run)
     cfg, tok = ckpt_io.load_config_and_tokenizer(ckpt)
     policy, _, _ = ckpt_io.load_policy(sft_run)
     torch.manual_seed(0)
-    rm = RewardModel(policy)
+    rm = RewardModel(policy, tok.special_tokens["<|assistant|>"])
     torch.nn.init.normal_(rm.head.weight, 0.0, 1.0)
     out = tmp_path_factory.mktemp("rm") / "rm"
     ckpt_io.save_weights_checkpoint(out, rm, cfg, tok, {})
