@@ -161,6 +161,9 @@ def run_demo(cfg: Config, out: Path | None = None, quick: bool = False, moe: boo
     _stage("6. reward model")
     rcfg = get_preset("rm-tiny")
     rcfg.seed, rcfg.out_dir, rcfg.pref.base = cfg.seed, str(out / "rm"), str(out / "sft")
+    # the budget: sampling the on-policy pairs is most of this stage. With the likelihood term 2,000 prompts
+    # reach 88.4% held out against 90.0% with the preset's 4,000 (bench/rm.py's 36% policy), in 51 s against 72 s
+    rcfg.pref.n_prompts = 2000
     if quick:
         rcfg.train.max_steps, rcfg.train.eval_interval = 20, 10
         rcfg.pref.n_prompts, rcfg.pref.samples = 60, 4
