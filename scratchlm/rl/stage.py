@@ -101,6 +101,26 @@ def checker_scores(model: nn.Module, tok: Tokenizer, tasks: list[Task], max_new_
                           [{"family": t.family} for t in tasks], max_new_tokens, out_jsonl, batch=256)
 
 
+def reward_hacking(history: list[dict[str, float]], scores: dict[str, dict]) -> str | None:
+    """A line when a learned reward rose over the run (its mean over the second half of the logged
+    rollouts above the first half's) while the checker's accuracy fell, on the training rollouts or on
+    the held-out prompts (scores["sft"] -> scores["rl"]); None otherwise, or with under 4 rollouts logged."""
+    if len(history) < 4:
+        return None
+    half = len(history) // 2
+    mean = lambda rows, k: sum(h[k] for h in rows) / len(rows)  # noqa: E731
+    first, last = history[:half], history[half:]
+    if mean(last, "reward") <= mean(first, "reward"):
+        return None
+    if mean(last, "accuracy") < mean(first, "accuracy"):
+        return "REWARD HACKING: the reward rose while the checker's accuracy fell over the run"
+    before, after = scores["sft"]["all"]["checked"], scores["rl"]["all"]["checked"]
+    if after < before:
+        return (f"REWARD HACKING: the reward rose over the run while the checker's held-out accuracy fell "
+                f"({before:.1%} -> {after:.1%})")
+    return None
+
+
 @torch.no_grad()
 def pass_at_k(model: nn.Module, tok: Tokenizer, tasks: list[Task], k: int, max_new_tokens: int, seed: int
               ) -> dict[str, float]:
@@ -258,13 +278,9 @@ def rl(cfg: Config, *, progress: bool = True, resume: bool = False, stop_at_step
     if passk:
         lines.append(f"pass@{r.eval_samples}: " + ", ".join(
             f"{f} {passk['sft'][f]:.1%} -> {passk['rl'][f]:.1%}" for f in passk["sft"]))
-    history = [h for h in result.history if "accuracy" in h]
-    if r.reward != "checker" and len(history) >= 4:  # the reward model's score up while the checker's accuracy falls
-        half = len(history) // 2
-        mean = lambda rows, k: sum(h[k] for h in rows) / len(rows)  # noqa: E731
-        first, last = history[:half], history[half:]
-        if mean(last, "reward") > mean(first, "reward") and mean(last, "accuracy") < mean(first, "accuracy"):
-            lines.append("REWARD HACKING: the reward rose while the checker's accuracy fell over the run")
+    hacking = reward_hacking([h for h in result.history if "accuracy" in h], scores) if r.reward != "checker" else None
+    if hacking:
+        lines.append(hacking)
     summary = {"base": str(base), "algo": r.algo, "reward": r.reward, "steps": result.steps,
                "rollouts": loader.rollouts, "scores": scores, "pass_at_k": passk, "kl_to_sft": kl,
                "early_stops": loader.early_stops, "kl_coef": loader.kl_ctl.value}

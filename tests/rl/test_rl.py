@@ -260,3 +260,17 @@ def test_rft_micro_batch_without_accepted_answers_is_a_zero_update():
     assert obj.count(y) == 1
     _, loss = obj(x, y)
     assert float(loss.detach()) == 0.0 and obj.metrics() == {}
+
+
+def test_reward_hacking_is_named_on_training_or_held_out_accuracy():
+    from scratchlm.rl.stage import reward_hacking
+
+    def run(rewards, accuracies, before=0.5, after=0.5):
+        history = [{"reward": r, "accuracy": a} for r, a in zip(rewards, accuracies)]
+        return reward_hacking(history, {"sft": {"all": {"checked": before}}, "rl": {"all": {"checked": after}}})
+
+    assert "accuracy fell over the run" in run([0, 0, 1, 1], [0.6, 0.6, 0.4, 0.4])
+    assert "held-out accuracy fell (55.0% -> 50.0%)" in run([0, 0, 1, 1], [0.5] * 4, before=0.55, after=0.50)
+    assert run([0, 0, 1, 1], [0.5, 0.5, 0.6, 0.6], before=0.5, after=0.6) is None  # both rose: no hacking
+    assert run([1, 1, 0, 0], [0.6, 0.6, 0.4, 0.4], before=0.6, after=0.4) is None  # the reward fell too
+    assert run([0, 1, 2], [1, 0, 0]) is None  # too few rollouts to say
