@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from scratchlm import checkpoint as ckpt_io
 from scratchlm.align import rm_checks
 from scratchlm.align.data import corrupted_pairs, split_pairs_by_prompt, tokenize_pairs
 from scratchlm.align.reward import (
@@ -49,7 +50,7 @@ def tiny_rm(seed: int = 0, block: int = 128, likelihood: bool = False) -> Reward
     return rm
 
 
-def save_sft_like(root, n_tasks: int = 50, seed: int = 3, **sft):
+def save_sft_like(root, n_tasks: int = 50, seed: int = 3, tie: bool = True, **sft):
     """A checkpoint shaped like an SFT run's: a chat tokenizer, sft.base set, sft.n_tasks embedded tasks."""
     tok = chat_tok()
     cfg = Config(name="sft", out_dir=str(root), seed=seed)
@@ -58,7 +59,7 @@ def save_sft_like(root, n_tasks: int = 50, seed: int = 3, **sft):
     for k, v in sft.items():
         setattr(cfg.sft, k, v)
     cfg.model = LlamaConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
-                            bias=False, pad_vocab_to=1)
+                            bias=False, pad_vocab_to=1, tie_embeddings=tie)
     torch.manual_seed(0)
     model = build_model(cfg.model)
     save_checkpoint(root, 1, model, torch.optim.AdamW(model.parameters()), cfg, tok, trainer={}, keep_last=1)
@@ -211,12 +212,20 @@ def test_train_reward_model_end_to_end(tmp_path):
         load_reward_model(base)
 
 
-def test_lora_reward_model_reloads_with_its_adapters(tmp_path):
-    base = save_sft_like(tmp_path / "sft")
+@pytest.mark.parametrize("tie", [True, False])
+def test_lora_reward_model_reloads_with_its_adapters(tmp_path, tie):
+    """With LoRA the body is frozen, and so is an untied LM head of the likelihood term (it sits outside
+    the body); the head and the term's scale train."""
+    base = save_sft_like(tmp_path / "sft", tie=tie)
     cfg = rm_cfg(base, tmp_path / "rm")
     cfg.sft.lora_r, cfg.train.max_steps = 2, 2
     result = train_reward_model(cfg, progress=False)
+    policy, _, _ = ckpt_io.load_policy(base)
     rm, tok, _ = load_reward_model(tmp_path / "rm")
+    assert (rm.lm_head.weight is rm.body.embedding.weight) == tie
+    if not tie:
+        torch.testing.assert_close(rm.lm_head.weight, policy.unembedding.weight, rtol=0, atol=0)
+    assert rm.likelihood_scale.item() != 1.0  # trained
     s = result.scored[1]
     assert score(rm, tok, s.prompt, s.rejected) == pytest.approx(s.r_rejected, abs=1e-5)
 
