@@ -284,7 +284,7 @@ def train_reward_model(cfg: Config, *, progress: bool = True, resume: bool = Fal
 
     rm = RewardModel(policy, tok.special_tokens["<|assistant|>"] if cfg.rm.likelihood else None)
     wrapped = adapt_model(rm.body, cfg, tok)
-    if wrapped and rm.response_start is not None and rm.lm_head.weight is not rm.body.embedding.weight:
+    if wrapped and rm.response_start is not None and not rm.tied:
         rm.lm_head.requires_grad_(False)  # outside the body, so adapt_model left it trainable
     if wrapped:
         print(f"LoRA r={cfg.sft.lora_r} on {len(wrapped)} layers (+ the reward head)")

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from scratchlm.data.labelled import PAD
+from scratchlm.losses import fusable_head, linear_sequence_logprobs, sequence_logprobs
 from scratchlm.model.classifier import PooledLM
 from scratchlm.model.layers import DocumentMask
 
@@ -91,7 +92,7 @@ class RewardModel(PooledLM):
     def mean_logprob(self, h: torch.Tensor, idx: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
         """(B,): each row's mean log-probability of its response tokens (from `starts`, or after its last
         <|assistant|>) under `lm_head`, from the final hidden states h (B, T, C) of right-padded idx.
-        The LM head runs on the scored positions only (a real vocabulary times every position is large)."""
+        Through the shared `sequence_logprobs` (DPO's and RL's), which runs on the scored positions only."""
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device).expand(B, T)
         if starts is None:
@@ -101,14 +102,17 @@ class RewardModel(PooledLM):
                                  "chat-rendered prompt + response rows (or pass starts)")
         nxt = idx[:, 1:]  # (B, T-1): position t predicts token t+1
         scored = (pos[:, 1:] >= starts.to(idx.device)[:, None]) & (nxt != PAD)  # response tokens, not padding
-        n = scored.sum(1)
-        if bool((n == 0).any()):
+        if bool((scored.sum(1) == 0).any()):
             raise ValueError("a row with no response token: the likelihood term has nothing to score")
-        logits = self.lm_head(h[:, :-1][scored])  # (N, V), N = the scored positions of all rows
-        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        token_lp = logp.gather(-1, nxt[scored][:, None])[:, 0]  # (N,)
-        per_row = torch.zeros(scored.shape, dtype=token_lp.dtype, device=idx.device).masked_scatter(scored, token_lp)
-        return per_row.sum(1) / n
+        targets = nxt.masked_fill(~scored, -1)  # the shared per-row log-probabilities' convention
+        if fusable_head(self.lm_head):  # scored positions only, chunked: no (B, T, V) logits
+            return linear_sequence_logprobs(h[:, :-1], self.lm_head.weight, targets, average=True)
+        return sequence_logprobs(self.lm_head(h[:, :-1]), targets, average=True)
+
+    @property
+    def tied(self) -> bool:
+        """Whether the likelihood term's LM head is the body's token table (as the policy tied them)."""
+        return self.response_start is not None and self.lm_head.weight is self.body.embedding.weight
 
     def drop_likelihood(self) -> RewardModel:
         """The scalar head alone (a PPO critic reads values from the trunk and head at every position,
@@ -122,7 +126,7 @@ class RewardModel(PooledLM):
     def num_params(self, non_embedding: bool = True) -> int:
         n = super().num_params(non_embedding)
         if self.response_start is not None:
-            n += 1 + (0 if self.lm_head.weight is self.body.embedding.weight else self.lm_head.weight.numel())
+            n += 1 + (0 if self.tied else self.lm_head.weight.numel())
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
